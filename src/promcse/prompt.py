@@ -1,0 +1,148 @@
+"""The deep soft prompt (P-tuning v2 prefix) and all glue that feeds it to a Hugging Face encoder.
+
+For each of the L layers, P trainable key and value vectors (per head) are prepended to the layer's
+attention keys/values; real tokens attend to them, the prefix has no hidden states of its own.
+The parameter table is ``Embedding(P, L*2*H)`` initialised N(0, 0.02), optionally reparameterised as
+``Embedding(P, H) -> Linear(H, 512) -> Tanh -> Linear(512, L*2*H)``. Dropout (p=0.1) is applied to the
+prefix at training time, independently per batch row. The attention mask gets P leading ones.
+
+Why not PEFT's ``PrefixTuningConfig``: PEFT keeps the active adapter as mutable model state
+(``set_adapter``), so one shared backbone cannot answer concurrent requests that name different
+prompts; its prefix has no dropout and the wrong init; and transformers 5.24 declares a PEFT newer
+than the registry has. Here the prefix is an explicit argument of every forward call, which makes
+per-request prompt selection over one backbone thread-safe and keeps every version-specific detail
+(cache object, mask shape, position shift) in this one module.
+
+Position shift: the reference passes the prefix as ``past_key_values``; HF BERT/RoBERTa then start
+the real tokens' position ids at P. We keep that (checkpoint compatibility): the cache we pass has
+sequence length P, so transformers applies the same shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from promcse.backbone import BackboneShape
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Shape and regularisation of a deep prompt.
+
+    Attributes:
+        length: Number of prefix positions P.
+        num_layers: Encoder layers L.
+        num_heads: Attention heads per layer.
+        hidden_size: Hidden size H (= heads * head_dim).
+        projection: Use the reparameterisation MLP.
+        projection_hidden: Hidden width of that MLP (512 in the reference).
+        dropout: Dropout on the prefix at training time.
+        init_std: Standard deviation of the N(0, std) init of the prefix table.
+    """
+
+    length: int
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    projection: bool = False
+    projection_hidden: int = 512
+    dropout: float = 0.1
+    init_std: float = 0.02
+
+    @classmethod
+    def for_backbone(cls, shape: BackboneShape, length: int, **kwargs: float | int | bool) -> "PromptSpec":
+        """Spec matching a backbone's layers, heads and hidden size."""
+        return cls(length, shape.num_layers, shape.num_heads, shape.hidden_size, **kwargs)  # type: ignore[arg-type]
+
+
+class DeepPrompt(nn.Module):
+    """P-tuning v2 prefix: per-layer key/value vectors, as in PromCSE's ``PrefixEncoder``.
+
+    Parameter names follow the reference (``embedding.weight``; ``trans.0``/``trans.2`` for the MLP)
+    so that released checkpoints map onto it by prefix only.
+    """
+
+    def __init__(self, spec: PromptSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        width = spec.num_layers * 2 * spec.hidden_size
+        if spec.projection:
+            self.embedding = nn.Embedding(spec.length, spec.hidden_size)
+            self.trans: nn.Module | None = nn.Sequential(
+                nn.Linear(spec.hidden_size, spec.projection_hidden),
+                nn.Tanh(),
+                nn.Linear(spec.projection_hidden, width),
+            )
+        else:
+            self.embedding = nn.Embedding(spec.length, width)
+            self.trans = None
+        self.dropout = nn.Dropout(spec.dropout)
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=spec.init_std)
+
+    def table(self) -> Tensor:
+        """The (P, L*2*H) prefix before dropout."""
+        weight = self.embedding.weight
+        return self.trans(weight) if self.trans is not None else weight
+
+    def forward(self, batch_size: int) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Per-layer (key, value) prefixes, each (B, heads, P, head_dim), dropout drawn per row."""
+        s = self.spec
+        flat = self.table().unsqueeze(0).expand(batch_size, -1, -1)
+        flat = self.dropout(flat)  # independent mask per batch row (the tensor is materialised per row)
+        heads = flat.view(batch_size, s.length, s.num_layers * 2, s.num_heads, s.hidden_size // s.num_heads)
+        per_layer = heads.permute(2, 0, 3, 1, 4)  # (L*2, B, heads, P, head_dim)
+        return tuple((per_layer[2 * i], per_layer[2 * i + 1]) for i in range(s.num_layers))
+
+
+def prefix_cache(prefix: tuple[tuple[Tensor, Tensor], ...]) -> DynamicCache:
+    """Wrap per-layer prefixes in the cache object transformers' encoders concatenate keys onto.
+
+    A fresh cache is needed for every forward pass: the encoder appends the real tokens' keys to it.
+    """
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix])
+
+
+def prefixed_attention_mask(attention_mask: Tensor, prefix_length: int, dtype: torch.dtype) -> Tensor:
+    """Additive 4-D mask (B, 1, T, P+T): P leading visible prefix slots, then the token mask.
+
+    transformers uses a ready 4-D mask as given, which keeps the prefix handling independent of how a
+    given version infers key length from a 2-D mask.
+    """
+    batch, length = attention_mask.shape
+    ones = attention_mask.new_ones(batch, prefix_length)
+    keep = torch.cat([ones, attention_mask], dim=1).to(torch.bool)  # (B, P+T)
+    additive = torch.zeros(batch, 1, length, prefix_length + length, dtype=dtype, device=attention_mask.device)
+    return additive.masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
+
+
+def run_encoder(
+    backbone: nn.Module,
+    inputs: dict[str, Tensor],
+    prompt: DeepPrompt | None,
+    output_hidden_states: bool = False,
+) -> tuple[Tensor, ...]:
+    """Run the encoder with an optional deep prompt; return its hidden states.
+
+    Args:
+        backbone: A transformers encoder (``AutoModel``).
+        inputs: Tokenizer output with ``input_ids`` and ``attention_mask`` (and optional token types).
+        prompt: The deep prompt, or None for the plain encoder.
+        output_hidden_states: Also return every layer's output.
+
+    Returns:
+        ``(last_hidden_state,)`` or all hidden states (embeddings first) when requested; only real tokens,
+        never prefix positions.
+    """
+    kwargs: dict[str, object] = {"output_hidden_states": output_hidden_states, "return_dict": True}
+    mask = inputs["attention_mask"]
+    if prompt is not None:
+        dtype = next(backbone.parameters()).dtype
+        kwargs["cache"] = prefix_cache(prompt(mask.shape[0]))
+        mask = prefixed_attention_mask(mask, prompt.spec.length, dtype)
+    model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    out = backbone(**model_inputs, attention_mask=mask, **kwargs)
+    return tuple(out.hidden_states) if output_hidden_states else (out.last_hidden_state,)

@@ -1,0 +1,258 @@
+"""The training loop: contrastive learning of a deep prompt (or the whole encoder) on sentences.
+
+One step: tokenize every view of the batch together, one forward pass, split into anchor /
+positive / hard-negative embeddings, loss terms from :mod:`promcse.losses`, backward, clip, AdamW,
+linear decay. Every ``eval_every`` steps the model is scored on STS-B dev and the best is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from promcse.backbone import load_backbone, shape_of
+from promcse.checkpoint import atomic_write_text, save_checkpoint
+from promcse.config import RunConfig, save_config
+from promcse.data import TrainExamples, read_training_file
+from promcse.encode import encode_texts, resolve_device
+from promcse.errors import PromcseError
+from promcse.losses import LOSSES
+from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
+from promcse.prompt import PromptSpec
+
+BUNDLED = "bundled:"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        output_dir: Where the (best) checkpoint was saved.
+        steps: Optimizer steps taken.
+        best_dev: Best STS-B dev Spearman x100 seen (None if never evaluated).
+        best_step: Step of that checkpoint.
+        seconds: Wall time of the loop.
+        history: Every evaluation as (step, dev Spearman).
+    """
+
+    output_dir: Path
+    steps: int
+    best_dev: float | None
+    best_step: int
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a data file shipped inside the package (``resources/data/train/NAME``)."""
+    path = Path(str(resources.files("promcse") / "resources" / "data" / "train" / name))
+    if not path.is_file():
+        available = sorted(p.name for p in path.parent.iterdir())
+        raise PromcseError(f"no bundled file '{name}'; available: {', '.join(available)}", key="data.train_file")
+    return path
+
+
+def resolve_train_file(name: str) -> Path:
+    """Map ``bundled:NAME`` to the packaged file; leave other paths as given."""
+    return bundled_path(name[len(BUNDLED):]) if name.startswith(BUNDLED) else Path(name)
+
+
+def load_examples(config: RunConfig) -> TrainExamples:
+    """Read and validate the training data before any model is loaded."""
+    needs_negatives = config.loss.name == "nt_xent_eh"
+    path = resolve_train_file(config.data.train_file)
+    examples = read_training_file(path, require_hard_negatives=needs_negatives)
+    if len(examples) < config.train.batch_size:
+        raise PromcseError(
+            f"{len(examples)} training rows are fewer than one batch ({config.train.batch_size})", path=path
+        )
+    if config.loss.name == "supcon":
+        raise PromcseError("supcon needs class labels; the training readers provide pairs", key="loss.name")
+    return examples
+
+
+def encoder_spec(config: RunConfig, backbone: Any) -> EncoderSpec:
+    """Encoder spec for a fresh run."""
+    m = config.model
+    shape = shape_of(backbone.config)
+    prompt = None
+    if m.prompt_length > 0:
+        prompt = PromptSpec.for_backbone(
+            shape, m.prompt_length, projection=m.prompt_projection, projection_hidden=m.prompt_projection_hidden,
+            dropout=m.prompt_dropout, init_std=m.prompt_init_std,
+        )
+    return EncoderSpec(backbone=m.backbone, shape=shape, mode=m.mode, prompt=prompt, pooler=m.pooler, head=m.head)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_order(n_rows: int, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """Shuffled row indices per step over all epochs; a last batch of < 2 rows is dropped."""
+    rng = np.random.default_rng(seed)
+    batches: list[np.ndarray] = []
+    for _ in range(epochs):
+        perm = rng.permutation(n_rows)
+        batches.extend(perm[i : i + batch_size] for i in range(0, n_rows, batch_size))
+        if len(batches[-1]) < 2:
+            batches.pop()
+    return batches
+
+
+def batch_views(examples: TrainExamples, rows: np.ndarray) -> list[list[str]]:
+    """The views of a batch: [anchor, positive(, negative)]; unsupervised positives are the anchors."""
+    anchor = [examples.anchor[i] for i in rows]
+    positive = anchor if examples.positive is None else [examples.positive[i] for i in rows]
+    views = [anchor, positive]
+    if examples.negative is not None:
+        views.append([examples.negative[i] for i in rows])
+    return views
+
+
+def embed_views(encoder: SentenceEncoder, views: list[list[str]], max_length: int) -> list[torch.Tensor]:
+    """One forward over all views concatenated (each row gets its own dropout masks); split by view."""
+    flat = [text for view in views for text in view]
+    embeddings = encoder(encoder.tokenize(flat, max_length))
+    return list(embeddings.split(len(views[0])))
+
+
+def loss_terms(config: RunConfig, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Named loss terms from the registry; ``loss`` is what is minimised."""
+    lo = config.loss
+    negative = views[2] if len(views) > 2 else None
+    kwargs: dict[str, Any] = {"temperature": lo.temperature, "hard_negative_weight": lo.hard_negative_weight}
+    if lo.name == "nt_xent_eh":
+        kwargs.update(eh_weight=lo.eh_weight, eh_margin=lo.eh_margin)
+    return LOSSES[lo.name](views[0], views[1], negative, **kwargs)
+
+
+def make_optimizer(encoder: SentenceEncoder, config: RunConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over trainable parameters only, linear warmup/decay to 0."""
+    params = encoder.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    warmup = int(total_steps * config.train.warmup_ratio)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def dev_scorer(config: RunConfig) -> Callable[[SentenceEncoder], float]:
+    """Return a function scoring an encoder on STS-B dev (Spearman x100); data read once, up front."""
+    from promcse.sts import evaluate
+
+    data_dir = config.data.eval_data_dir or None
+
+    def score(encoder: SentenceEncoder) -> float:
+        result = evaluate(lambda texts: encode_texts(encoder, texts, batch_size=128), ["stsb-dev"], data_dir,
+                          alignment_uniformity=False)
+        return float(result["tasks"]["STSBenchmark-dev"]["spearman"])
+
+    return score
+
+
+def train_step(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, rows: np.ndarray,
+               optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:
+    """One optimizer step; returns the loss terms as floats."""
+    views = embed_views(encoder, batch_views(examples, rows), config.data.max_length)
+    terms = loss_terms(config, views)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if config.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(encoder.trainable_parameters(), config.train.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _log(handle: Any, record: dict[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+
+
+def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
+          encoder: SentenceEncoder | None = None) -> TrainResult:
+    """Train per ``config``; saves the best (or last) checkpoint, ``metrics.jsonl`` and the config.
+
+    Raises:
+        PromcseError: Bad data, config or output directory (all checked before the first step).
+    """
+    out = prepare_output(output_dir)
+    examples = load_examples(config)
+    seed_everything(config.train.seed)
+    if encoder is None:
+        backbone, tokenizer = load_backbone(config.model.backbone)
+        encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer)
+    encoder.to(resolve_device(config.train.device))
+    batches = batch_order(len(examples), config.train.batch_size, config.train.epochs, config.train.seed)
+    if config.train.max_steps:
+        batches = batches[: config.train.max_steps]
+    optimizer, scheduler = make_optimizer(encoder, config, len(batches))
+    save_config(config, out / "run_config.yaml")
+    scorer = dev_scorer(config) if config.train.eval_every >= 0 else None
+    return _loop(encoder, config, examples, batches, optimizer, scheduler, scorer, out, show_progress)
+
+
+def prepare_output(output_dir: str | Path) -> Path:
+    """Create the output directory and check that it is writable before any compute."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        raise PromcseError(f"output directory is not writable: {err.strerror}", path=out) from None
+    return out
+
+
+def _loop(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, batches: list[np.ndarray],
+          optimizer: torch.optim.Optimizer, scheduler: Any, scorer: Callable[[SentenceEncoder], float] | None,
+          out: Path, show_progress: bool) -> TrainResult:
+    """Run the steps, evaluate, keep the best checkpoint."""
+    start, best, best_step, history = time.time(), -math.inf, 0, []
+    every = config.train.eval_every
+    meta = {"run_config": config.to_dict(), "train_rows": len(examples)}
+    encoder.train()
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as log, tqdm(
+        total=len(batches), disable=not show_progress, desc="train", unit="step", dynamic_ncols=True
+    ) as bar:
+        for step, rows in enumerate(batches, start=1):
+            terms = train_step(encoder, config, examples, rows, optimizer, scheduler)
+            if not math.isfinite(terms["loss"]):
+                raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            bar.update(1)
+            if step % config.train.log_every == 0 or step == len(batches):
+                _log(log, {"step": step, "lr": scheduler.get_last_lr()[0], **terms, "elapsed": time.time() - start})
+            if scorer is not None and ((every and step % every == 0) or step == len(batches)):
+                dev = scorer(encoder)
+                encoder.train()
+                history.append((step, dev))
+                _log(log, {"step": step, "stsb_dev": dev})
+                bar.write(f"step {step}: STS-B dev {dev:.2f}")
+                if dev > best:
+                    best, best_step = dev, step
+                    save_checkpoint(encoder, out, {**meta, "step": step, "stsb_dev": dev})
+    if scorer is None:
+        best_step = len(batches)
+        save_checkpoint(encoder, out, {**meta, "step": best_step})
+    return TrainResult(out, len(batches), None if scorer is None else best, best_step, time.time() - start, history)

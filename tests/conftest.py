@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny randomly initialised BERT (and RoBERTa) built from a config, no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel
+
+WORDS = (
+    "a an the man woman dog cat child children people group is are was were playing plays play running runs "
+    "eating eats guitar piano ball park street beach water food outside inside sitting standing walking "
+    "two three young old red blue green big small on in at with of and to near by riding bike horse car "
+    "soccer music sleeping talking reading book table kitchen men women boy girl sun rain snow"
+).split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_tiny_bert(directory: Path, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0) -> Path:
+    """Save a tiny random BERT + word-level WordPiece tokenizer to ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIALS + WORDS + [".", ",", "'", "!", "?"]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=hidden * 2, max_position_embeddings=64, pad_token_id=0,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(directory))
+    return directory
+
+
+def write_tiny_roberta(directory: Path, bert_dir: Path) -> Path:
+    """A tiny random RoBERTa sharing the BERT tokenizer files (enough for shape/position tests)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    config = RobertaConfig(
+        vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=66, pad_token_id=1, type_vocab_size=1,
+    )
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(str(directory))
+    BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt")).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random BERT."""
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    """Directory of a tiny random RoBERTa."""
+    return write_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta"), tiny_bert)
+
+
+def make_sentences(n: int, seed: int = 0) -> list[str]:
+    """Distinct-ish random sentences from the tiny vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> dict[str, Path]:
+    """Tiny training files (txt, csv triplets) and an eval dir with STS-B dev/test."""
+    sents = make_sentences(60)
+    txt = tmp_path / "train.txt"
+    txt.write_text("\n".join(sents) + "\n", encoding="utf-8")
+    csv = tmp_path / "triplets.csv"
+    rows = ["sent0,sent1,hard_neg"] + [f"{sents[i]},{sents[i][::-1] if False else sents[(i + 1) % 60]},{sents[(i + 7) % 60]}" for i in range(60)]
+    csv.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data_dir = tmp_path / "eval"
+    stsb = data_dir / "tsv" / "original" / "STSBenchmark"
+    stsb.mkdir(parents=True)
+    import random
+
+    rng = random.Random(3)
+    for split in ("dev", "test"):
+        lines = ["sentence1\tsentence2\tscore"]
+        lines += [f"{sents[i]}\t{sents[(i * 7 + 3) % 60]}\t{rng.uniform(0, 5):.2f}" for i in range(40)]
+        (stsb / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"txt": txt, "csv": csv, "data_dir": data_dir}

@@ -1,0 +1,262 @@
+"""Losses against naive Python-loop references (values and float64 autograd gradients)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from promcse.losses import (
+    LOSSES,
+    contrastive_loss,
+    energy_hinge,
+    nt_xent,
+    similarity_matrix,
+    supcon,
+)
+
+D = 5
+
+
+# ---------------------------------------------------------------- loop references (no matmul, no
+# normalize, no cross_entropy / logsumexp / amax: every number is built from scalar operations)
+
+
+def _cos(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    dot = sum(u[k] * v[k] for k in range(len(u)))
+    nu = torch.sqrt(sum(u[k] * u[k] for k in range(len(u))))
+    nv = torch.sqrt(sum(v[k] * v[k] for k in range(len(v))))
+    return dot / (nu * nv)
+
+
+def _ref_nt_xent(a, p, n, tau, w, offset):
+    total = 0.0
+    for i in range(len(a)):
+        pos_logit = _cos(a[i], p[offset + i]) / tau
+        denom = 0.0
+        for j in range(len(p)):
+            denom = denom + torch.exp(_cos(a[i], p[j]) / tau)
+        if n is not None:
+            for j in range(len(n)):
+                bonus = w if j == offset + i else 0.0
+                denom = denom + torch.exp(_cos(a[i], n[j]) / tau + bonus)
+        total = total - torch.log(torch.exp(pos_logit) / denom)
+    return total / len(a)
+
+
+def _ref_energy_hinge(a, p, n, margin, offset):
+    total = 0.0
+    for i in range(len(a)):
+        cands = [_cos(a[i], p[j]) for j in range(len(p)) if j != offset + i]
+        if n is not None:
+            cands += [_cos(a[i], n[j]) for j in range(len(n))]
+        best = cands[0]
+        for c in cands[1:]:
+            if c.item() > best.item():
+                best = c
+        # exact ties share the (sub)gradient equally
+        tied = [c for c in cands if c.item() == best.item()]
+        hardest = sum(tied) / len(tied)
+        val = margin - _cos(a[i], p[offset + i]) + hardest
+        total = total + (val if val.item() > 0 else 0.0 * val)
+    return total / len(a)
+
+
+def _ref_supcon(z, labels, tau):
+    n = len(z)
+    per_anchor = []
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue
+        denom = 0.0
+        for a in range(n):
+            if a != i:
+                denom = denom + torch.exp(_cos(z[i], z[a]) / tau)
+        s = 0.0
+        for p in positives:
+            s = s + torch.log(torch.exp(_cos(z[i], z[p]) / tau) / denom)
+        per_anchor.append(-s / len(positives))
+    return sum(per_anchor) / len(per_anchor)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _inputs(b, m, with_neg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda r: torch.randn(r, D, generator=g, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    return mk(b), mk(m), (mk(m) if with_neg else None)
+
+
+def _grads(value, tensors):
+    tensors = [t for t in tensors if t is not None]
+    return torch.autograd.grad(value, tensors)
+
+
+def _assert_close_with_grads(fast, ref, tensors):
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    for gf, gr in zip(_grads(fast, tensors), _grads(ref, tensors)):
+        torch.testing.assert_close(gf, gr, rtol=1e-9, atol=1e-11)
+
+
+CASES = [  # (B, M, hard negatives, hard_negative_weight, offset)
+    (4, 4, False, 0.0, 0),
+    (4, 4, True, 0.0, 0),
+    (4, 4, True, 1.5, 0),
+    (3, 7, True, -0.7, 2),
+    (3, 7, False, 0.0, 4),
+]
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("with_neg", [False, True])
+def test_similarity_matrix_layout(with_neg):
+    a, p, n = _inputs(3, 5, with_neg)
+    sim = similarity_matrix(a, p, n)
+    cols = list(p) + (list(n) if with_neg else [])
+    assert sim.shape == (3, len(cols))
+    for i in range(3):
+        for j, c in enumerate(cols):
+            assert math.isclose(sim[i, j].item(), _cos(a[i], c).item(), rel_tol=1e-12, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("b,m,with_neg,w,offset", CASES)
+def test_nt_xent_matches_loop_reference(b, m, with_neg, w, offset):
+    a, p, n = _inputs(b, m, with_neg, seed=b + m + offset)
+    tau = 0.05 if w == 0 else 0.3
+    fast = nt_xent(similarity_matrix(a, p, n), tau, w, offset, num_positives=m)
+    ref = _ref_nt_xent(a, p, n, tau, w, offset)
+    _assert_close_with_grads(fast, ref, [a, p, n])
+
+
+def test_hard_negative_weight_changes_loss():
+    a, p, n = _inputs(4, 4, True)
+    sim = similarity_matrix(a, p, n)
+    assert nt_xent(sim, 0.1, 2.0).item() > nt_xent(sim, 0.1, 0.0).item()
+
+
+@pytest.mark.parametrize("b,m,with_neg,_w,offset", CASES)
+@pytest.mark.parametrize("margin", [0.2, 0.5])
+def test_energy_hinge_matches_loop_reference(b, m, with_neg, _w, offset, margin):
+    a, p, n = _inputs(b, m, with_neg, seed=10 + b + m + offset)
+    fast = energy_hinge(similarity_matrix(a, p, n), margin, offset, num_positives=m)
+    ref = _ref_energy_hinge(a, p, n, margin, offset)
+    assert ref.item() > 0  # the hinge is active somewhere, so gradients are non-trivial
+    _assert_close_with_grads(fast, ref, [a, p, n])
+
+
+def test_energy_hinge_ties_from_duplicate_rows():
+    a, p, n = _inputs(4, 4, True, seed=3)
+    with torch.no_grad():
+        p[2] = p[1]  # duplicate positives: anchor 0's hardest negative is a two-way tie
+        a[0] = p[1] + 0.01
+    fast = energy_hinge(similarity_matrix(a, p, n), 0.2)
+    ref = _ref_energy_hinge(a, p, n, 0.2, 0)
+    c01, c02 = _cos(a[0], p[1]), _cos(a[0], p[2])
+    assert c01.item() == c02.item() and c01.item() > 0.99  # the tie is real and decisive
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    (ga_f, gp_f, gn_f), (ga_r, gp_r, gn_r) = _grads(fast, [a, p, n]), _grads(ref, [a, p, n])
+    torch.testing.assert_close(ga_f, ga_r)
+    torch.testing.assert_close(gn_f, gn_r)
+    # any split of the tied subgradient is valid: compare the untied rows and the tied pair's sum
+    torch.testing.assert_close(gp_f[[0, 3]], gp_r[[0, 3]])
+    torch.testing.assert_close(gp_f[1] + gp_f[2], gp_r[1] + gp_r[2])
+
+
+def test_energy_hinge_inactive_margin_gives_zero_loss_and_grads():
+    eye = torch.eye(8, dtype=torch.float64)
+    a = eye[:3].clone().requires_grad_(True)
+    p = (eye[:3] + 0.01 * eye[3:6]).requires_grad_(True)  # cos(a_i, p_i) ~ 1
+    n = eye[5:8].clone().requires_grad_(True)  # nearly orthogonal to every anchor
+    loss = energy_hinge(similarity_matrix(a, p, n), margin=0.2)
+    assert loss.item() == 0.0
+    assert _ref_energy_hinge(a, p, n, 0.2, 0).item() == 0.0
+    for g in _grads(loss, [a, p, n]):
+        assert torch.count_nonzero(g) == 0
+    assert energy_hinge(similarity_matrix(a, p, n), margin=1.5).item() > 0  # and it can switch on
+
+
+def test_supcon_matches_loop_reference():
+    z = _inputs(7, 1, False, seed=5)[0]
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3])  # labels 2 and 3 are anchors without positives
+    fast = supcon(z, labels, temperature=0.1)
+    _assert_close_with_grads(fast, _ref_supcon(z, labels.tolist(), 0.1), [z])
+    assert torch.isfinite(_grads(supcon(z, labels, 0.05), [z])[0]).all()
+
+
+def test_supcon_without_any_positive_raises():
+    with pytest.raises(ValueError, match="positive"):
+        supcon(torch.randn(3, D), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("with_neg", [False, True])
+def test_contrastive_loss_terms(with_neg):
+    a, p, n = _inputs(3, 5, with_neg, seed=7)
+    kw = dict(temperature=0.1, offset=1, hard_negative_weight=0.5 if with_neg else 0.0)
+    plain = contrastive_loss(a, p, n, **kw)
+    assert set(plain) == {"nt_xent", "loss"}
+    terms = contrastive_loss(a, p, n, eh_weight=10.0, eh_margin=0.3, **kw)
+    assert set(terms) == {"nt_xent", "energy_hinge", "loss"}
+    nt = _ref_nt_xent(a, p, n, 0.1, kw["hard_negative_weight"], 1)
+    eh = _ref_energy_hinge(a, p, n, 0.3, 1)
+    _assert_close_with_grads(terms["loss"], nt + 10.0 * eh, [a, p, n])
+    torch.testing.assert_close(terms["energy_hinge"], eh)
+    torch.testing.assert_close(plain["loss"], nt)
+
+
+def test_supcon_entry_two_views_and_negatives():
+    a, p, n = _inputs(3, 3, True, seed=8)
+    labels = torch.tensor([4, 7, 4])
+    out = LOSSES["supcon"](a, p, n, labels=labels, temperature=0.2)
+    ref = _ref_supcon(list(a) + list(p) + list(n), [4, 7, 4, 4, 7, 4, 8, 9, 10], 0.2)
+    _assert_close_with_grads(out["loss"], ref, [a, p, n])
+    torch.testing.assert_close(out["supcon"], out["loss"])
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("with_neg", [False, True])
+def test_registry_contract(name, with_neg):
+    a, p, n = _inputs(4, 4, with_neg, seed=9)
+    kwargs = {"labels": torch.tensor([0, 1, 0, 2])} if name == "supcon" else {}
+    out = LOSSES[name](a, p, n, **kwargs)
+    assert isinstance(out, dict) and "loss" in out
+    for value in out.values():
+        assert value.dim() == 0 and torch.isfinite(value)
+    for g in _grads(out["loss"], [a, p, n]):
+        assert torch.isfinite(g).all() and torch.count_nonzero(g) > 0
+
+
+def test_registry_rejects_unrelated_settings():
+    a, p, n = _inputs(2, 2, False)
+    with pytest.raises(TypeError):
+        LOSSES["nt_xent"](a, p, n, eh_weight=10.0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: similarity_matrix(torch.randn(4), torch.randn(4, D)),
+        lambda: similarity_matrix(torch.randn(4, D), torch.randn(4, D + 1)),
+        lambda: similarity_matrix(torch.randn(4, D), torch.randn(3, D)),
+        lambda: similarity_matrix(torch.randn(4, D), torch.randn(4, D), torch.randn(5, D)),
+        lambda: nt_xent(torch.randn(3, 5)),
+        lambda: nt_xent(torch.randn(3, 6), num_positives=4),
+        lambda: nt_xent(torch.randn(3, 5), offset=3, num_positives=5),
+        lambda: nt_xent(torch.randn(3, 3), hard_negative_weight=1.0),
+        lambda: nt_xent(torch.randn(3, 3), temperature=0.0),
+        lambda: energy_hinge(torch.randn(3, 4), offset=-1, num_positives=4),
+        lambda: energy_hinge(torch.randn(1, 1)),
+        lambda: supcon(torch.randn(4, D), torch.tensor([0, 0, 1])),
+        lambda: contrastive_loss(torch.randn(4, D), torch.randn(4, D), eh_weight=-1.0),
+        lambda: contrastive_loss(torch.randn(4, D), torch.randn(6, D), offset=3),
+        lambda: LOSSES["supcon"](torch.randn(4, D), torch.randn(5, D), labels=torch.zeros(4).long()),
+        lambda: LOSSES["supcon"](torch.randn(4, D), torch.randn(4, D), labels=torch.zeros(3).long()),
+    ],
+)
+def test_bad_shapes_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
