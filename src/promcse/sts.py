@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from scipy import stats
 
 from promcse.data import StsPairs, read_sts_tsv, read_text
 from promcse.errors import PromcseError
+from promcse.plots import format_table  # noqa: F401  (re-exported; text and figure reports live in plots)
 
 EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (len(texts), dim), e.g. SentenceTransformer.encode
 
@@ -63,7 +63,8 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for raw in spec.split(",") if isinstance(spec, str) else spec:
         name = raw.strip().lower()
-        out += [n for n in (STANDARD_TASKS if name == "all" else [_canonical_task(name)] if name else []) if n not in out]
+        names = STANDARD_TASKS if name == "all" else [_canonical_task(name)] if name else []
+        out += [n for n in names if n not in out]
     if not out:
         raise PromcseError(f"no STS task given; use 'all' or a comma-separated list of: {', '.join(TASKS)}")
     return out
@@ -73,8 +74,7 @@ def _canonical_task(name: str) -> str:
     name = ALIASES.get(name, name)
     if name in TASKS:
         return name
-    close = difflib.get_close_matches(name, [*TASKS, *ALIASES, "all"], n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = "".join(f" (did you mean '{c}'?)" for c in difflib.get_close_matches(name, [*TASKS, *ALIASES, "all"], n=1))
     raise PromcseError(f"unknown STS task '{name}'{hint}; valid tasks: all, {', '.join(TASKS)}")
 
 
@@ -84,12 +84,10 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     Raises:
         PromcseError: The chosen directory does not exist.
     """
-    source = "the data-dir argument"
-    if data_dir is None or str(data_dir) == "":
-        data_dir, source = os.environ.get(DATA_ENV) or None, f"${DATA_ENV}"
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        raise PromcseError(f"STS data directory not found (given by {source})", path=data_dir)
-    return None if data_dir is None else Path(data_dir).expanduser()
+    given, source = (data_dir, "argument") if data_dir not in (None, "") else (os.environ.get(DATA_ENV), DATA_ENV)
+    if given and not Path(given).expanduser().is_dir():
+        raise PromcseError(f"STS data directory not found (given by {source})", path=given)
+    return Path(given).expanduser() if given else None
 
 
 def task_files(task: str, data_dir: Path | None, text: str = "original") -> list[Path]:
@@ -102,8 +100,7 @@ def task_files(task: str, data_dir: Path | None, text: str = "original") -> list
     if data_dir is None:
         if spec.files is None or spec.folder != "STSBenchmark" or text != "original":
             need = f"task '{task}'" + (f" with text '{text}'" if text != "original" else "")
-            raise PromcseError(f"{need} needs the STS data (only original STS-B is bundled): "
-                               f"pass --data-dir or set {DATA_ENV}")
+            raise PromcseError(f"{need} needs STS data (only original STS-B is bundled): use --data-dir or {DATA_ENV}")
         return [BUNDLED_DIR / f"{stem}.tsv" for stem in spec.files]
     folder = data_dir / "tsv" / text / spec.folder
     if not folder.is_dir():
@@ -135,18 +132,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 class _Lookup:
-    """Unit embeddings of distinct texts (encoded in one call, or chunks of ``batch_texts``), by text.
-
-    Raises:
-        PromcseError: The encoder returned the wrong shape or non-finite values.
-    """
+    """Unit embeddings of distinct texts, by text: one ``encode_fn`` call (or chunks of ``batch_texts``)."""
 
     def __init__(self, encode_fn: EncodeFn, texts: list[str], batch_texts: int | None = None) -> None:
         self.unique = list(dict.fromkeys(texts))
         self.index = {t: i for i, t in enumerate(self.unique)}
         step = batch_texts or max(len(self.unique), 1)
         chunks = [np.asarray(encode_fn(self.unique[i : i + step])) for i in range(0, len(self.unique), step)]
-        emb = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        emb = np.concatenate(chunks)
         if emb.ndim != 2 or emb.shape[0] != len(self.unique) or not np.all(np.isfinite(emb)):
             raise PromcseError(f"encoder returned {emb.shape} for {len(self.unique)} texts; want (n, dim), finite")
         self.emb = _unit(emb)
@@ -159,10 +152,8 @@ class _Lookup:
 
 
 def spearman(pred: np.ndarray, gold: np.ndarray) -> float:
-    """Spearman correlation ×100 (NaN when either side is constant)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        return float(stats.spearmanr(pred, gold).statistic * 100.0)
+    """Spearman correlation ×100 (NaN, with scipy's warning, when either side is constant)."""
+    return float(stats.spearmanr(pred, gold).statistic * 100.0)
 
 
 def _score_task(files: list[StsPairs], lookup: _Lookup, grouped: bool) -> dict[str, Any]:
@@ -207,7 +198,8 @@ def _align_uniform(pairs: StsPairs, lookup: _Lookup) -> dict[str, float]:
     pos = [i for i, s in enumerate(pairs.scores) if s > POSITIVE_THRESHOLD]
     out = {"uniformity": uniformity(lookup(list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))))}
     if pos:  # tiny files without positives: alignment is undefined, so omitted
-        out["alignment"] = alignment(lookup([pairs.sentence1[i] for i in pos]), lookup([pairs.sentence2[i] for i in pos]))
+        out["alignment"] = alignment(lookup([pairs.sentence1[i] for i in pos]),
+                                     lookup([pairs.sentence2[i] for i in pos]))
     return out
 
 
@@ -250,7 +242,8 @@ def evaluate(
     extra = _extra_files(tsv_files, set(sets))
     cxc_pairs = load_cxc(cxc) if isinstance(cxc, (str, Path)) else cxc
     texts = [s for files in [*sets.values(), extra] for f in files for s in (*f.sentence1, *f.sentence2)]
-    lookup = _Lookup(encode_fn, texts + (cxc_pairs.sentence1 + cxc_pairs.sentence2 if cxc_pairs else []), batch_texts)
+    texts += cxc_pairs.sentence1 + cxc_pairs.sentence2 if cxc_pairs else []
+    lookup = _Lookup(encode_fn, texts, batch_texts)
     result: dict[str, Any] = {"text": text, "tasks": {}}
     for t in names:
         result["tasks"][TASKS[t].report] = _score_task(sets[TASKS[t].report], lookup, TASKS[t].files is None)
@@ -284,35 +277,32 @@ Captions = dict[int, tuple[str, str]]  # annotation id -> (caption text, image i
 
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Rows of a quoted CSV (``.csv``) or an unquoted TSV (otherwise) as (line, {column: value})."""
-    text = read_text(path)
-    if path.suffix.lower() == ".csv":
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-        try:
-            records = [(reader.line_num, fields) for fields in reader if fields]
-        except csv.Error as err:
-            raise PromcseError(f"malformed CSV row: {err}", path=path, line=reader.line_num) from None
-    else:
-        records = [(n, line.split("\t")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    tsv = path.suffix.lower() != ".csv"
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=True)
+    try:
+        records = [(reader.line_num, fields) for fields in reader if fields]
+    except csv.Error as err:
+        raise PromcseError(f"malformed row: {err}", path=path, line=reader.line_num) from None
     header = [h.strip() for h in records[0][1]] if records else []
     for line, fields in records[1:]:
         if len(fields) != len(header):
-            raise PromcseError(f"expected {len(header)} fields as in the header, found {len(fields)}", path=path, line=line)
+            raise PromcseError(f"{len(fields)} fields, but the header has {len(header)}", path=path, line=line)
     return header, [(line, dict(zip(header, fields))) for line, fields in records[1:]]
 
 
 def _read_captions(path: Path, captions: str | Path | None) -> Captions | None:
     """COCO captions (``captions``, else ``captions_val5k.json``/``captions*.json`` beside ``path``), whitespace
     collapsed as in PromCSE's CSV; None when there is no such file."""
-    found = [Path(captions)] if captions else sorted(path.parent.glob("captions*.json"), key=lambda q: q.name != "captions_val5k.json")
+    found = [Path(captions)] if captions else sorted(path.parent.glob("captions*.json"),
+                                                     key=lambda q: q.name != "captions_val5k.json")
     if not found:
         return None
-    try:
+    try:  # json.JSONDecodeError is a ValueError
         annotations = json.loads(read_text(found[0]))["annotations"]
         return {int(a["id"]): (" ".join(str(a["caption"]).split()), str(a["image_id"])) for a in annotations}
-    except json.JSONDecodeError as err:
-        raise PromcseError(f"invalid JSON: {err.msg}", path=found[0], line=err.lineno, column=err.colno) from None
     except (KeyError, TypeError, ValueError) as err:
-        message = f"not COCO captions (need annotations[*].id, image_id, caption): {err!r}"
+        message = f"not COCO caption JSON (need annotations[*].id, image_id, caption): {err!r}"
         raise PromcseError(message, path=found[0], key="annotations") from None
 
 
@@ -325,25 +315,12 @@ def _caption(path: Path, line: int, column: str, value: str, caps: Captions | No
     return caps[int(match.group(1))]
 
 
-def _score(path: Path, line: int, column: str, value: str) -> float | None:
-    """A gold score; None when empty (no gold: dropped, as for STS)."""
-    try:
-        score = float(value) if value.strip() else None
-    except ValueError:
-        score = math.nan
-    if score is not None and not math.isfinite(score):
-        raise PromcseError(f"score is not a finite number: {value!r}", path=path, line=line, column=column)
-    return score
-
-
 def load_cxc(path: str | Path, captions: str | Path | None = None) -> CxcPairs:
-    """Read CxC STS pairs in any published layout.
-
-    * Official ``caption1,caption2,agg_score,...`` with ids ``COCO_val2014:sentid:N``: text and image come
-      from the COCO captions JSON (``captions``, else ``captions_val5k.json``/``captions*.json`` beside it).
-    * PromCSE's CSV: the same plus ``sent1,sent2`` text columns.
-    * TSV ``sentence1<TAB>sentence2<TAB>score`` with extra columns (``caption1`` or ``caption1_id``).
-    Pairs are grouped by the image of caption1 when the JSON is there, else by the caption1 id (or sentence1).
+    """Read CxC STS pairs: the official ``caption1,caption2,agg_score,...`` CSV (ids ``COCO_val2014:sentid:N``;
+    text and image from the COCO captions JSON: ``captions``, else ``captions_val5k.json``/``captions*.json``
+    beside the file), PromCSE's CSV (the same plus ``sent1,sent2``), or a TSV ``sentence1, sentence2, score``
+    (+ ``caption1``/``caption1_id``). Pairs are grouped by caption1's image when the JSON is there, else by
+    the caption1 id (or sentence1).
 
     Raises:
         PromcseError: Missing columns or JSON, unknown caption ids, bad scores, < 3 pairs (file, line named).
@@ -365,9 +342,14 @@ def load_cxc(path: str | Path, captions: str | Path | None = None) -> CxcPairs:
         raise PromcseError("captions are given by id only: put captions_val5k.json beside the file or pass it", path=p)
     out: tuple[list[Any], ...] = ([], [], [], [])
     for line, row in rows:
-        score = _score(p, line, score_col, row[score_col])
-        if score is None:
-            continue
+        if not row[score_col].strip():
+            continue  # no gold: dropped, as for STS
+        try:
+            score = float(row[score_col])
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise PromcseError(f"score is not a finite number: {row[score_col]!r}", path=p, line=line, column=score_col)
         image = _caption(p, line, id_col, row[id_col], caps)[1] if caps is not None else ""
         out[0].append(row[t1] if t1 else _caption(p, line, "caption1", row["caption1"], caps)[0])
         out[1].append(row[t2] if t2 else _caption(p, line, "caption2", row["caption2"], caps)[0])
@@ -380,12 +362,9 @@ def load_cxc(path: str | Path, captions: str | Path | None = None) -> CxcPairs:
 
 
 def bootstrap_indices(groups: Sequence[str], rounds: int = 1000, seed: int = 123) -> np.ndarray:
-    """Pair indices of each bootstrap round, shape ``(rounds, n_images // 2)``.
-
-    Images are ordered by sorted key; an image's pairs keep file order. With ``rng = RandomState(seed)``
-    each round draws ``img = rng.randint(0, n_images, k)`` (with replacement), then
-    ``u = rng.random_sample(k)``, and takes pair number ``floor(u * count[img])`` of each drawn image.
-    """
+    """Pair indices per bootstrap round, shape ``(rounds, k = n_images // 2)``. Images sorted by key, pairs in
+    file order; with ``rng = RandomState(seed)``, each round draws ``img = rng.randint(0, n_images, k)`` then
+    ``u = rng.random_sample(k)`` and takes pair ``floor(u * count[img])`` of each drawn image."""
     keys, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     counts = np.bincount(inverse, minlength=len(keys))
@@ -403,9 +382,7 @@ def bootstrap_indices(groups: Sequence[str], rounds: int = 1000, seed: int = 123
 
 def rowwise_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman ×100 of each row of x against the same row of y: Pearson of average ranks."""
-    rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
-    rx -= rx.mean(axis=1, keepdims=True)
-    ry -= ry.mean(axis=1, keepdims=True)
+    rx, ry = (r - r.mean(axis=1, keepdims=True) for r in (stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)))
     with np.errstate(invalid="ignore", divide="ignore"):
         return 100.0 * np.sum(rx * ry, axis=1) / np.sqrt(np.sum(rx * rx, axis=1) * np.sum(ry * ry, axis=1))
 
@@ -420,23 +397,3 @@ def cxc_scores(encode_fn: EncodeFn, pairs: CxcPairs, rounds: int = 1000, seed: i
     return {"spearman": spearman(sims, gold), "bootstrap_mean": float(np.mean(rho)),
             "bootstrap_std": float(np.std(rho)), "n_pairs": len(gold), "n_images": len(set(pairs.groups)),
             "grouped_by": pairs.grouped_by, "rounds": rounds, "seed": seed}
-
-
-def format_table(result: dict[str, Any], model_name: str) -> str:
-    """A fixed-width text table of an :func:`evaluate` result: one row per task, Avg, A&U and CxC lines."""
-    tasks: dict[str, dict[str, Any]] = result.get("tasks", {})
-    width = max([len("Task"), *map(len, tasks)])
-    fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = [f"Model: {model_name}  (text: {result.get('text', '?')}; Spearman x100)",
-             f"{'Task':<{width}}  {'all':>7}  {'wmean':>7}  {'n':>6}", "-" * (width + 26)]
-    for name, row in tasks.items():
-        lines.append(f"{name:<{width}}  {fmt(row['spearman']):>7}  {fmt(row.get('wmean')):>7}  {row['n']:>6}")
-    lines.append(f"{'Avg':<{width}}  {fmt(result.get('avg')):>7}")
-    if "uniformity" in result:
-        lines.append(f"alignment / uniformity (STS-B test; lower is better): "
-                     f"{fmt(result.get('alignment'), 4)} / {fmt(result['uniformity'], 4)}")
-    if "cxc" in result:
-        c = result["cxc"]
-        lines.append(f"CxC: {c['bootstrap_mean']:.2f} ± {c['bootstrap_std']:.2f} (bootstrap, {c.get('rounds', '?')} "
-                     f"rounds); all pairs {c['spearman']:.2f} ({c['n_pairs']} pairs, {c['n_images']} images)")
-    return "\n".join(lines)

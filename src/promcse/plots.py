@@ -1,0 +1,130 @@
+"""Reports of STS evaluation results (:func:`promcse.sts.evaluate` dicts): a text table and a figure.
+
+matplotlib is optional (``pip install matplotlib``) and imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from promcse.errors import PromcseError
+
+# The 7 standard tasks as reported by promcse.sts (kept here so that plotting needs no STS imports).
+STANDARD_REPORTS: tuple[str, ...] = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICK-R")
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result: dict[str, Any], model_name: str) -> str:
+    """A fixed-width text table of an evaluation result.
+
+    One row per task ("all" = the task's Spearman ×100, "wmean" for STS12-16, pair count), an Avg row,
+    an alignment / uniformity line and a CxC line when present.
+
+    Args:
+        result: A dict returned by :func:`promcse.sts.evaluate`.
+        model_name: Name printed in the title line.
+
+    Returns:
+        The table, lines joined by newlines, without a trailing newline.
+    """
+    tasks: dict[str, dict[str, Any]] = result.get("tasks", {})
+    width = max([len("Task"), *map(len, tasks)])
+    lines = [
+        f"Model: {model_name}  (text: {result.get('text', '?')}; Spearman x100)",
+        f"{'Task':<{width}}  {'all':>7}  {'wmean':>7}  {'n':>6}",
+        "-" * (width + 26),
+    ]
+    for name, row in tasks.items():
+        lines.append(f"{name:<{width}}  {_fmt(row['spearman']):>7}  {_fmt(row.get('wmean')):>7}  {row['n']:>6}")
+    lines.append(f"{'Avg':<{width}}  {_fmt(result.get('avg')):>7}")
+    if "uniformity" in result:
+        lines.append(
+            "alignment / uniformity (STS-B test; lower is better): "
+            f"{_fmt(result.get('alignment'), 4)} / {_fmt(result['uniformity'], 4)}"
+        )
+    if "cxc" in result:
+        c = result["cxc"]
+        lines.append(
+            f"CxC: {c['bootstrap_mean']:.2f} ± {c['bootstrap_std']:.2f} (bootstrap, {c.get('rounds', '?')} rounds); "
+            f"all pairs {c['spearman']:.2f} ({c['n_pairs']} pairs, {c['n_images']} images)"
+        )
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PromcseError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(ax: Any, results: list[dict[str, Any]], names: list[str]) -> None:
+    """Grouped bars: the 7 standard tasks and Avg on x, one bar per model (missing values left out)."""
+    labels = [*STANDARD_REPORTS, "Avg"]
+    width = 0.8 / len(results)
+    for m, (result, name) in enumerate(zip(results, names)):
+        tasks = result.get("tasks", {})
+        values = [tasks[t]["spearman"] if t in tasks else None for t in STANDARD_REPORTS] + [result.get("avg")]
+        xs = [i + (m - (len(results) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+        partial = sum(v is not None for v in values[:-1])
+        label = name if partial == len(STANDARD_REPORTS) else f"{name} (Avg of {partial} tasks)"
+        ax.bar(xs, [v for v in values if v is not None], width=width, label=label)
+    ax.set_xticks(range(len(labels)), ["STS-B" if t == "STSBenchmark" else t for t in labels])
+    ax.set_ylabel("Spearman x100 (higher is better)")
+    ax.set_title("STS test sets")
+    ax.legend(fontsize="small")
+
+
+def _scatter(ax: Any, results: list[dict[str, Any]], names: list[str]) -> None:
+    """Alignment (y) against uniformity (x), one labelled point per model that has both."""
+    both = [(r, n) for r, n in zip(results, names) if "uniformity" in r and "alignment" in r]
+    shown = [(r["uniformity"], r["alignment"], n) for r, n in both]
+    for x, y, name in shown:
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    if not shown:
+        ax.text(0.5, 0.5, "no alignment/uniformity\n(evaluate with stsb)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.margins(0.2)
+    ax.set_xlabel("uniformity (lower is better)")
+    ax.set_ylabel("alignment (lower is better)")
+    ax.set_title("Alignment vs uniformity (STS-B test)")
+
+
+def plot_results(results: list[dict[str, Any]], names: list[str], path: str | Path) -> Path:
+    """Save a PNG: grouped bars of the 7 STS tasks + Avg per model, and an alignment-uniformity scatter.
+
+    Args:
+        results: Dicts returned by :func:`promcse.sts.evaluate`, one per model.
+        names: Model names, one per result (legend and point labels).
+        path: PNG file to write; its parent folder is created.
+
+    Returns:
+        The path written.
+
+    Raises:
+        PromcseError: matplotlib missing, no results, or names not matching results.
+    """
+    if not results or len(results) != len(names):
+        raise PromcseError(f"plot_results needs one name per result; got {len(results)} results, {len(names)} names")
+    plt = _pyplot()
+    fig, (ax_bars, ax_au) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [2.2, 1]})
+    try:
+        _bars(ax_bars, results, names)
+        _scatter(ax_au, results, names)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return out

@@ -1,0 +1,60 @@
+"""Config loading: YAML + overrides, type checks, unknown keys with suggestions, impossible combinations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from promcse.config import load_config, save_config
+from promcse.errors import PromcseError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  prompt_length: 12\ntrain:\n  lr: 0.03\n")
+    config = load_config(path, ["train.lr=1e-3", "model.pooler=cls", "train.epochs=2"])
+    assert config.model.prompt_length == 12
+    assert config.train.lr == pytest.approx(1e-3)
+    assert config.model.pooler == "cls" and config.train.epochs == 2
+
+
+def test_saved_config_loads_back_identically(tmp_path: Path) -> None:
+    config = load_config(None, ["loss.name=nt_xent_eh", "model.prompt_length=7"])
+    save_config(config, tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml").to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("train:\n  lrr: 0.1\n", "did you mean 'lr'"),
+        ("trian:\n  lr: 0.1\n", "did you mean 'train'"),
+        ("train:\n  batch_size: big\n", "expected int"),
+        ("train:\n  lr: [1, 2]\n", "expected float"),
+        ("model:\n  prompt_projection: 3\n", "expected bool"),
+        ("model:\n  mode: prompt\n  prompt_length: 0\n", "prompt mode needs prompt_length > 0"),
+        ("loss:\n  name: triplet\n", "must be one of"),
+        ("train:\n  batch_size: 1\n", "at least 2 rows"),
+        ("train: [1, 2]\n", "section must be a mapping"),
+        ("model: {backbone: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(PromcseError, match=match) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    if "YAML" not in match and "prompt mode" not in match and "one of" not in match and "rows" not in match:
+        assert "c.yaml" in message
+
+
+def test_bad_override_is_rejected() -> None:
+    with pytest.raises(PromcseError, match="section.key=value"):
+        load_config(None, ["lr"])
+    with pytest.raises(PromcseError, match="did you mean 'temperature'"):
+        load_config(None, ["loss.temprature=0.1"])

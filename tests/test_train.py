@@ -1,0 +1,76 @@
+"""Training loop on a tiny BERT: frozen backbone stays bit-identical, the prompt learns, logs are written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from promcse.checkpoint import load_checkpoint
+from promcse.config import load_config
+from promcse.train import batch_order, train
+
+
+def tiny_config(tiny_bert: Path, data: dict[str, Path], *extra: str):
+    return load_config(None, [
+        f"model.backbone={tiny_bert}", "model.prompt_length=4", f"data.train_file={data['csv']}",
+        f"data.eval_data_dir={data['data_dir']}", "train.batch_size=8", "train.max_steps=4",
+        "train.eval_every=2", "train.log_every=1", "train.lr=0.05", *extra,
+    ])
+
+
+def test_prompt_training_keeps_backbone_bit_identical(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    from promcse.backbone import load_backbone
+
+    before = {k: v.clone() for k, v in load_backbone(str(tiny_bert))[0].state_dict().items()}
+    config = tiny_config(tiny_bert, tiny_data, "loss.name=nt_xent_eh")
+    result = train(config, tmp_path / "run", show_progress=False)
+    loaded = load_checkpoint(tmp_path / "run")
+    after = loaded.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert result.steps == 4 and len(result.history) == 2
+    assert loaded.prompt is not None
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("energy_hinge" in l for l in lines) and any("stsb_dev" in l for l in lines)
+    assert (tmp_path / "run" / "run_config.yaml").is_file()
+
+
+def test_training_changes_the_prompt(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    from promcse.backbone import load_backbone
+    from promcse.model import build_encoder
+    from promcse.train import encoder_spec
+
+    config = tiny_config(tiny_bert, tiny_data, "train.eval_every=-1", f"data.train_file={tiny_data['txt']}")
+    backbone, tokenizer = load_backbone(str(tiny_bert))
+    torch.manual_seed(config.train.seed)
+    encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer)
+    initial = encoder.prompt.embedding.weight.detach().clone()
+    train(config, tmp_path / "run", show_progress=False, encoder=encoder)
+    assert not torch.equal(initial, encoder.prompt.embedding.weight.detach())
+
+
+def test_full_mode_updates_backbone(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny_config(tiny_bert, tiny_data, "model.mode=full", "model.prompt_length=0", "train.lr=1e-3")
+    train(config, tmp_path / "full", show_progress=False)
+    loaded = load_checkpoint(tmp_path / "full")
+    from promcse.backbone import load_backbone
+
+    original = load_backbone(str(tiny_bert))[0].state_dict()
+    changed = [k for k, v in loaded.backbone.state_dict().items() if not torch.equal(v, original[k])]
+    assert changed
+
+
+def test_same_seed_same_result(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny_config(tiny_bert, tiny_data, "train.eval_every=-1")
+    train(config, tmp_path / "a", show_progress=False)
+    train(config, tmp_path / "b", show_progress=False)
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert torch.equal(a.prompt.embedding.weight, b.prompt.embedding.weight)
+
+
+def test_batch_order_covers_every_row_once_per_epoch() -> None:
+    batches = batch_order(10, 4, 2, seed=1)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert sorted(np.concatenate(batches[:3]).tolist()) == list(range(10))
