@@ -132,3 +132,19 @@ def test_roberta_prefix_runs_and_reserves_positions(tiny_roberta: Path) -> None:
         out = run_encoder(model, {"input_ids": ids, "attention_mask": mask}, prompt, output_hidden_states=True)
     assert len(out) == 3 and out[-1].shape == (2, 5, 32)
     assert torch.isfinite(out[-1]).all()
+
+
+def test_prefix_matches_peft_prefix_tuning(tiny_bert: Path) -> None:
+    peft = pytest.importorskip("peft")
+    model = AutoModel.from_pretrained(str(tiny_bert)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    inputs = dict(tok(["a man is playing guitar", "the dog runs"], padding=True, return_tensors="pt"))
+    prompt = DeepPrompt(PromptSpec.for_backbone(shape_of(model.config), 5, init_std=0.3)).eval()
+    with torch.no_grad():
+        ours = run_encoder(model, inputs, prompt)[0]
+        config = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=5)
+        wrapped = peft.get_peft_model(model, config)
+        wrapped.prompt_encoder["default"].embedding.weight.copy_(prompt.embedding.weight)
+        theirs = wrapped.eval()(**inputs).last_hidden_state
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-5)

@@ -100,7 +100,8 @@ def task_files(task: str, data_dir: Path | None, text: str = "original") -> list
     if data_dir is None:
         if spec.files is None or spec.folder != "STSBenchmark" or text != "original":
             need = f"task '{task}'" + (f" with text '{text}'" if text != "original" else "")
-            raise PromcseError(f"{need} needs STS data (only original STS-B is bundled): use --data-dir or {DATA_ENV}")
+            raise PromcseError(f"{need} needs the STS data (only original STS-B is bundled): "
+                               f"pass --data-dir or set {DATA_ENV}")
         return [BUNDLED_DIR / f"{stem}.tsv" for stem in spec.files]
     folder = data_dir / "tsv" / text / spec.folder
     if not folder.is_dir():
