@@ -148,3 +148,24 @@ def test_prefix_matches_peft_prefix_tuning(tiny_bert: Path) -> None:
         theirs = wrapped.eval()(**inputs).last_hidden_state
     real = inputs["attention_mask"].bool()
     assert torch.allclose(ours[real], theirs[real], atol=1e-5)
+
+
+def test_unshifted_positions_option_matches_manual_attention(tiny_bert: Path) -> None:
+    model = AutoModel.from_pretrained(str(tiny_bert)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    inputs = tok(["a man is playing guitar", "the dog runs"], padding=True, return_tensors="pt")
+    prompt = DeepPrompt(PromptSpec.for_backbone(shape_of(model.config), 5, init_std=0.5, shift_positions=False)).eval()
+    with torch.no_grad():
+        ours = run_encoder(model, dict(inputs), prompt)[0]
+        expected = manual_forward(model, inputs["input_ids"], inputs["attention_mask"], prompt(2), shift=0)
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(ours[real], expected[real], atol=1e-5)
+
+
+def test_unshifted_roberta_positions_equal_the_models_own(tiny_roberta: Path) -> None:
+    from promcse.backbone import unshifted_position_ids
+
+    model = AutoModel.from_pretrained(str(tiny_roberta))
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])
+    expected = model.embeddings.create_position_ids_from_input_ids(ids, 1, 0)
+    assert torch.equal(unshifted_position_ids(model.config, ids, (ids != 1).long()), expected)

@@ -115,6 +115,15 @@ def position_limit(config: object) -> int:
     return limit
 
 
+def unshifted_position_ids(config: object, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position ids the encoder would use without a cache, to pass explicitly past a prefix cache."""
+    if family_of(str(getattr(config, "model_type", "bert"))).position_offset_from_pad:
+        pad = int(getattr(config, "pad_token_id", 1) or 0)
+        return (torch.cumsum(attention_mask, dim=1) * attention_mask + pad).long()
+    batch, length = input_ids.shape
+    return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+
+
 def load_backbone(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an encoder and its tokenizer in fp32 with eager-compatible (SDPA) attention.
 

@@ -33,6 +33,7 @@ class ModelConfig:
     prompt_projection_hidden: int = _f(512, "hidden width of the reparameterisation MLP")
     prompt_dropout: float = _f(0.1, "dropout on the prefix at training time")
     prompt_init_std: float = _f(0.02, "std of the N(0, std) init of the prefix table")
+    shift_positions: bool = _f(True, "real tokens' positions start at P as in the reference (False: keep the backbone's positions; better for a fresh prompt)")
     pooler: str = _f("avg", "cls | cls_before_pooler | avg | avg_first_last | avg_top2")
     head: str = _f("none", "MLP head: none | train_only (unsupervised recipe) | always (supervised recipe)")
 
@@ -55,6 +56,7 @@ class LossConfig:
     hard_negative_weight: float = _f(0.0, "logit bonus w on each row's own hard negative")
     eh_weight: float = _f(10.0, "lambda: weight of the energy-based hinge loss (nt_xent_eh only)")
     eh_margin: float = _f(0.2, "m: margin of the energy-based hinge loss")
+    tile_size: int = _f(0, "compute nt_xent / nt_xent_eh in tiles of this many rows x columns, never forming the B x B similarity matrix (same values and gradients; for batches of thousands); 0 = dense")
 
 
 @dataclass
@@ -152,6 +154,8 @@ def validate(config: RunConfig) -> None:
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
         (t.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0"),
+        (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
+        (lo.tile_size == 0 or lo.name in ("nt_xent", "nt_xent_eh"), "loss.tile_size", "only nt_xent and nt_xent_eh have a tiled form"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
     ]

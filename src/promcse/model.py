@@ -98,7 +98,8 @@ class SentenceEncoder(nn.Module):
     @property
     def max_length(self) -> int:
         """Longest real-token input: the backbone's position limit less the prompt's shift."""
-        shift = self.prompt.spec.length if self.prompt is not None else 0
+        shifted = self.prompt is not None and self.prompt.spec.shift_positions
+        shift = self.prompt.spec.length if shifted else 0
         return position_limit(self.backbone.config) - shift
 
     @property

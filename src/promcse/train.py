@@ -8,6 +8,7 @@ linear decay. Every ``eval_every`` steps the model is scored on STS-B dev and th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -26,11 +27,18 @@ from promcse.config import RunConfig, save_config
 from promcse.data import TrainExamples, read_training_file
 from promcse.encode import encode_texts, resolve_device
 from promcse.errors import PromcseError
+from promcse.distributed import (
+    DistContext, all_reduce_gradients, broadcast_parameters, context, describe_scale, fit_batches, gather_columns,
+    setup, shard_rows, teardown,
+)
+from promcse.gradcache import forward_chunks, grad_cache_step, length_chunks
 from promcse.losses import LOSSES
 from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
 from promcse.prompt import PromptSpec
+from promcse.tiled import TILED_LOSSES
 
 BUNDLED = "bundled:"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,7 +98,7 @@ def encoder_spec(config: RunConfig, backbone: Any) -> EncoderSpec:
     if m.prompt_length > 0:
         prompt = PromptSpec.for_backbone(
             shape, m.prompt_length, projection=m.prompt_projection, projection_hidden=m.prompt_projection_hidden,
-            dropout=m.prompt_dropout, init_std=m.prompt_init_std,
+            dropout=m.prompt_dropout, init_std=m.prompt_init_std, shift_positions=m.shift_positions,
         )
     return EncoderSpec(backbone=m.backbone, shape=shape, mode=m.mode, prompt=prompt, pooler=m.pooler, head=m.head)
 
@@ -125,20 +133,38 @@ def batch_views(examples: TrainExamples, rows: np.ndarray) -> list[list[str]]:
 
 
 def embed_views(encoder: SentenceEncoder, views: list[list[str]], max_length: int) -> list[torch.Tensor]:
-    """One forward over all views concatenated (each row gets its own dropout masks); split by view."""
+    """Embed all views: one tokenization, forwards grouped by length (each row its own dropout masks).
+
+    Rows are sorted by token count and forwarded in a few groups, each padded only to its own
+    longest row (:func:`promcse.gradcache.length_chunks`): same embeddings, far fewer padded tokens.
+    """
     flat = [text for view in views for text in view]
-    embeddings = encoder(encoder.tokenize(flat, max_length))
+    embeddings = forward_chunks(encoder, length_chunks(encoder.tokenize(flat, max_length)))
     return list(embeddings.split(len(views[0])))
 
 
-def loss_terms(config: RunConfig, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Named loss terms from the registry; ``loss`` is what is minimised."""
+def loss_terms(config: RunConfig, views: list[torch.Tensor], offset: int = 0) -> dict[str, torch.Tensor]:
+    """Named loss terms from the registry (tiled when ``loss.tile_size`` > 0); ``loss`` is minimised.
+
+    ``views`` are ``[anchor, positive(, negative)]``; ``offset`` is the row of anchor 0's positive
+    among the positives (non-zero when the positives were gathered from several processes).
+    """
     lo = config.loss
     negative = views[2] if len(views) > 2 else None
     kwargs: dict[str, Any] = {"temperature": lo.temperature, "hard_negative_weight": lo.hard_negative_weight}
     if lo.name == "nt_xent_eh":
         kwargs.update(eh_weight=lo.eh_weight, eh_margin=lo.eh_margin)
+    if offset:
+        kwargs["offset"] = offset
+    if lo.tile_size > 0:
+        return TILED_LOSSES[lo.name](views[0], views[1], negative, tile_size=lo.tile_size, **kwargs)
     return LOSSES[lo.name](views[0], views[1], negative, **kwargs)
+
+
+def global_loss_terms(config: RunConfig, views: list[torch.Tensor], dist: DistContext) -> dict[str, torch.Tensor]:
+    """Loss of this process's anchors against the positives (and hard negatives) of every process."""
+    anchor, positive, negative, offset = gather_columns(views, dist)
+    return loss_terms(config, [anchor, positive] + ([negative] if negative is not None else []), offset)
 
 
 def make_optimizer(encoder: SentenceEncoder, config: RunConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -171,11 +197,26 @@ def dev_scorer(config: RunConfig) -> Callable[[SentenceEncoder], float]:
 
 def train_step(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, rows: np.ndarray,
                optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:
-    """One optimizer step; returns the loss terms as floats."""
-    views = embed_views(encoder, batch_views(examples, rows), config.data.max_length)
-    terms = loss_terms(config, views)
+    """One optimizer step on the global batch ``rows``; returns the (global) loss terms as floats.
+
+    Plain: one forward of all views, loss, backward. With ``train.grad_cache_chunk`` > 0: GradCache
+    (:mod:`promcse.gradcache`), same loss and gradients in the memory of one chunk. Under
+    ``torchrun`` this process takes its shard of ``rows``, contrasts against every process's rows,
+    and the gradients are averaged with one all-reduce after the backward pass(es)
+    (:mod:`promcse.distributed`).
+    """
+    dist = context()
+    views = batch_views(examples, shard_rows(rows, dist))
+    loss_fn = lambda embedded: global_loss_terms(config, embedded, dist)  # noqa: E731
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    chunk = config.train.grad_cache_chunk
+    if chunk > 0:
+        inputs = encoder.tokenize([text for view in views for text in view], config.data.max_length)
+        terms = grad_cache_step(encoder, length_chunks(inputs, max_rows=chunk), loss_fn, len(views[0]))
+    else:
+        terms = loss_fn(embed_views(encoder, views, config.data.max_length))
+        terms["loss"].backward()
+    terms = all_reduce_gradients(encoder.trainable_parameters(), terms, dist)
     if config.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(encoder.trainable_parameters(), config.train.grad_clip)
     optimizer.step()
@@ -192,23 +233,59 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
           encoder: SentenceEncoder | None = None) -> TrainResult:
     """Train per ``config``; saves the best (or last) checkpoint, ``metrics.jsonl`` and the config.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; rank 0 alone evaluates, logs
+    and writes the output directory.
+
     Raises:
         PromcseError: Bad data, config or output directory (all checked before the first step).
     """
-    out = prepare_output(output_dir)
-    examples = load_examples(config)
-    seed_everything(config.train.seed)
-    if encoder is None:
-        backbone, tokenizer = load_backbone(config.model.backbone)
-        encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer)
-    encoder.to(resolve_device(config.train.device))
-    batches = batch_order(len(examples), config.train.batch_size, config.train.epochs, config.train.seed)
-    if config.train.max_steps:
-        batches = batches[: config.train.max_steps]
-    optimizer, scheduler = make_optimizer(encoder, config, len(batches))
-    save_config(config, out / "run_config.yaml")
-    scorer = dev_scorer(config) if config.train.eval_every >= 0 else None
-    return _loop(encoder, config, examples, batches, optimizer, scheduler, scorer, out, show_progress)
+    device = resolve_device(config.train.device)
+    dist = setup(device)
+    try:
+        out = prepare_output(output_dir) if dist.is_main else Path(output_dir)
+        examples = load_examples(config)
+        seed_everything(config.train.seed)
+        if encoder is None:
+            backbone, tokenizer = load_backbone(config.model.backbone)
+            encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer)
+        encoder.to(device)
+        if dist.world_size > 1:
+            broadcast_parameters(encoder.trainable_parameters(), dist)
+            torch.manual_seed(config.train.seed + dist.rank)  # same start, but different dropout per rank
+        batches = batch_order(len(examples), config.train.batch_size, config.train.epochs, config.train.seed)
+        batches = fit_batches(batches[: config.train.max_steps or None], dist.world_size)
+        optimizer, scheduler = make_optimizer(encoder, config, len(batches))
+        announce_scale(config, examples, dist, show_progress)
+        if not dist.is_main:
+            return _follow(encoder, config, examples, batches, optimizer, scheduler, out)
+        save_config(config, out / "run_config.yaml")
+        scorer = dev_scorer(config) if config.train.eval_every >= 0 else None
+        return _loop(encoder, config, examples, batches, optimizer, scheduler, scorer, out, show_progress)
+    finally:
+        teardown(dist)
+
+
+def announce_scale(config: RunConfig, examples: TrainExamples, dist: DistContext, show_progress: bool) -> None:
+    """Log (rank 0) the global batch and the effective number of negatives per anchor."""
+    if not dist.is_main:
+        return
+    local = config.train.batch_size // dist.world_size
+    line = describe_scale(local, dist, examples.has_hard_negatives, config.train.grad_cache_chunk)
+    logger.info(line)
+    if show_progress and (dist.world_size > 1 or config.train.grad_cache_chunk):
+        tqdm.write(line)
+
+
+def _follow(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, batches: list[np.ndarray],
+            optimizer: torch.optim.Optimizer, scheduler: Any, out: Path) -> TrainResult:
+    """Steps of a rank > 0: train in lockstep with rank 0; no evaluation, logging or checkpoints."""
+    start = time.time()
+    encoder.train()
+    for step, rows in enumerate(batches, start=1):
+        terms = train_step(encoder, config, examples, rows, optimizer, scheduler)
+        if not math.isfinite(terms["loss"]):
+            raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
+    return TrainResult(out, len(batches), None, len(batches), time.time() - start)
 
 
 def prepare_output(output_dir: str | Path) -> Path:

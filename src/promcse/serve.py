@@ -1,0 +1,361 @@
+"""HTTP server: embeddings, similarity and search from many prompts over one backbone, plus a web page.
+
+Endpoints (JSON in and out; every error is ``{"error": {"status": int, "message": str, ...}}``):
+
+- ``POST /embed`` ``{"texts": [...], "model": NAME, "normalize": true}`` -> ``{"embeddings", "dim", "model"}``
+- ``POST /similarity`` ``{"a": [...], "b": [...], "model": NAME}`` -> ``{"scores": [[...]], "model"}``
+- ``POST /search`` ``{"query": "...", "index": NAME, "top_k": k, "threshold": t}`` -> ``{"results": [...]}``
+- ``GET /health``, ``GET /models``, ``GET /`` (the page: search an index, compare two sentences).
+
+``model``/``index`` default to the first one loaded. Names are looked up in the loaded dictionaries only:
+nothing in a request reaches the filesystem. Too many texts, too long a text or too large a body -> 413;
+malformed JSON or wrong types -> 422; unknown model or index -> 404; bad input never yields a 500.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the request models from the endpoint
+# annotations, which live in create_app's scope (fastapi is imported lazily, so ``promcse --help``
+# works without the optional serving dependencies).
+import argparse
+import ipaddress
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from promcse.errors import PromcseError
+from promcse.registry import PromptRegistry
+from promcse.search import Index, read_meta
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits.
+
+    Attributes:
+        max_texts: Texts per request (each of ``a`` and ``b`` for /similarity).
+        max_chars: Characters per text or query.
+        max_body_bytes: Request body size.
+        max_top_k: Largest ``top_k`` for /search.
+    """
+
+    max_texts: int = 256
+    max_chars: int = 2000
+    max_body_bytes: int = 2_000_000
+    max_top_k: int = 100
+
+
+class ApiError(Exception):
+    """An error answered as JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON body of every error response."""
+    return {"error": {"status": status, "message": message, **extra}}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared length, or counted while streaming)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+        from starlette.exceptions import HTTPException
+
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            message = f"request body over {self.max_bytes} bytes" if declared.isdigit() else "bad Content-Length"
+            status = 413 if declared.isdigit() else 400
+            return await JSONResponse(error_body(status, message), status_code=status)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # FastAPI re-raises HTTPExceptions from reading the body as they are
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _check_texts(texts: list[str], limits: Limits, field: str) -> None:
+    if len(texts) > limits.max_texts:
+        raise ApiError(413, f"'{field}' has {len(texts)} texts; the limit is {limits.max_texts} per request")
+    for i, text in enumerate(texts):
+        if len(text) > limits.max_chars:
+            raise ApiError(413, f"'{field}[{i}]' has {len(text)} characters; the limit is {limits.max_chars}")
+
+
+def _schemas() -> tuple[type, type, type]:
+    """Request bodies (pydantic): strict types, no unknown keys."""
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class EmbedRequest(Strict):
+        texts: list[StrictStr] = Field(min_length=1)
+        model: StrictStr | None = None
+        normalize: StrictBool = True
+
+    class SimilarityRequest(Strict):
+        a: list[StrictStr] = Field(min_length=1)
+        b: list[StrictStr] = Field(min_length=1)
+        model: StrictStr | None = None
+
+    class SearchRequest(Strict):
+        query: StrictStr
+        index: StrictStr | None = None
+        top_k: StrictInt = Field(10, ge=1)
+        threshold: float | None = Field(None, allow_inf_nan=False)
+
+    return EmbedRequest, SimilarityRequest, SearchRequest
+
+
+def create_app(registry: PromptRegistry, indexes: dict[str, tuple[Index, str]] | None = None,
+               limits: Limits | None = None) -> Any:
+    """The FastAPI application.
+
+    Args:
+        registry: Loaded models (see :func:`promcse.registry.load_many`).
+        indexes: ``{name: (index, model name in registry)}``.
+        limits: Request limits.
+    """
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse
+
+    limits, indexes = limits or Limits(), indexes or {}
+    app = FastAPI(title="promcse", version=_version(), docs_url="/docs", redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    _install_error_handlers(app)
+    page = resources.files("promcse").joinpath("resources", "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    def home() -> HTMLResponse:
+        return HTMLResponse(page, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "models": len(registry), "indexes": len(indexes)}
+
+    @app.get("/models")
+    def models() -> dict[str, Any]:
+        listed = [registry.describe(n) for n in registry.names]
+        idx = [{"name": n, "size": len(i), "dim": i.dim, "backend": i.kind, "model": m} for n, (i, m) in indexes.items()]
+        return {"models": listed, "indexes": idx, "default_model": registry.names[0] if registry.names else None,
+                "limits": limits.__dict__}
+
+    _add_model_routes(app, registry, limits)
+    _add_search_route(app, registry, indexes, limits)
+    return app
+
+
+def _model_name(registry: PromptRegistry, name: str | None) -> str:
+    """The requested (or default) model name; 404 when it is not loaded."""
+    chosen = name if name is not None else (registry.names[0] if registry.names else "")
+    if chosen not in registry:
+        raise ApiError(404, f"unknown model {chosen!r}; available: {', '.join(registry.names)}")
+    return chosen
+
+
+def _add_model_routes(app: Any, registry: PromptRegistry, limits: Limits) -> None:
+    """``POST /embed`` and ``POST /similarity``."""
+    EmbedRequest, SimilarityRequest, _ = _schemas()
+
+    @app.post("/embed")
+    def embed(request: EmbedRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        _check_texts(request.texts, limits, "texts")
+        name = _model_name(registry, request.model)
+        vectors = registry.encode(request.texts, name, normalize=request.normalize)
+        return {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1]), "model": name}
+
+    @app.post("/similarity")
+    def similarity(request: SimilarityRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        _check_texts(request.a, limits, "a")
+        _check_texts(request.b, limits, "b")
+        name = _model_name(registry, request.model)
+        return {"scores": registry.similarity(request.a, request.b, name).tolist(), "model": name}
+
+
+def _add_search_route(app: Any, registry: PromptRegistry, indexes: dict[str, tuple[Index, str]],
+                      limits: Limits) -> None:
+    """``POST /search``."""
+    _, _, SearchRequest = _schemas()
+
+    @app.post("/search")
+    def search(request: SearchRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        _check_texts([request.query], limits, "query")
+        if request.top_k > limits.max_top_k:
+            raise ApiError(422, f"top_k is {request.top_k}; the limit is {limits.max_top_k}")
+        name = request.index if request.index is not None else next(iter(indexes), "")
+        if name not in indexes:
+            raise ApiError(404, f"unknown index {name!r}; available: {', '.join(indexes) or 'none'}")
+        index, encoder_name = indexes[name]
+        with registry.lock:  # the index's encoder is one of the registry's
+            hits = index.search([request.query], top_k=request.top_k, threshold=request.threshold)[0]
+        return {"results": [h._asdict() for h in hits], "index": name, "model": encoder_name}
+
+
+def _install_error_handlers(app: Any) -> None:
+    """Every error as ``{"error": {...}}``; validation problems as 422 with a compact detail list."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Any, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.message), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse(error_body(422, "invalid request body", detail=detail), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Any, exc: HTTPException) -> JSONResponse:
+        # FastAPI answers 400 for a body it cannot decode (e.g. invalid UTF-8): that is malformed JSON too.
+        status = 422 if exc.status_code == 400 else exc.status_code
+        return JSONResponse(error_body(status, str(exc.detail)), status_code=status, headers=exc.headers)
+
+    @app.exception_handler(PromcseError)
+    async def promcse_error(request: Any, exc: PromcseError) -> JSONResponse:
+        return JSONResponse(error_body(422, str(exc)), status_code=422)
+
+
+def _version() -> str:
+    from promcse import __version__
+
+    return __version__
+
+
+def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
+    """``NAME=VALUE`` pairs (a bare VALUE is named after its last path component).
+
+    Raises:
+        PromcseError: Invalid or duplicate names.
+    """
+    out: dict[str, str] = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            name, value = Path(item.rstrip("/")).name or item, item
+        if not NAME_RE.match(name) or not value:
+            raise PromcseError(f"bad --{what} {item!r}: use NAME={what.upper()}, NAME of letters, digits, '.', '_', '-'")
+        if name in out:
+            raise PromcseError(f"--{what} name {name!r} given twice")
+        out[name] = value
+    return out
+
+
+def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None,
+                device: str = "auto") -> tuple[PromptRegistry, dict[str, tuple[Index, str]]]:
+    """Load the models (backbones shared) and indexes; each index reuses a served model of the same reference.
+
+    An index whose model is not among ``models`` gets it loaded as ``<index name>-encoder``.
+    """
+    from promcse.registry import load_many
+
+    registry = load_many(models, device=device)
+    indexes: dict[str, tuple[Index, str]] = {}
+    for name, directory in (index_dirs or {}).items():
+        ref = read_meta(Path(directory)).get("model")
+        if not ref:
+            raise PromcseError("index records no model reference; rebuild it with 'promcse index build'", path=directory)
+        encoder_name = registry.find(str(ref))
+        if encoder_name is None:
+            encoder_name = f"{name}-encoder"
+            registry.add(encoder_name, str(ref))
+        indexes[name] = (Index.load(directory, encoder=registry.get(encoder_name)), encoder_name)
+    return registry, indexes
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a daemon thread on a loopback port (tests, notebooks).
+
+    Example:
+        >>> with BackgroundServer(app) as server:  # doctest: +SKIP
+        ...     httpx.get(server.url + "/health")
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL."""
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``promcse serve``: load models and indexes, then serve until interrupted."""
+    import uvicorn
+
+    if not 0 < args.port < 65536:
+        raise PromcseError(f"--port must be in 1..65535, got {args.port}")
+    models = parse_named(args.model, "model")
+    registry, indexes = load_server(models, parse_named(args.index, "index"), device=args.device)
+    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
+    app = create_app(registry, indexes, limits)
+    if not _is_loopback(args.host):
+        print(f"warning: listening on {args.host}: the API has no authentication; put it behind a proxy")
+    print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}] and {len(indexes)} index(es) "
+          f"on {len(registry.backbones)} shared backbone(s): http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``serve`` to the ``promcse`` command line."""
+    p = subparsers.add_parser("serve", help="HTTP API and web page: embed, similarity, search")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
+                   help="model to serve (repeatable; checkpoints on one backbone share it in memory)")
+    p.add_argument("--index", action="append", metavar="NAME=DIR", help="index directory to serve (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--max-texts", type=int, default=Limits.max_texts, help="texts per request (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=Limits.max_chars, help="characters per text (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
