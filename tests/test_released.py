@@ -108,7 +108,7 @@ def test_cls_with_mlp_matches_reference_forward(tiny_bert: Path, tmp_path: Path)
     state = write_released(tiny_bert, tmp_path / "rel")
     assert is_released(tmp_path / "rel") and not is_released(tiny_bert)
     encoder = load_released(tmp_path / "rel", pooler="cls", pre_seq_len=P, device="cpu")
-    got = encoder.encode(TEXTS, batch_size=3)
+    got = encoder.encode(TEXTS, batch_size=3, normalize=False)
     want = expected(encoder, state, "cls")
     assert np.abs(got - want).max() < 1e-5
     unshifted = expected(encoder, state, "cls", shift=0)
@@ -121,16 +121,16 @@ def test_sidecar_bin_projection_and_avg(tiny_bert: Path, tmp_path: Path) -> None
     (root / SIDECAR).write_text(json.dumps({"pooler": "cls_before_pooler", "pre_seq_len": P}))
     encoder = load_released(root, device="cpu")
     assert encoder.prompt.trans is not None and encoder.head is None
-    assert np.abs(encoder.encode(TEXTS, batch_size=2) - expected(encoder, state, "cls_before_pooler")).max() < 1e-5
+    assert np.abs(encoder.encode(TEXTS, batch_size=2, normalize=False) - expected(encoder, state, "cls_before_pooler")).max() < 1e-5
     averaged = load_released(root, pooler="avg", device="cpu")  # arguments override the sidecar
-    assert np.abs(averaged.encode(TEXTS) - expected(averaged, state, "avg")).max() < 1e-5
+    assert np.abs(averaged.encode(TEXTS, normalize=False) - expected(averaged, state, "avg")).max() < 1e-5
 
 
 def test_mlp_only_train_skips_the_head(tiny_bert: Path, tmp_path: Path) -> None:
     state = write_released(tiny_bert, tmp_path / "rel")
     encoder = load_released(tmp_path / "rel", pooler="cls", mlp_only_train=True, device="cpu")
     assert encoder.spec.head == "train_only"
-    assert np.abs(encoder.encode(TEXTS) - expected(encoder, state, "cls_before_pooler")).max() < 1e-5
+    assert np.abs(encoder.encode(TEXTS, normalize=False) - expected(encoder, state, "cls_before_pooler")).max() < 1e-5
 
 
 def test_bad_inputs(tiny_bert: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import promcse
 import promcse.cli
 from conftest import make_sentences
 from promcse.errors import PromcseError
-from promcse.search import FAISS_FILE, META_FILE, NUMPY_FILE, TEXTS_FILE, Index, default_nlist, register_cli
+from promcse.search import FAISS_FILE, META_FILE, NUMPY_FILE, TEXTS_FILE, Index, default_nlist
 
 faiss = pytest.importorskip("faiss")
 
@@ -176,7 +176,6 @@ def test_load_rejects_bad_directories(encoder, corpus: list[str], tmp_path: Path
 
 def test_cli_index_build_and_search(tiny_bert: Path, tmp_path: Path, corpus: list[str],
                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(promcse.cli, "EXTRA_COMMANDS", [*promcse.cli.EXTRA_COMMANDS, register_cli])
     source = tmp_path / "corpus.txt"
     source.write_text("\n".join(corpus[:30]) + "\n", encoding="utf-8")
     out = tmp_path / "idx"

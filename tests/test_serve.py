@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -26,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from promcse.search import Index  # noqa: E402
-from promcse.serve import BackgroundServer, Limits, create_app, load_server, register_cli  # noqa: E402
+from promcse.serve import BackgroundServer, Limits, create_app, load_server  # noqa: E402
 
 CORPUS = list(dict.fromkeys(make_sentences(40, seed=12)))
 LIMITS = Limits(max_texts=8, max_chars=200, max_body_bytes=20_000, max_top_k=10)
@@ -165,9 +164,7 @@ def free_port() -> int:
 
 def test_cli_serve_in_a_subprocess(served) -> None:
     port = free_port()
-    code = ("import sys, promcse.cli as c, promcse.serve as s; c.EXTRA_COMMANDS.append(s.register_cli); "
-            "raise SystemExit(c.main(sys.argv[1:]))")
-    argv = [sys.executable, "-c", code, "serve", "--model", f"news={served['models']['news']}",
+    argv = [sys.executable, "-m", "promcse", "serve", "--model", f"news={served['models']['news']}",
             "--index", f"captions={served['root'] / 'idx'}", "--port", str(port), "--device", "cpu"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -190,7 +187,6 @@ def test_cli_serve_in_a_subprocess(served) -> None:
 
 
 def test_cli_serve_rejects_bad_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(promcse.cli, "EXTRA_COMMANDS", [*promcse.cli.EXTRA_COMMANDS, register_cli])
     assert promcse.cli.main(["serve", "--model", "bad name=x"]) == 2
     assert promcse.cli.main(["serve", "--model", "a=x", "--model", "a=y"]) == 2
     assert promcse.cli.main(["serve", "--model", "a=x", "--port", "70000"]) == 2

@@ -6,7 +6,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "PromcseError"]
+__all__ = ["__version__", "load", "Index", "PromcseError"]
 
 from promcse.errors import PromcseError
 
@@ -16,3 +16,12 @@ def load(model: str, device: str = "auto", **kwargs: Any) -> Any:
     from promcse.encode import load as _load
 
     return _load(model, device=device, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy attributes: ``promcse.Index`` imports FAISS only when used."""
+    if name == "Index":
+        from promcse.search import Index
+
+        return Index
+    raise AttributeError(f"module 'promcse' has no attribute {name!r}")

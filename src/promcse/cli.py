@@ -56,7 +56,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     texts = read_sentences(args.input).anchor
     encoder = load(args.model, device=args.device)
-    vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize, show_progress=True)
+    vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize, show_progress=True)
     np.save(args.output, vectors)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}")
     return 0
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="MODEL")
     p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
     p.add_argument("--output", required=True, help="output .npy file")
-    p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw vectors (default: L2-normalised)")
     _add_common(p)
     p.set_defaults(func=cmd_encode)
 
@@ -182,7 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Other modules (serving, export, ...) add their subcommands here: functions taking the subparsers.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from promcse import export, search, serve
+
+    return [search.register_cli, serve.register_cli, export.register_cli]
+
+
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = _extra_commands()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class TrainConfig:
     log_every: int = _f(10, "write a metrics line every N steps")
     device: str = _f("auto", "auto | cpu | cuda")
     grad_cache_chunk: int = _f(0, "GradCache chunk size in rows (0 = plain full-batch step)")
+    precision: str = _f("fp32", "fp32 | bf16: bf16 autocast for the forward passes (CUDA; on CPU bf16 matmuls are far slower than fp32)")
 
 
 @dataclass
@@ -122,7 +124,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 pass
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            return os.path.expandvars(str(value))  # "${DATA}/train.csv" works in configs
     raise PromcseError(f"expected {kind.__name__}, got {value!r}", key=key)
 
 
@@ -155,6 +157,7 @@ def validate(config: RunConfig) -> None:
         (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
         (t.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0"),
         (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
+        (t.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16"),
         (lo.tile_size == 0 or lo.name in ("nt_xent", "nt_xent_eh"), "loss.tile_size", "only nt_xent and nt_xent_eh have a tiled form"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),

@@ -16,11 +16,13 @@ from tqdm.auto import tqdm
 from promcse.backbone import MINILM, load_backbone
 from promcse.checkpoint import is_checkpoint, load_checkpoint
 from promcse.errors import PromcseError
-from promcse.model import SentenceEncoder, default_spec, build_encoder
+from promcse.model import SentenceEncoder, build_encoder, default_spec
+from promcse.released import is_released, load_released
 
 
-def load(model: str | Path, device: str = "auto") -> SentenceEncoder:
-    """Load an encoder: a promcse checkpoint directory, ``minilm``, or any HF name or local path.
+def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre_seq_len: int | None = None) -> SentenceEncoder:
+    """Load an encoder: a promcse checkpoint directory, ``minilm``, any HF name or local path, or a
+    checkpoint in the released PromCSE format (``pooler``/``pre_seq_len`` given here or in ``promcse.json``).
 
     A bare backbone is used frozen with mean pooling (sentence-transformers' setting for MiniLM).
 
@@ -30,6 +32,8 @@ def load(model: str | Path, device: str = "auto") -> SentenceEncoder:
     name = str(model)
     if is_checkpoint(name):
         encoder = load_checkpoint(name)
+    elif pooler is not None or pre_seq_len is not None or is_released(name):
+        encoder = load_released(name, pooler=pooler, pre_seq_len=pre_seq_len)
     else:
         if name != MINILM and Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise PromcseError("neither a promcse checkpoint nor a Hugging Face model directory", path=name)
@@ -46,21 +50,41 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def length_order(encoder: SentenceEncoder, texts: list[str]) -> np.ndarray:
-    """Indices sorting texts longest first (by character length: cheap and close to token length)."""
-    return np.argsort([-len(t) for t in texts], kind="stable")
+def tokenize_all(encoder: SentenceEncoder, texts: list[str], max_length: int | None) -> dict[str, list[list[int]]]:
+    """Tokenize every text once, without padding (truncated at the position limit or ``max_length``)."""
+    limit = min(max_length or encoder.max_length, encoder.max_length)
+    return dict(encoder.tokenizer(texts, truncation=True, max_length=limit, padding=False))
+
+
+def token_length_order(tokens: dict[str, list[list[int]]]) -> np.ndarray:
+    """Indices sorting texts longest first by *token* count.
+
+    Sorting by token count rather than character count (what sentence-transformers does) leaves <1 %
+    padding on the STS suite at batch 64 instead of ~36 % (benchmarks/bench_encode.py).
+    """
+    return np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")
+
+
+def pad_batch(encoder: SentenceEncoder, tokens: dict[str, list[list[int]]], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Pad the selected pre-tokenized rows to the longest among them."""
+    features = {key: [values[i] for i in rows] for key, values in tokens.items()}
+    batch = encoder.tokenizer.pad(features, padding=True, return_tensors="pt")
+    return {k: v.to(encoder.device) for k, v in batch.items()}
 
 
 def encode_texts(
     encoder: SentenceEncoder,
     texts: list[str],
     batch_size: int = 64,
-    normalize: bool = False,
+    normalize: bool = True,
     output: Literal["numpy", "torch"] = "numpy",
     show_progress: bool = False,
     max_length: int | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Encode texts into an (N, D) array in input order.
+
+    Texts are tokenized once, sorted by token count so that each batch pads to similar lengths, encoded
+    under ``torch.inference_mode`` and put back in input order.
 
     Args:
         encoder: The encoder (switched to eval mode for the call and restored after).
@@ -73,23 +97,23 @@ def encode_texts(
     """
     if isinstance(texts, str):
         raise PromcseError("encode expects a list of texts, not a single string")
+    result = torch.empty(len(texts), encoder.dim)
+    if not texts:
+        return result if output == "torch" else result.numpy()
     was_training = encoder.training
     encoder.eval()
-    order = length_order(encoder, texts)
-    chunks: list[torch.Tensor] = []
+    tokens = tokenize_all(encoder, list(texts), max_length)
+    order = token_length_order(tokens)
     try:
         with torch.inference_mode():
             for start in tqdm(range(0, len(texts), batch_size), disable=not show_progress, desc="encode", unit="batch"):
-                batch = [texts[i] for i in order[start : start + batch_size]]
-                vectors = encoder(encoder.tokenize(batch, max_length)).float()
+                rows = order[start : start + batch_size]
+                vectors = encoder(pad_batch(encoder, tokens, rows)).float()
                 if normalize:
                     vectors = torch.nn.functional.normalize(vectors, dim=-1)
-                chunks.append(vectors.cpu())
+                result[torch.as_tensor(rows)] = vectors.cpu()
     finally:
         encoder.train(was_training)
-    result = torch.empty(len(texts), encoder.dim)
-    if chunks:
-        result[torch.as_tensor(order)] = torch.cat(chunks)
     return result if output == "torch" else result.numpy()
 
 

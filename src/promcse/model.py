@@ -125,7 +125,7 @@ class SentenceEncoder(nn.Module):
         pooled = self.pool_fn(hidden_states, inputs["attention_mask"])
         return self.head(pooled) if self.use_head() else pooled
 
-    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = False, **kwargs: Any) -> Any:
+    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True, **kwargs: Any) -> Any:
         """Encode texts to an (N, D) array in input order; see :func:`promcse.encode.encode_texts`."""
         from promcse.encode import encode_texts
 

@@ -26,9 +26,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from promcse.errors import PromcseError
-from promcse.registry import PromptRegistry
 from promcse.search import Index, read_meta
+
+if TYPE_CHECKING:  # the registry pulls in torch and transformers: not at `promcse --help` time
+    from promcse.registry import PromptRegistry
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -94,6 +98,7 @@ class BodyLimit:
 
 
 def _check_texts(texts: list[str], limits: Limits, field: str) -> None:
+    """413 for more texts than allowed, or a text longer than allowed."""
     if len(texts) > limits.max_texts:
         raise ApiError(413, f"'{field}' has {len(texts)} texts; the limit is {limits.max_texts} per request")
     for i, text in enumerate(texts):
@@ -127,7 +132,7 @@ def _schemas() -> tuple[type, type, type]:
     return EmbedRequest, SimilarityRequest, SearchRequest
 
 
-def create_app(registry: PromptRegistry, indexes: dict[str, tuple[Index, str]] | None = None,
+def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]] | None = None,
                limits: Limits | None = None) -> Any:
     """The FastAPI application.
 
@@ -165,7 +170,7 @@ def create_app(registry: PromptRegistry, indexes: dict[str, tuple[Index, str]] |
     return app
 
 
-def _model_name(registry: PromptRegistry, name: str | None) -> str:
+def _model_name(registry: "PromptRegistry", name: str | None) -> str:
     """The requested (or default) model name; 404 when it is not loaded."""
     chosen = name if name is not None else (registry.names[0] if registry.names else "")
     if chosen not in registry:
@@ -173,7 +178,7 @@ def _model_name(registry: PromptRegistry, name: str | None) -> str:
     return chosen
 
 
-def _add_model_routes(app: Any, registry: PromptRegistry, limits: Limits) -> None:
+def _add_model_routes(app: Any, registry: "PromptRegistry", limits: Limits) -> None:
     """``POST /embed`` and ``POST /similarity``."""
     EmbedRequest, SimilarityRequest, _ = _schemas()
 
@@ -192,7 +197,7 @@ def _add_model_routes(app: Any, registry: PromptRegistry, limits: Limits) -> Non
         return {"scores": registry.similarity(request.a, request.b, name).tolist(), "model": name}
 
 
-def _add_search_route(app: Any, registry: PromptRegistry, indexes: dict[str, tuple[Index, str]],
+def _add_search_route(app: Any, registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]],
                       limits: Limits) -> None:
     """``POST /search``."""
     _, _, SearchRequest = _schemas()
@@ -264,7 +269,7 @@ def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
 
 
 def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None,
-                device: str = "auto") -> tuple[PromptRegistry, dict[str, tuple[Index, str]]]:
+                device: str = "auto") -> tuple["PromptRegistry", dict[str, tuple[Index, str]]]:
     """Load the models (backbones shared) and indexes; each index reuses a served model of the same reference.
 
     An index whose model is not among ``models`` gets it loaded as ``<index name>-encoder``.

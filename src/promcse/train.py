@@ -195,27 +195,39 @@ def dev_scorer(config: RunConfig) -> Callable[[SentenceEncoder], float]:
     return score
 
 
+def step_loss(config: RunConfig, dist: DistContext) -> Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """The step's loss on view embeddings: global (gathered) and in fp32 even inside bf16 autocast."""
+
+    def loss_fn(embedded: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.autocast(embedded[0].device.type, enabled=False):
+            return global_loss_terms(config, [e.float() for e in embedded], dist)
+
+    return loss_fn
+
+
 def train_step(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, rows: np.ndarray,
                optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:
     """One optimizer step on the global batch ``rows``; returns the (global) loss terms as floats.
 
     Plain: one forward of all views, loss, backward. With ``train.grad_cache_chunk`` > 0: GradCache
-    (:mod:`promcse.gradcache`), same loss and gradients in the memory of one chunk. Under
+    (:mod:`promcse.gradcache`), same loss and gradients in the memory of one chunk.
+    ``train.precision=bf16`` autocasts the encoder passes; the loss is computed in fp32. Under
     ``torchrun`` this process takes its shard of ``rows``, contrasts against every process's rows,
     and the gradients are averaged with one all-reduce after the backward pass(es)
     (:mod:`promcse.distributed`).
     """
     dist = context()
     views = batch_views(examples, shard_rows(rows, dist))
-    loss_fn = lambda embedded: global_loss_terms(config, embedded, dist)  # noqa: E731
+    loss_fn = step_loss(config, dist)
     optimizer.zero_grad(set_to_none=True)
     chunk = config.train.grad_cache_chunk
-    if chunk > 0:
-        inputs = encoder.tokenize([text for view in views for text in view], config.data.max_length)
-        terms = grad_cache_step(encoder, length_chunks(inputs, max_rows=chunk), loss_fn, len(views[0]))
-    else:
-        terms = loss_fn(embed_views(encoder, views, config.data.max_length))
-        terms["loss"].backward()
+    with torch.autocast(encoder.device.type, torch.bfloat16, enabled=config.train.precision == "bf16"):
+        if chunk > 0:
+            inputs = encoder.tokenize([text for view in views for text in view], config.data.max_length)
+            terms = grad_cache_step(encoder, length_chunks(inputs, max_rows=chunk), loss_fn, len(views[0]))
+        else:
+            terms = loss_fn(embed_views(encoder, views, config.data.max_length))
+            terms["loss"].backward()
     terms = all_reduce_gradients(encoder.trainable_parameters(), terms, dist)
     if config.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(encoder.trainable_parameters(), config.train.grad_clip)
