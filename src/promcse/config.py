@@ -75,7 +75,7 @@ class TrainConfig:
     eval_every: int = _f(125, "evaluate on STS-B dev every N steps (0 = only at the end)")
     log_every: int = _f(10, "write a metrics line every N steps")
     device: str = _f("auto", "auto | cpu | cuda")
-    grad_cache_chunk: int = _f(0, "GradCache chunk size in rows (0 = plain full-batch step)")
+    grad_cache_chunk: int = _f(0, "GradCache chunk size in rows of all views together (0 = plain full-batch step); see docs/SCALING.md")
     precision: str = _f("fp32", "fp32 | bf16: bf16 autocast for the forward passes (CUDA; on CPU bf16 matmuls are far slower than fp32)")
 
 

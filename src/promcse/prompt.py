@@ -98,7 +98,8 @@ class DeepPrompt(nn.Module):
         flat = self.table().unsqueeze(0).expand(batch_size, -1, -1)
         flat = self.dropout(flat)  # independent mask per batch row (the tensor is materialised per row)
         heads = flat.view(batch_size, s.length, s.num_layers * 2, s.num_heads, s.hidden_size // s.num_heads)
-        per_layer = heads.permute(2, 0, 3, 1, 4)  # (L*2, B, heads, P, head_dim)
+        # unbind, not indexing: one backward op instead of a zero-fill + add of the whole gradient per slice
+        per_layer = heads.permute(2, 0, 3, 1, 4).unbind(0)  # L*2 tensors of (B, heads, P, head_dim)
         return tuple((per_layer[2 * i], per_layer[2 * i + 1]) for i in range(s.num_layers))
 
 

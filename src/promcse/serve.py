@@ -9,7 +9,9 @@ Endpoints (JSON in and out; every error is ``{"error": {"status": int, "message"
 
 ``model``/``index`` default to the first one loaded. Names are looked up in the loaded dictionaries only:
 nothing in a request reaches the filesystem. Too many texts, too long a text or too large a body -> 413;
-malformed JSON or wrong types -> 422; unknown model or index -> 404; bad input never yields a 500.
+malformed JSON, wrong types or text that is not valid Unicode -> 422; unknown model or index -> 404; bad input
+never yields a 500. ``promcse serve`` stops on SIGTERM or SIGINT after finishing the requests in flight (up to
+``--graceful-timeout`` seconds) and exits with status 0.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the request models from the endpoint
@@ -18,6 +20,7 @@ malformed JSON or wrong types -> 422; unknown model or index -> 404; bad input n
 import argparse
 import ipaddress
 import re
+import signal
 import socket
 import threading
 import time
@@ -98,17 +101,21 @@ class BodyLimit:
 
 
 def _check_texts(texts: list[str], limits: Limits, field: str) -> None:
-    """413 for more texts than allowed, or a text longer than allowed."""
+    """413 for more texts than allowed or a text longer than allowed; 422 for a text that is not valid Unicode."""
     if len(texts) > limits.max_texts:
         raise ApiError(413, f"'{field}' has {len(texts)} texts; the limit is {limits.max_texts} per request")
     for i, text in enumerate(texts):
         if len(text) > limits.max_chars:
             raise ApiError(413, f"'{field}[{i}]' has {len(text)} characters; the limit is {limits.max_chars}")
+        try:  # JSON may escape lone surrogates ("\ud800"): valid JSON, but no tokenizer can take them
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ApiError(422, f"'{field}[{i}]' is not valid Unicode: lone surrogate at character {err.start}") from None
 
 
 def _schemas() -> tuple[type, type, type]:
     """Request bodies (pydantic): strict types, no unknown keys."""
-    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -127,7 +134,7 @@ def _schemas() -> tuple[type, type, type]:
         query: StrictStr
         index: StrictStr | None = None
         top_k: StrictInt = Field(10, ge=1)
-        threshold: float | None = Field(None, allow_inf_nan=False)
+        threshold: StrictFloat | None = Field(None, allow_inf_nan=False)  # ints accepted; not "0.5" or true
 
     return EmbedRequest, SimilarityRequest, SearchRequest
 
@@ -242,6 +249,10 @@ def _install_error_handlers(app: Any) -> None:
     async def promcse_error(request: Any, exc: PromcseError) -> JSONResponse:
         return JSONResponse(error_body(422, str(exc)), status_code=422)
 
+    @app.exception_handler(Exception)  # a bug, never bad input: same JSON shape; uvicorn logs the traceback
+    async def internal_error(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__})"), status_code=500)
+
 
 def _version() -> str:
     from promcse import __version__
@@ -333,6 +344,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise PromcseError(f"--port must be in 1..65535, got {args.port}")
+    if args.graceful_timeout < 0:
+        raise PromcseError(f"--graceful-timeout must be at least 0 seconds, got {args.graceful_timeout}")
     models = parse_named(args.model, "model")
     registry, indexes = load_server(models, parse_named(args.index, "index"), device=args.device)
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
@@ -341,7 +354,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host}: the API has no authentication; put it behind a proxy")
     print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}] and {len(indexes)} index(es) "
           f"on {len(registry.backbones)} shared backbone(s): http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                          timeout_graceful_shutdown=args.graceful_timeout))
+    stopped_by: list[int] = []
+
+    def on_signal(sig: int, frame: object) -> None:
+        # Before uvicorn installs its own handlers (and again when it replays the signal after its graceful
+        # shutdown, which with the default handlers would kill the process or raise KeyboardInterrupt).
+        stopped_by.append(sig)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()  # on SIGTERM/SIGINT: stop accepting, finish requests in flight, then return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped_by:
+        print(f"promcse serve: stopped by {signal.Signals(stopped_by[0]).name}", flush=True)
     return 0
 
 
@@ -363,4 +393,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--max-texts", type=int, default=Limits.max_texts, help="texts per request (default: %(default)s)")
     p.add_argument("--max-chars", type=int, default=Limits.max_chars, help="characters per text (default: %(default)s)")
+    p.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, wait this long for requests in flight before cancelling them "
+                        "(default: %(default)s)")
     p.set_defaults(func=cmd_serve)
