@@ -7,6 +7,7 @@ linear decay. Every ``eval_every`` steps the model is scored on STS-B dev and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from promcse.backbone import load_backbone, shape_of
-from promcse.checkpoint import atomic_write_text, save_checkpoint
+from promcse.checkpoint import save_checkpoint
 from promcse.config import RunConfig, save_config
 from promcse.data import TrainExamples, read_training_file
 from promcse.encode import encode_texts, resolve_device
@@ -205,6 +206,21 @@ def step_loss(config: RunConfig, dist: DistContext) -> Callable[[list[torch.Tens
     return loss_fn
 
 
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """SDPA backends for training steps: on CUDA, everything but cuDNN.
+
+    Profiled on an H200 (benchmarks/gpu_profile_step.py, BERT-base, batch 256, bf16): PyTorch picks
+    cuDNN attention for bf16 with our additive prefix mask, and cuDNN spends ~4 ms CPU per forward and
+    ~6 ms per backward call building its graph for every new sequence length, which made bf16 steps 3x
+    slower than TF32. The memory-efficient kernel takes the same mask without that cost.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def train_step(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, rows: np.ndarray,
                optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:
     """One optimizer step on the global batch ``rows``; returns the (global) loss terms as floats.
@@ -221,7 +237,8 @@ def train_step(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamp
     loss_fn = step_loss(config, dist)
     optimizer.zero_grad(set_to_none=True)
     chunk = config.train.grad_cache_chunk
-    with torch.autocast(encoder.device.type, torch.bfloat16, enabled=config.train.precision == "bf16"):
+    with torch.autocast(encoder.device.type, torch.bfloat16, enabled=config.train.precision == "bf16"), \
+            attention_kernels(encoder.device):
         if chunk > 0:
             inputs = encoder.tokenize([text for view in views for text in view], config.data.max_length)
             terms = grad_cache_step(encoder, length_chunks(inputs, max_rows=chunk), loss_fn, len(views[0]))

@@ -1,0 +1,269 @@
+"""The HTTP server under load: throughput, latency, errors and the server's memory across rounds.
+
+Builds a small index (``--index-size`` sentences of the bundled wiki sample, bundled ``minilm``) in a temporary
+directory, starts ``promcse serve --model minilm=minilm --index docs=DIR`` in a subprocess on 127.0.0.1 (a free
+port; loopback only), waits for ``/health``, warms up, then sends ``--requests`` requests split over
+``--rounds`` rounds from ``--clients`` concurrent clients (threads, one keep-alive ``httpx.Client`` each):
+
+- ``POST /embed`` with 1-8 short texts (~60 % of requests),
+- ``POST /search`` with one query, ``top_k`` 1-10 (the rest),
+- and a ``--bad-fraction`` of bad requests (too many texts, too long a text, malformed JSON, wrong types, a lone
+  surrogate, unknown model or index, ``top_k`` over the limit), each with the 4xx it must get.
+
+An error is a good request that did not get 200, a bad request that did not get its 4xx (a 500 included), or
+an exception (connection error, timeout). After each round the server's RSS (psutil, the server's pid) is
+printed; ``rss_growth_mib`` is the last round's RSS minus the first's (the warm-up comes before round 1).
+At the end the server gets SIGTERM and must exit 0.
+
+Hard cap: everything, setup included, stops after ``--max-seconds``; requests not sent by then are reported as
+``unsent`` (and the run exits 1). The last line printed is JSON:
+``{"requests", "errors", "throughput_rps", "p50_ms", "p99_ms", "rss_growth_mib", ...}``.
+
+Usage:
+    python benchmarks/bench_serve.py [--requests 2000] [--clients 8] [--rounds 3] [--max-seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+HOST = "127.0.0.1"  # loopback only: the benchmark never binds or connects anywhere else
+BAD: list[tuple[str, Any, int]] = [  # (path, JSON payload or raw bytes, expected status) with default limits
+    ("/embed", {"texts": ["x"] * 257}, 413),
+    ("/embed", {"texts": ["y" * 2001]}, 413),
+    ("/embed", b'{"texts": ["unterminated"', 422),
+    ("/embed", {"texts": "not a list"}, 422),
+    ("/embed", b'{"texts": ["\\ud800 lone surrogate"]}', 422),
+    ("/embed", {"texts": ["fine"], "model": "../../etc/passwd"}, 404),
+    ("/search", {"query": "q", "top_k": 101}, 422),
+    ("/search", {"query": "q", "index": "missing"}, 404),
+    ("/search", {"query": "q", "threshold": "high"}, 422),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def sentences(count: int, skip: int = 0) -> list[str]:
+    """Distinct non-empty lines of the bundled wiki sample."""
+    path = resources.files("promcse").joinpath("resources", "data", "train", "wiki_5k.txt")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    unique = list(dict.fromkeys(line for line in lines if line))
+    return unique[skip:skip + count]
+
+
+def build_index(directory: Path, size: int) -> None:
+    from promcse.search import Index
+
+    index = Index("minilm", kind="flat", device="cpu")
+    index.add(sentences(size))
+    index.save(directory)
+
+
+def make_plan(count: int, bad_fraction: float, texts: list[str], rng: random.Random) -> list[tuple[str, Any, int]]:
+    """``count`` requests: (path, payload, expected status)."""
+    plan: list[tuple[str, Any, int]] = []
+    for _ in range(count):
+        draw = rng.random()
+        if draw < bad_fraction:
+            plan.append(rng.choice(BAD))
+        elif draw < bad_fraction + 0.6 * (1 - bad_fraction):
+            batch = [t[:120] for t in rng.sample(texts, rng.randint(1, 8))]
+            plan.append(("/embed", {"texts": batch}, 200))
+        else:
+            plan.append(("/search", {"query": rng.choice(texts)[:120], "top_k": rng.randint(1, 10)}, 200))
+    return plan
+
+
+def endpoint_of(path: str, expected: int) -> str:
+    return path.strip("/") if expected == 200 else "bad"
+
+
+def run_round(url: str, plan: list[tuple[str, Any, int]], clients: int, deadline: float) -> dict[str, Any]:
+    """Send ``plan`` from ``clients`` threads; stop at ``deadline``."""
+    work: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()
+    for item in plan:
+        work.put(item)
+    records: list[tuple[str, float, bool]] = []  # (endpoint, latency s, ok)
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=30) as session:
+            while time.monotonic() < deadline:
+                try:
+                    path, payload, expected = work.get_nowait()
+                except queue.Empty:
+                    return
+                timeout = max(0.5, min(30.0, deadline - time.monotonic()))
+                start = time.perf_counter()
+                try:
+                    if isinstance(payload, bytes):
+                        response = session.post(path, content=payload, timeout=timeout,
+                                                headers={"content-type": "application/json"})
+                    else:
+                        response = session.post(path, json=payload, timeout=timeout)
+                    ok = response.status_code == expected
+                    detail = f"{path} -> {response.status_code} (expected {expected}): {response.text[:160]}"
+                except httpx.HTTPError as err:
+                    ok, detail = False, f"{path} -> {type(err).__name__}: {err}"
+                elapsed = time.perf_counter() - start
+                with lock:
+                    records.append((endpoint_of(path, expected), elapsed, ok))
+                    if not ok:
+                        failures.append(detail)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(1.0, deadline - time.monotonic() + 35))
+    return {"records": records, "failures": failures, "seconds": time.perf_counter() - started,
+            "unsent": len(plan) - len(records)}
+
+
+def percentiles_ms(latencies: list[float]) -> tuple[float | None, float | None]:
+    if not latencies:
+        return None, None
+    p50, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 99])
+    return round(float(p50), 2), round(float(p99), 2)
+
+
+def summary_line(records: list[tuple[str, float, bool]]) -> str:
+    parts = []
+    for name in ("embed", "search", "bad"):
+        lat = [r[1] for r in records if r[0] == name]
+        p50, p99 = percentiles_ms(lat)
+        parts.append(f"{name} n={len(lat)} p50={p50} ms p99={p99} ms")
+    return "; ".join(parts)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, deadline: float, log: Path) -> None:
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise SystemExit(f"the server did not come up (exit code {process.poll()}):\n{tail}")
+        time.sleep(0.2)
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 30) -> int | None:
+    """SIGTERM (graceful shutdown), then SIGKILL if it does not exit in ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return None
+    return process.returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests in all rounds (default: 2000)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, RSS read after each (default: 3)")
+    parser.add_argument("--max-seconds", type=float, default=60, help="hard cap on the whole run (default: 60)")
+    parser.add_argument("--index-size", type=int, default=300, help="sentences in the index (default: 300)")
+    parser.add_argument("--bad-fraction", type=float, default=0.05,
+                        help="share of bad requests, each expecting its 4xx (default: 0.05)")
+    parser.add_argument("--warmup", type=int, default=16, help="requests before round 1 (default: 16)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.requests < 1 or args.clients < 1 or args.rounds < 1 or not 0 <= args.bad_fraction < 1:
+        parser.error("--requests, --clients and --rounds must be positive; --bad-fraction in [0, 1)")
+    began = time.monotonic()
+    deadline = began + args.max_seconds
+    rng = random.Random(args.seed)
+    texts = sentences(1000, skip=args.index_size)
+
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        root = Path(tmp)
+        build_index(root / "index", args.index_size)
+        port, log = free_port(), root / "server.log"
+        url = f"http://{HOST}:{port}"
+        argv = [sys.executable, "-m", "promcse", "serve", "--model", "minilm=minilm", "--index",
+                f"docs={root / 'index'}", "--host", HOST, "--port", str(port), "--device", "cpu"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with open(log, "w", encoding="utf-8") as sink:  # a file, not a pipe: access logs never block the server
+            process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(process, url, deadline, log)
+            server = psutil.Process(process.pid)
+            setup_s = time.monotonic() - began
+            print(f"server pid {process.pid} on {url} up after {setup_s:.1f} s (index: {args.index_size} texts); "
+                  f"{args.requests} requests, {args.clients} clients, {args.rounds} rounds, cap {args.max_seconds:.0f} s")
+            warm = run_round(url, make_plan(args.warmup, 0.0, texts, rng), min(args.clients, args.warmup), deadline)
+            rss0 = server.memory_info().rss / 2**20
+            print(f"warm-up: {len(warm['records'])} requests, RSS {rss0:.1f} MiB")
+            records: list[tuple[str, float, bool]] = []
+            failures: list[str] = []
+            rss: list[float] = []
+            seconds, unsent = 0.0, 0
+            shares = [args.requests // args.rounds + (i < args.requests % args.rounds) for i in range(args.rounds)]
+            for number, share in enumerate(shares, start=1):
+                result = run_round(url, make_plan(share, args.bad_fraction, texts, rng), args.clients, deadline)
+                records += result["records"]
+                failures += result["failures"]
+                seconds += result["seconds"]
+                unsent += result["unsent"]
+                rss.append(server.memory_info().rss / 2**20)
+                done = len(result["records"])
+                print(f"round {number}: {done} requests in {result['seconds']:.1f} s "
+                      f"({done / max(result['seconds'], 1e-9):.1f} req/s), errors {len(result['failures'])}, "
+                      f"server RSS {rss[-1]:.1f} MiB; {summary_line(result['records'])}")
+        finally:
+            exit_code = stop_server(process)
+    for line in failures[:10]:
+        print(f"error: {line}")
+    print(f"server exit code after SIGTERM: {exit_code}")
+    good = [r[1] for r in records if r[0] != "bad"]
+    p50, p99 = percentiles_ms(good)
+    endpoints = {}
+    for name in ("embed", "search", "bad"):
+        lat = [r[1] for r in records if r[0] == name]
+        e50, e99 = percentiles_ms(lat)
+        endpoints[name] = {"n": len(lat), "p50_ms": e50, "p99_ms": e99}
+    headline = {
+        "requests": len(records), "errors": len(failures),
+        "throughput_rps": round(len(records) / seconds, 2) if seconds else 0.0,
+        "p50_ms": p50, "p99_ms": p99,
+        "rss_growth_mib": round(rss[-1] - rss[0], 2) if rss else None,
+        "rss_mib": [round(r, 1) for r in rss], "endpoints": endpoints, "clients": args.clients,
+        "rounds": args.rounds, "unsent": unsent, "server_exit": exit_code,
+        "wall_s": round(time.monotonic() - began, 1),
+    }
+    print(json.dumps(headline))
+    return 0 if not failures and not unsent and exit_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
