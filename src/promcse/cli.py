@@ -31,6 +31,7 @@ def _quiet_libraries() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a prompt (or a full fine-tune) from a config."""
     from promcse.config import load_config
+    from promcse.loop import TrainingInterrupted
     from promcse.train import train
 
     overrides = list(args.set or [])
@@ -40,8 +41,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.data_dir:
         overrides.append(f"data.eval_data_dir={args.data_dir}")
-    config = load_config(args.config, overrides)
-    result = train(config, args.output, show_progress=not args.no_progress)
+    if args.save_every is not None:
+        overrides.append(f"train.save_every={args.save_every}")
+    if args.resume:
+        saved = Path(args.resume) / "run_config.yaml"
+        if not saved.is_file():
+            raise PromcseError("not a run directory to resume (no run_config.yaml)", path=args.resume)
+        config = load_config(saved, overrides)
+        output = args.resume
+    else:
+        if not args.output:
+            raise PromcseError("--output is required (or --resume DIR to continue a run)")
+        config = load_config(args.config, overrides)
+        output = args.output
+    try:
+        result = train(config, output, show_progress=not args.no_progress, resume=bool(args.resume))
+    except TrainingInterrupted as stop:
+        print(f"promcse train: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only rank 0 reports
     best = "n/a" if result.best_dev is None else f"{result.best_dev:.2f} (step {result.best_step})"
@@ -147,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--data-dir", help="eval data dir for STS-B dev (default: $PROMCSE_DATA_DIR or bundled)")
-    p.add_argument("--output", required=True, help="output directory (the checkpoint is saved here)")
+    p.add_argument("--output", help="output directory (the checkpoint is saved here)")
+    p.add_argument("--save-every", type=int, help="save a resumable training state every N steps (train.save_every)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest saved state")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_train)
 

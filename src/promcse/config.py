@@ -72,9 +72,11 @@ class TrainConfig:
     warmup_ratio: float = _f(0.0, "fraction of steps with linear warmup")
     grad_clip: float = _f(1.0, "clip the gradient norm (0 = off)")
     seed: int = _f(42, "random seed")
-    eval_every: int = _f(125, "evaluate on STS-B dev every N steps (0 = only at the end)")
+    eval_every: int = _f(125, "evaluate on STS-B dev every N steps (0 = only at the end, -1 = never)")
     log_every: int = _f(10, "write a metrics line every N steps")
     device: str = _f("auto", "auto | cpu | cuda")
+    save_every: int = _f(0, "write a resumable training state every N steps (0 = off); resume with --resume DIR")
+    keep_states: int = _f(2, "how many saved training states to keep")
     grad_cache_chunk: int = _f(0, "GradCache chunk size in rows of all views together (0 = plain full-batch step); see docs/SCALING.md")
     precision: str = _f("fp32", "fp32 | bf16: bf16 autocast for the forward passes (CUDA; on CPU bf16 matmuls are far slower than fp32)")
 
@@ -156,6 +158,9 @@ def validate(config: RunConfig) -> None:
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
         (t.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0"),
+        (t.save_every >= 0, "train.save_every", "must be >= 0"),
+        (t.keep_states >= 1, "train.keep_states", "must be >= 1"),
+        (t.eval_every >= -1, "train.eval_every", "must be >= -1 (-1 = never, 0 = only at the end)"),
         (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
         (t.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16"),
         (lo.tile_size == 0 or lo.name in ("nt_xent", "nt_xent_eh"), "loss.tile_size", "only nt_xent and nt_xent_eh have a tiled form"),

@@ -8,12 +8,10 @@ linear decay. Every ``eval_every`` steps the model is scored on STS-B dev and th
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -23,16 +21,25 @@ import torch
 from tqdm.auto import tqdm
 
 from promcse.backbone import load_backbone, shape_of
-from promcse.checkpoint import save_checkpoint
 from promcse.config import RunConfig, save_config
 from promcse.data import TrainExamples, read_training_file
+from promcse.distributed import (
+    DistContext,
+    all_reduce_gradients,
+    broadcast_parameters,
+    context,
+    describe_scale,
+    fit_batches,
+    gather_columns,
+    setup,
+    shard_rows,
+    teardown,
+)
 from promcse.encode import encode_texts, resolve_device
 from promcse.errors import PromcseError
-from promcse.distributed import (
-    DistContext, all_reduce_gradients, broadcast_parameters, context, describe_scale, fit_batches, gather_columns,
-    setup, shard_rows, teardown,
-)
 from promcse.gradcache import forward_chunks, grad_cache_step, length_chunks
+from promcse.loop import TrainResult, check_disk_space, restore, run_loop
+from promcse.resume import latest_state
 from promcse.losses import LOSSES
 from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
 from promcse.prompt import PromptSpec
@@ -40,27 +47,6 @@ from promcse.tiled import TILED_LOSSES
 
 BUNDLED = "bundled:"
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports.
-
-    Attributes:
-        output_dir: Where the (best) checkpoint was saved.
-        steps: Optimizer steps taken.
-        best_dev: Best STS-B dev Spearman x100 seen (None if never evaluated).
-        best_step: Step of that checkpoint.
-        seconds: Wall time of the loop.
-        history: Every evaluation as (step, dev Spearman).
-    """
-
-    output_dir: Path
-    steps: int
-    best_dev: float | None
-    best_step: int
-    seconds: float
-    history: list[tuple[int, float]] = field(default_factory=list)
 
 
 def bundled_path(name: str) -> Path:
@@ -253,14 +239,11 @@ def train_step(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamp
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
-def _log(handle: Any, record: dict[str, Any]) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
-
-
 def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
-          encoder: SentenceEncoder | None = None) -> TrainResult:
+          encoder: SentenceEncoder | None = None, resume: bool = False) -> TrainResult:
     """Train per ``config``; saves the best (or last) checkpoint, ``metrics.jsonl`` and the config.
+
+    With ``resume``, continue the run in ``output_dir`` from its newest saved state (``train.save_every``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; rank 0 alone evaluates, logs
     and writes the output directory.
@@ -271,7 +254,11 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
     device = resolve_device(config.train.device)
     dist = setup(device)
     try:
+        if resume and dist.world_size > 1:
+            raise PromcseError("--resume supports single-process runs; restart multi-process runs from the checkpoint")
         out = prepare_output(output_dir) if dist.is_main else Path(output_dir)
+        if resume:
+            latest_state(out)  # fail before loading anything when there is nothing to resume
         examples = load_examples(config)
         seed_everything(config.train.seed)
         if encoder is None:
@@ -287,9 +274,16 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
         announce_scale(config, examples, dist, show_progress)
         if not dist.is_main:
             return _follow(encoder, config, examples, batches, optimizer, scheduler, out)
-        save_config(config, out / "run_config.yaml")
+        state = None
+        if resume:
+            state = restore(out, encoder, optimizer, scheduler)
+            tqdm.write(f"resuming {out} at step {state.step} of {len(batches)}")
+        else:
+            check_disk_space(out, encoder, config)
+            save_config(config, out / "run_config.yaml")
         scorer = dev_scorer(config) if config.train.eval_every >= 0 else None
-        return _loop(encoder, config, examples, batches, optimizer, scheduler, scorer, out, show_progress)
+        return run_loop(encoder, config, examples, batches, optimizer, scheduler, scorer, out, show_progress,
+                        train_step, state)
     finally:
         teardown(dist)
 
@@ -328,37 +322,3 @@ def prepare_output(output_dir: str | Path) -> Path:
     except OSError as err:
         raise PromcseError(f"output directory is not writable: {err.strerror}", path=out) from None
     return out
-
-
-def _loop(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, batches: list[np.ndarray],
-          optimizer: torch.optim.Optimizer, scheduler: Any, scorer: Callable[[SentenceEncoder], float] | None,
-          out: Path, show_progress: bool) -> TrainResult:
-    """Run the steps, evaluate, keep the best checkpoint."""
-    start, best, best_step, history = time.time(), -math.inf, 0, []
-    every = config.train.eval_every
-    meta = {"run_config": config.to_dict(), "train_rows": len(examples)}
-    encoder.train()
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as log, tqdm(
-        total=len(batches), disable=not show_progress, desc="train", unit="step", dynamic_ncols=True
-    ) as bar:
-        for step, rows in enumerate(batches, start=1):
-            terms = train_step(encoder, config, examples, rows, optimizer, scheduler)
-            if not math.isfinite(terms["loss"]):
-                raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
-            bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            bar.update(1)
-            if step % config.train.log_every == 0 or step == len(batches):
-                _log(log, {"step": step, "lr": scheduler.get_last_lr()[0], **terms, "elapsed": time.time() - start})
-            if scorer is not None and ((every and step % every == 0) or step == len(batches)):
-                dev = scorer(encoder)
-                encoder.train()
-                history.append((step, dev))
-                _log(log, {"step": step, "stsb_dev": dev})
-                bar.write(f"step {step}: STS-B dev {dev:.2f}")
-                if dev > best:
-                    best, best_step = dev, step
-                    save_checkpoint(encoder, out, {**meta, "step": step, "stsb_dev": dev})
-    if scorer is None:
-        best_step = len(batches)
-        save_checkpoint(encoder, out, {**meta, "step": best_step})
-    return TrainResult(out, len(batches), None if scorer is None else best, best_step, time.time() - start, history)
