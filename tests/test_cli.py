@@ -53,13 +53,19 @@ def test_train_eval_encode_end_to_end(tiny_bert: Path, tiny_data: dict[str, Path
         (["train", "--train-file", "{tmp}/s.txt", "--output", "{tmp}/o"], "needs hard negatives"),
         (["eval", "--model", "minilm", "--tasks", "stsx"], "stsx"),
         (["encode", "--model", "{tmp}", "--input", "{tmp}/s.txt", "--output", "{tmp}/v.npy"], "neither a promcse checkpoint"),
+        (["index", "build", "--model", "minilm", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/idx"], "not valid UTF-8"),
+        (["eval", "--model", "minilm", "--tsv", "{tmp}/bad.csv"], "missing column"),
+        (["eval", "--model", "minilm", "--data-dir", "{tmp}/nowhere"], "not found"),
+        (["export", "--model", "{tmp}/nowhere", "--output", "{tmp}/st"], "nowhere"),
+        (["train", "--resume", "{tmp}"], "no run_config.yaml"),
     ],
 )
 def test_bad_input_exits_2_with_message(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str) -> None:
     (tmp_path / "bad.csv").write_text("sent0,sent1\na,b\n", encoding="utf-8")
     (tmp_path / "s.txt").write_text("a\nb\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    if argv[0] == "train":
+    if argv[0] == "train" and "--resume" not in argv:
         argv += ["--config", str(Path(__file__).parents[1] / "configs" / "quickstart_minilm.yaml")]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -74,3 +74,25 @@ def test_batch_order_covers_every_row_once_per_epoch() -> None:
     batches = batch_order(10, 4, 2, seed=1)
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
     assert sorted(np.concatenate(batches[:3]).tolist()) == list(range(10))
+
+
+def test_truncation_is_counted_and_reported(tiny_bert: Path) -> None:
+    from promcse.backbone import load_backbone
+    from promcse.data import TrainExamples
+    from promcse.train import report_truncation
+
+    _, tokenizer = load_backbone(str(tiny_bert))
+    examples = TrainExamples(["a man", "a man " * 40, "the dog " * 3], None, None, "x")
+    note = report_truncation(tokenizer, examples, max_length=8)
+    assert note is not None and "1 of 3 training texts" in note
+    assert report_truncation(tokenizer, examples, max_length=200) is None
+
+
+def test_encode_warns_once_about_truncated_texts(tiny_bert: Path) -> None:
+    import pytest
+
+    from test_model import make
+
+    encoder = make(tiny_bert)
+    with pytest.warns(UserWarning, match="1 of 2 texts reached the"):
+        encoder.encode(["a man", "a man " * 80])

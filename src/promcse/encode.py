@@ -6,6 +6,7 @@ Texts are sorted by length so each batch pads to similar lengths, encoded under
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -53,7 +54,11 @@ def resolve_device(device: str) -> torch.device:
 def tokenize_all(encoder: SentenceEncoder, texts: list[str], max_length: int | None) -> dict[str, list[list[int]]]:
     """Tokenize every text once, without padding (truncated at the position limit or ``max_length``)."""
     limit = min(max_length or encoder.max_length, encoder.max_length)
-    return dict(encoder.tokenizer(texts, truncation=True, max_length=limit, padding=False))
+    tokens = dict(encoder.tokenizer(texts, truncation=True, max_length=limit, padding=False))
+    cut = sum(len(ids) >= limit for ids in tokens["input_ids"])
+    if cut:  # counted and reported once per call, never silent
+        warnings.warn(f"{cut} of {len(texts)} texts reached the {limit}-token limit and were truncated", stacklevel=3)
+    return tokens
 
 
 def token_length_order(tokens: dict[str, list[list[int]]]) -> np.ndarray:

@@ -90,6 +90,17 @@ def encoder_spec(config: RunConfig, backbone: Any) -> EncoderSpec:
     return EncoderSpec(backbone=m.backbone, shape=shape, mode=m.mode, prompt=prompt, pooler=m.pooler, head=m.head)
 
 
+def report_truncation(tokenizer: Any, examples: TrainExamples, max_length: int) -> str | None:
+    """Count training texts longer than ``data.max_length`` tokens (they are truncated, as in the recipes)."""
+    texts = [t for view in (examples.anchor, examples.positive, examples.negative) if view for t in view]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    cut = sum(n > max_length for n in lengths)
+    if not cut:
+        return None
+    return (f"note: {cut} of {len(texts)} training texts ({100 * cut / len(texts):.1f}%) are longer than "
+            f"{max_length} tokens and are truncated (data.max_length)")
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed)
@@ -272,6 +283,9 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
         batches = fit_batches(batches[: config.train.max_steps or None], dist.world_size)
         optimizer, scheduler = make_optimizer(encoder, config, len(batches))
         announce_scale(config, examples, dist, show_progress)
+        note = report_truncation(encoder.tokenizer, examples, config.data.max_length) if dist.is_main else None
+        if note and show_progress:
+            tqdm.write(note)
         if not dist.is_main:
             return _follow(encoder, config, examples, batches, optimizer, scheduler, out)
         state = None
