@@ -220,7 +220,8 @@ def main() -> int:
             server = psutil.Process(process.pid)
             setup_s = time.monotonic() - began
             print(f"server pid {process.pid} on {url} up after {setup_s:.1f} s (index: {args.index_size} texts); "
-                  f"{args.requests} requests, {args.clients} clients, {args.rounds} rounds, cap {args.max_seconds:.0f} s")
+                  f"{args.requests} requests, {args.clients} clients, {args.rounds} rounds, "
+                  f"cap {args.max_seconds:.0f} s")
             warm = run_round(url, make_plan(args.warmup, 0.0, texts, rng), min(args.clients, args.warmup), deadline)
             rss0 = server.memory_info().rss / 2**20
             print(f"warm-up: {len(warm['records'])} requests, RSS {rss0:.1f} MiB")

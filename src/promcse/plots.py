@@ -71,13 +71,17 @@ def _bars(ax: Any, results: list[dict[str, Any]], names: list[str]) -> None:
     """Grouped bars: the 7 standard tasks and Avg on x, one bar per model (missing values left out)."""
     labels = [*STANDARD_REPORTS, "Avg"]
     width = 0.8 / len(results)
+    lowest = 100.0
     for m, (result, name) in enumerate(zip(results, names)):
         tasks = result.get("tasks", {})
         values = [tasks[t]["spearman"] if t in tasks else None for t in STANDARD_REPORTS] + [result.get("avg")]
         xs = [i + (m - (len(results) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
         partial = sum(v is not None for v in values[:-1])
         label = name if partial == len(STANDARD_REPORTS) else f"{name} (Avg of {partial} tasks)"
-        ax.bar(xs, [v for v in values if v is not None], width=width, label=label)
+        bars = ax.bar(xs, [v for v in values if v is not None], width=width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+        lowest = min([lowest, *[v for v in values if v is not None]])
+    ax.set_ylim(max(0.0, 10 * (lowest // 10) - 10), 100)  # zoom in: differences of a point must be visible
     ax.set_xticks(range(len(labels)), ["STS-B" if t == "STSBenchmark" else t for t in labels])
     ax.set_ylabel("Spearman x100 (higher is better)")
     ax.set_title("STS test sets")

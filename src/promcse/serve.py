@@ -18,18 +18,19 @@ never yields a 500. ``promcse serve`` stops on SIGTERM or SIGINT after finishing
 # annotations, which live in create_app's scope (fastapi is imported lazily, so ``promcse --help``
 # works without the optional serving dependencies).
 import argparse
+import asyncio
 import ipaddress
 import re
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from promcse.errors import PromcseError
 from promcse.search import Index, read_meta
@@ -42,14 +43,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits.
-
-    Attributes:
-        max_texts: Texts per request (each of ``a`` and ``b`` for /similarity).
-        max_chars: Characters per text or query.
-        max_body_bytes: Request body size.
-        max_top_k: Largest ``top_k`` for /search.
-    """
+    """Request limits: texts per request (each of ``a`` and ``b`` for /similarity), characters per text or
+    query, request body bytes, largest ``top_k`` for /search."""
 
     max_texts: int = 256
     max_chars: int = 2000
@@ -110,7 +105,8 @@ def _check_texts(texts: list[str], limits: Limits, field: str) -> None:
         try:  # JSON may escape lone surrogates ("\ud800"): valid JSON, but no tokenizer can take them
             text.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise ApiError(422, f"'{field}[{i}]' is not valid Unicode: lone surrogate at character {err.start}") from None
+            message = f"'{field}[{i}]' is not valid Unicode: lone surrogate at character {err.start}"
+            raise ApiError(422, message) from None
 
 
 def _schemas() -> tuple[type, type, type]:
@@ -141,13 +137,8 @@ def _schemas() -> tuple[type, type, type]:
 
 def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]] | None = None,
                limits: Limits | None = None) -> Any:
-    """The FastAPI application.
-
-    Args:
-        registry: Loaded models (see :func:`promcse.registry.load_many`).
-        indexes: ``{name: (index, model name in registry)}``.
-        limits: Request limits.
-    """
+    """The FastAPI application for ``registry`` (see :func:`promcse.registry.load_many`), ``indexes``
+    (``{name: (index, model name in registry)}``) and request ``limits``."""
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
 
@@ -172,9 +163,15 @@ def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
         return {"models": listed, "indexes": idx, "default_model": registry.names[0] if registry.names else None,
                 "limits": limits.__dict__}
 
-    _add_model_routes(app, registry, limits)
-    _add_search_route(app, registry, indexes, limits)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promcse-model")  # see _on
+    _add_model_routes(app, registry, limits, worker)
+    _add_search_route(app, registry, indexes, limits, worker)
     return app
+
+
+async def _on(worker: Executor, work: Callable[[], Any]) -> Any:
+    """Run model work on the app's model thread: serialised anyway, and one thread keeps one malloc arena."""
+    return await asyncio.get_running_loop().run_in_executor(worker, work)
 
 
 def _model_name(registry: "PromptRegistry", name: str | None) -> str:
@@ -185,32 +182,33 @@ def _model_name(registry: "PromptRegistry", name: str | None) -> str:
     return chosen
 
 
-def _add_model_routes(app: Any, registry: "PromptRegistry", limits: Limits) -> None:
+def _add_model_routes(app: Any, registry: "PromptRegistry", limits: Limits, worker: Executor) -> None:
     """``POST /embed`` and ``POST /similarity``."""
     EmbedRequest, SimilarityRequest, _ = _schemas()
 
     @app.post("/embed")
-    def embed(request: EmbedRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def embed(request: EmbedRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         _check_texts(request.texts, limits, "texts")
         name = _model_name(registry, request.model)
-        vectors = registry.encode(request.texts, name, normalize=request.normalize)
-        return {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1]), "model": name}
+        vectors = await _on(worker, lambda: registry.encode(request.texts, name, normalize=request.normalize).tolist())
+        return {"embeddings": vectors, "dim": len(vectors[0]), "model": name}
 
     @app.post("/similarity")
-    def similarity(request: SimilarityRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def similarity(request: SimilarityRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         _check_texts(request.a, limits, "a")
         _check_texts(request.b, limits, "b")
         name = _model_name(registry, request.model)
-        return {"scores": registry.similarity(request.a, request.b, name).tolist(), "model": name}
+        return {"scores": await _on(worker, lambda: registry.similarity(request.a, request.b, name).tolist()),
+                "model": name}
 
 
 def _add_search_route(app: Any, registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]],
-                      limits: Limits) -> None:
+                      limits: Limits, worker: Executor) -> None:
     """``POST /search``."""
     _, _, SearchRequest = _schemas()
 
     @app.post("/search")
-    def search(request: SearchRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def search(request: SearchRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         _check_texts([request.query], limits, "query")
         if request.top_k > limits.max_top_k:
             raise ApiError(422, f"top_k is {request.top_k}; the limit is {limits.max_top_k}")
@@ -218,9 +216,12 @@ def _add_search_route(app: Any, registry: "PromptRegistry", indexes: dict[str, t
         if name not in indexes:
             raise ApiError(404, f"unknown index {name!r}; available: {', '.join(indexes) or 'none'}")
         index, encoder_name = indexes[name]
-        with registry.lock:  # the index's encoder is one of the registry's
-            hits = index.search([request.query], top_k=request.top_k, threshold=request.threshold)[0]
-        return {"results": [h._asdict() for h in hits], "index": name, "model": encoder_name}
+
+        def run() -> list[dict[str, Any]]:
+            with registry.lock:  # the index's encoder is one of the registry's
+                hits = index.search([request.query], top_k=request.top_k, threshold=request.threshold)[0]
+            return [h._asdict() for h in hits]
+        return {"results": await _on(worker, run), "index": name, "model": encoder_name}
 
 
 def _install_error_handlers(app: Any) -> None:
@@ -359,8 +360,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stopped_by: list[int] = []
 
     def on_signal(sig: int, frame: object) -> None:
-        # Before uvicorn installs its own handlers (and again when it replays the signal after its graceful
-        # shutdown, which with the default handlers would kill the process or raise KeyboardInterrupt).
+        # Until uvicorn installs its handlers, and when it replays the signal after its graceful shutdown
+        # (the default handlers would then kill the process with the signal or raise KeyboardInterrupt).
         stopped_by.append(sig)
         server.should_exit = True
 
