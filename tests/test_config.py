@@ -58,3 +58,12 @@ def test_bad_override_is_rejected() -> None:
         load_config(None, ["lr"])
     with pytest.raises(PromcseError, match="did you mean 'temperature'"):
         load_config(None, ["loss.temprature=0.1"])
+
+
+def test_every_shipped_config_loads() -> None:
+    root = Path(__file__).parents[1]
+    paths = sorted((root / "configs").glob("*.yaml")) + sorted((root / "experiments" / "configs").glob("*.yaml"))
+    paths.append(root / "src" / "promcse" / "resources" / "quickstart.yaml")
+    assert len(paths) > 10
+    for path in paths:
+        load_config(path)
