@@ -23,10 +23,10 @@ def load_results() -> dict[str, list[dict]]:
     return rows
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(rows: dict[str, list[dict]]) -> str:
@@ -39,8 +39,8 @@ def table(rows: dict[str, list[dict]]) -> str:
         cells.append(fmt([r["avg"] for r in runs]))
         cells.append(fmt([r["cxc"]["spearman"] for r in runs]))
         cells.append(fmt([r["cxc"]["bootstrap_mean"] for r in runs]))
-        cells.append(fmt([r["alignment"] for r in runs]))
-        cells.append(fmt([r["uniformity"] for r in runs]))
+        cells.append(fmt([r["alignment"] for r in runs], 3))
+        cells.append(fmt([r["uniformity"] for r in runs], 3))
         cells.append(f"{runs[0]['trainable_params']:,}")
         cells.append(f"{runs[0]['checkpoint_bytes'] / 1e6:.2f} MB" if runs[0]["checkpoint_bytes"] else "–")
         cells.append(f"{statistics.mean(r['train_seconds'] for r in runs):.0f}")
