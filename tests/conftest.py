@@ -58,6 +58,58 @@ def tiny_roberta(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> P
     return write_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta"), tiny_bert)
 
 
+def make_prompt_checkpoint(
+    backbone_dir: str | Path,
+    out: Path,
+    *,
+    pooler: str = "avg",
+    head: str = "none",
+    length: int = 4,
+    projection: bool = False,
+    projection_hidden: int = 16,
+    shift_positions: bool = True,
+    mode: str = "prompt",
+    std: float = 1.0,
+    seed: int = 1,
+    extra: dict | None = None,
+) -> Path:
+    """Save a checkpoint over ``backbone_dir`` with a large random prompt and head; return its directory.
+
+    Every prompt and head tensor is redrawn (seeded by ``seed``), so that a test comparing two code paths
+    sees all of them: the prefix table ``embedding.weight`` ~ N(0, std); each ``nn.Linear`` of the prompt's
+    projection MLP ~ N(0, std / sqrt(fan_in)) (weights and bias, so the prefix stays of order ``std``);
+    the MLP head's weights and bias ~ N(0, 1 / sqrt(hidden)) (an order-one, non-saturated tanh input).
+    ``length=0`` builds no prompt (e.g. with ``mode="full"``). The backbone is recorded as the path
+    string given (not resolved). ``extra`` is merged into the checkpoint's ``config.json``.
+    """
+    from promcse.backbone import load_backbone, shape_of
+    from promcse.checkpoint import save_checkpoint
+    from promcse.model import EncoderSpec, build_encoder
+    from promcse.prompt import PromptSpec
+
+    backbone, tokenizer = load_backbone(str(backbone_dir))
+    shape = shape_of(backbone.config)
+    prompt = None
+    if length > 0:
+        prompt = PromptSpec.for_backbone(shape, length, projection=projection, projection_hidden=projection_hidden,
+                                         shift_positions=shift_positions)
+    spec = EncoderSpec(str(backbone_dir), shape, mode=mode, prompt=prompt, pooler=pooler, head=head)
+    torch.manual_seed(seed)
+    encoder = build_encoder(spec, backbone, tokenizer)
+    with torch.no_grad():
+        if encoder.prompt is not None:
+            encoder.prompt.embedding.weight.normal_(0.0, std)
+            for module in encoder.prompt.modules():
+                if isinstance(module, torch.nn.Linear):
+                    scale = std / module.in_features ** 0.5
+                    module.weight.normal_(0.0, scale)
+                    module.bias.normal_(0.0, scale)
+        if encoder.head is not None:
+            for tensor in encoder.head.parameters():
+                tensor.normal_(0.0, 1.0 / shape.hidden_size ** 0.5)
+    return save_checkpoint(encoder, out, extra)
+
+
 def make_sentences(n: int, seed: int = 0) -> list[str]:
     """Distinct-ish random sentences from the tiny vocabulary."""
     import random

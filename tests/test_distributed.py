@@ -33,7 +33,7 @@ SCENARIOS: dict[str, tuple[bool, tuple[str, ...]]] = {
 
 def one_step(tiny_bert: Path, supervised: bool, extra: tuple[str, ...]) -> dict[str, object]:
     """Loss terms, gradients and all-reduce count of one train_step over rows 0..ROWS-1, dropout off."""
-    from promcse.train import train_step
+    from test_gradcache import run_step
 
     config = settings(tiny_bert, supervised, *extra)
     encoder = make_encoder(tiny_bert, config, dropout=False)
@@ -49,7 +49,7 @@ def one_step(tiny_bert: Path, supervised: bool, extra: tuple[str, ...]) -> dict[
     try:
         ex = examples(supervised)
         ex = type(ex)(ex.anchor[:ROWS], ex.positive and ex.positive[:ROWS], ex.negative and ex.negative[:ROWS], "t")
-        terms = train_step(encoder, config, ex, np.arange(ROWS), opt, sched)
+        terms = run_step(encoder, config, ex, np.arange(ROWS), opt, sched)
     finally:
         dist.all_reduce = original  # type: ignore[assignment]
     return {"terms": terms, "grads": flat_grads(encoder), "all_reduces": len(calls)}
@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, init_file: str, port: int, tiny_bert: Path, d
 
     backbone, tokenizer = load_backbone(str(tiny_bert))
     torch.manual_seed(rank)  # different initial prompts: train() must broadcast rank 0's
-    encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer)
+    encoder = build_encoder(encoder_spec(config.model, backbone), backbone, tokenizer)
     result = train(config, out / f"run{rank}", show_progress=False, encoder=encoder)
     assert not dist.is_initialized()  # train() created the group, so it destroys it
     torch.save({"steps": result.steps, "history": result.history, "weights": encoder.prompt.embedding.weight.detach()},

@@ -20,15 +20,27 @@ from promcse.config import RunConfig, load_config
 from promcse.data import TrainExamples
 from promcse.gradcache import chunked_reference_step, forward_chunks, grad_cache_step, length_chunks
 from promcse.model import SentenceEncoder, build_encoder
-from promcse.train import batch_views, encoder_spec, loss_terms, train_step
+from promcse.data import batch_views
+from promcse.distributed import context, shard_rows
+from promcse.objective import build_objective
+from promcse.step import train_step
+from promcse.train import encoder_spec
 
 ROWS = 10
+
+
+def run_step(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, rows: np.ndarray, opt: torch.optim.Optimizer,
+             sched: object) -> dict[str, float]:
+    """One :func:`promcse.step.train_step` on this process's shard of ``rows``, as the loop takes it."""
+    dist = context()
+    return train_step(encoder, build_objective(config.loss), batch_views(ex, shard_rows(rows, dist)), opt, sched,
+                      config.train, config.data.max_length, dist)
 
 
 def make_encoder(tiny_bert: Path, config: RunConfig, dropout: bool = True) -> SentenceEncoder:
     backbone, tokenizer = load_backbone(str(tiny_bert))
     torch.manual_seed(0)
-    encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer)
+    encoder = build_encoder(encoder_spec(config.model, backbone), backbone, tokenizer)
     if not dropout:
         for module in encoder.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -64,7 +76,7 @@ def step_grads(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, c
     encoder.zero_grad(set_to_none=True)
     torch.manual_seed(123)
     fn = grad_cache_step if grad_cache else chunked_reference_step
-    terms = fn(encoder, length_chunks(inputs, max_rows=chunk), lambda e: loss_terms(config, e), ROWS)
+    terms = fn(encoder, length_chunks(inputs, max_rows=chunk), lambda e: build_objective(config.loss)(e), ROWS)
     return terms, flat_grads(encoder)
 
 
@@ -107,7 +119,7 @@ def plain_vs_grad_cache(tiny_bert: Path, supervised: bool, *extra: str) -> tuple
         encoder = make_encoder(tiny_bert, config, dropout=False)
         opt = torch.optim.SGD(encoder.trainable_parameters(), lr=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        terms = train_step(encoder, config, examples(supervised), np.arange(ROWS), opt, sched)
+        terms = run_step(encoder, config, examples(supervised), np.arange(ROWS), opt, sched)
         results.append((terms, flat_grads(encoder)))
     return results[0][0], results[1][0], results[0][1], results[1][1]
 
@@ -157,6 +169,6 @@ def test_bf16_autocast_step_runs_with_an_fp32_loss(tiny_bert: Path) -> None:
         encoder = make_encoder(tiny_bert, config, dropout=False)
         opt = torch.optim.SGD(encoder.trainable_parameters(), lr=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        losses.append(train_step(encoder, config, examples(True), np.arange(ROWS), opt, sched)["loss"])
+        losses.append(run_step(encoder, config, examples(True), np.arange(ROWS), opt, sched)["loss"])
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in encoder.trainable_parameters())
     assert abs(losses[1] - losses[0]) < 0.05 * abs(losses[0])

@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
+from promcse.config import LossConfig
 from promcse.losses import (
-    LOSSES,
     contrastive_loss,
     energy_hinge,
     nt_xent,
     similarity_matrix,
     supcon,
+    supcon_views,
 )
+from promcse.objective import OBJECTIVES, build_objective
 
 D = 5
 
@@ -211,29 +213,37 @@ def test_contrastive_loss_terms(with_neg):
 def test_supcon_entry_two_views_and_negatives():
     a, p, n = _inputs(3, 3, True, seed=8)
     labels = torch.tensor([4, 7, 4])
-    out = LOSSES["supcon"](a, p, n, labels=labels, temperature=0.2)
+    out = supcon_views(a, p, n, labels=labels, temperature=0.2)
     ref = _ref_supcon(list(a) + list(p) + list(n), [4, 7, 4, 4, 7, 4, 8, 9, 10], 0.2)
     _assert_close_with_grads(out["loss"], ref, [a, p, n])
     torch.testing.assert_close(out["supcon"], out["loss"])
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 @pytest.mark.parametrize("with_neg", [False, True])
-def test_registry_contract(name, with_neg):
+@pytest.mark.parametrize("tile_size", [0, 3])
+def test_registry_contract(name, with_neg, tile_size):
     a, p, n = _inputs(4, 4, with_neg, seed=9)
-    kwargs = {"labels": torch.tensor([0, 1, 0, 2])} if name == "supcon" else {}
-    out = LOSSES[name](a, p, n, **kwargs)
+    objective = build_objective(LossConfig(name=name, tile_size=tile_size))
+    out = objective([a, p, n] if with_neg else [a, p])
     assert isinstance(out, dict) and "loss" in out
+    assert ("energy_hinge" in out) == OBJECTIVES[name]
+    assert objective.needs_hard_negatives == OBJECTIVES[name]
     for value in out.values():
         assert value.dim() == 0 and torch.isfinite(value)
     for g in _grads(out["loss"], [a, p, n]):
         assert torch.isfinite(g).all() and torch.count_nonzero(g) > 0
 
 
-def test_registry_rejects_unrelated_settings():
-    a, p, n = _inputs(2, 2, False)
-    with pytest.raises(TypeError):
-        LOSSES["nt_xent"](a, p, n, eh_weight=10.0)
+def test_objective_terms_follow_the_config():
+    a, p, n = _inputs(5, 5, True, seed=3)
+    plain = build_objective(LossConfig(name="nt_xent", eh_weight=10.0))([a, p, n])  # lambda ignored without EH
+    torch.testing.assert_close(plain["loss"], _ref_nt_xent(a, p, n, 0.05, 0.0, 0))
+    weighted = build_objective(LossConfig(name="nt_xent", hard_negative_weight=1.5))
+    assert weighted.needs_hard_negatives
+    torch.testing.assert_close(weighted([a, p, n])["loss"], _ref_nt_xent(a, p, n, 0.05, 1.5, 0))
+    eh = build_objective(LossConfig(name="nt_xent_eh", eh_weight=4.0, eh_margin=0.3))([a, p, n])
+    torch.testing.assert_close(eh["loss"], _ref_nt_xent(a, p, n, 0.05, 0.0, 0) + 4.0 * _ref_energy_hinge(a, p, n, 0.3, 0))
 
 
 @pytest.mark.parametrize(
@@ -253,8 +263,8 @@ def test_registry_rejects_unrelated_settings():
         lambda: supcon(torch.randn(4, D), torch.tensor([0, 0, 1])),
         lambda: contrastive_loss(torch.randn(4, D), torch.randn(4, D), eh_weight=-1.0),
         lambda: contrastive_loss(torch.randn(4, D), torch.randn(6, D), offset=3),
-        lambda: LOSSES["supcon"](torch.randn(4, D), torch.randn(5, D), labels=torch.zeros(4).long()),
-        lambda: LOSSES["supcon"](torch.randn(4, D), torch.randn(4, D), labels=torch.zeros(3).long()),
+        lambda: supcon_views(torch.randn(4, D), torch.randn(5, D), labels=torch.zeros(4).long()),
+        lambda: supcon_views(torch.randn(4, D), torch.randn(4, D), labels=torch.zeros(3).long()),
     ],
 )
 def test_bad_shapes_raise_value_error(call):

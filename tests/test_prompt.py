@@ -63,6 +63,45 @@ def test_prefix_dropout_is_per_row_in_training_and_off_in_eval() -> None:
     assert torch.equal(key[0], key[1])
 
 
+def flat_prefix(layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> torch.Tensor:
+    """Undo the per-layer split: (B, P, L*2*H) in the table's layout (inverse of the layout checked above)."""
+    stacked = torch.stack([t for pair in layers for t in pair])  # (L*2, B, heads, P, head_dim)
+    batch, length = stacked.shape[1], stacked.shape[3]
+    return stacked.permute(1, 3, 0, 2, 4).reshape(batch, length, -1)
+
+
+def test_prefix_dropout_at_the_default_rate() -> None:
+    shape = BackboneShape("bert", num_layers=4, num_heads=4, hidden_size=64, vocab_size=100)
+    spec = PromptSpec.for_backbone(shape, 16, init_std=1.0)
+    assert spec.dropout == 0.1  # the reference's rate, by default
+    p, rows = spec.dropout, 64
+    torch.manual_seed(0)
+    prompt = DeepPrompt(spec)
+    table = prompt.table().detach()
+    assert table.shape == (16, 512) and (table != 0).all()  # so a zero in the output is a dropped entry
+    with torch.no_grad():
+        prompt.train()
+        out = flat_prefix(prompt(batch_size=rows))
+        prompt.eval()
+        evaluated = flat_prefix(prompt(batch_size=rows))
+    dropped = out == 0
+    n = dropped.numel()  # 64 * 16 * 512 = 524,288 entries
+    assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma = 0.0021
+    per_row = dropped.flatten(1).float().mean(1)
+    assert (per_row - p).abs().max().item() < 5 * math.sqrt(p * (1 - p) / (n // rows))  # every row: 5 sigma = 0.017
+    kept = table.expand(rows, -1, -1)[~dropped]
+    # torch scales by the float 1/(1-p): bit-exact against that, and within an ulp of table / (1-p)
+    assert torch.equal(out[~dropped], kept * (1 / (1 - p)))
+    assert torch.allclose(out[~dropped], kept / (1 - p), rtol=2e-7, atol=0)
+    # independent masks per row: no two rows alike, and two rows drop the same entry at rate p^2
+    masks = dropped.flatten(1)
+    assert len({tuple(m.nonzero().flatten().tolist()) for m in masks}) == rows
+    both = (masks[1:] & masks[:-1]).float().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / masks[1:].numel())
+    # eval: no dropout, no scaling, every row the table itself
+    assert torch.equal(evaluated, table.expand(rows, -1, -1))
+
+
 def test_mask_has_prefix_ones_then_token_mask() -> None:
     mask = torch.tensor([[1, 1, 0]])
     additive = prefixed_attention_mask(mask, 2, torch.float32)
@@ -72,13 +111,18 @@ def test_mask_has_prefix_ones_then_token_mask() -> None:
 
 
 def manual_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                   prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...], shift: int) -> torch.Tensor:
-    """Plain re-implementation of BERT with prefix keys/values and positions starting at ``shift``."""
+                   prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...], shift: int = 0,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain re-implementation of BERT (or RoBERTa: same layers) with prefix keys/values.
+
+    Position ids are ``positions`` (B, T) when given, else BERT's: ``shift``, ``shift + 1``, ... in every row.
+    """
     cfg = model.config
     heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     emb = model.embeddings
-    positions = torch.arange(shift, shift + ids.shape[1])
-    h = emb.word_embeddings(ids) + emb.position_embeddings(positions)[None] + emb.token_type_embeddings(torch.zeros_like(ids))
+    if positions is None:
+        positions = torch.arange(shift, shift + ids.shape[1]).expand_as(ids)
+    h = emb.word_embeddings(ids) + emb.position_embeddings(positions) + emb.token_type_embeddings(torch.zeros_like(ids))
     h = emb.LayerNorm(h)
     keep = torch.cat([torch.ones(ids.shape[0], prefix[0][0].shape[2]), mask.float()], dim=1)
     for layer, (pk, pv) in zip(model.encoder.layer, prefix):
@@ -110,6 +154,46 @@ def test_run_encoder_equals_manual_prefix_attention_with_position_shift(tiny_ber
     real = inputs["attention_mask"].bool()
     assert torch.allclose(ours[real], expected[real], atol=1e-5)
     assert not torch.allclose(ours[real], unshifted[real], atol=1e-3), "positions must be shifted by P"
+
+
+def roberta_positions(mask: torch.Tensor, pad: int, shift: int) -> torch.Tensor:
+    """RoBERTa's position ids, written out: the n-th real token of a row (n = 1, 2, ...) sits at
+    ``pad + shift + n``, every pad token at ``pad``; so each row counts its own real tokens."""
+    positions = torch.full_like(mask, pad)
+    for row in range(mask.shape[0]):
+        n = 0
+        for column in range(mask.shape[1]):
+            if mask[row, column]:
+                n += 1
+                positions[row, column] = pad + shift + n
+    return positions
+
+
+@pytest.mark.parametrize("shift_positions", [True, False])
+def test_roberta_run_encoder_equals_manual_prefix_attention(tiny_roberta: Path, shift_positions: bool) -> None:
+    model = AutoModel.from_pretrained(str(tiny_roberta)).eval()
+    pad, length = model.config.pad_token_id, 5
+    assert pad == 1
+    # rows padded by different amounts (pad id 1), one on the left: RoBERTa's positions follow each row's pads
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 2], [0, 10, 11, 2, 1, 1, 1], [0, 12, 2, 1, 1, 1, 1], [1, 1, 0, 13, 14, 15, 2]])
+    mask = (ids != pad).long()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    torch.manual_seed(0)
+    spec = PromptSpec.for_backbone(shape_of(model.config), length, init_std=0.5, shift_positions=shift_positions)
+    prompt = DeepPrompt(spec).eval()
+    with torch.no_grad():
+        ours = run_encoder(model, dict(inputs), prompt)[0]
+        plain = run_encoder(model, dict(inputs), None)[0]
+        shifted = manual_forward(model, ids, mask, prompt(4), positions=roberta_positions(mask, pad, length))
+        unshifted = manual_forward(model, ids, mask, prompt(4), positions=roberta_positions(mask, pad, 0))
+    assert roberta_positions(mask, pad, 0)[1].tolist() == [2, 3, 4, 5, 1, 1, 1]
+    assert roberta_positions(mask, pad, length)[3].tolist() == [1, 1, 7, 8, 9, 10, 11]
+    expected, other = (shifted, unshifted) if shift_positions else (unshifted, shifted)
+    assert ours.shape == (4, 7, 32)
+    assert torch.allclose(ours, expected, atol=1e-5)  # every position, pad rows' too
+    real = mask.bool()
+    assert not torch.allclose(ours[real], other[real], atol=1e-3), "the test must see the shift setting"
+    assert not torch.allclose(ours[real], plain[real], atol=1e-3), "the test must see the prefix"
 
 
 def test_prefix_changes_output_and_none_is_plain_encoder(tiny_bert: Path) -> None:

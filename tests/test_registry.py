@@ -8,45 +8,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import promcse
-from conftest import make_sentences
-from promcse.backbone import load_backbone, shape_of
-from promcse.checkpoint import save_checkpoint
+from conftest import make_prompt_checkpoint, make_sentences
 from promcse.errors import PromcseError
-from promcse.model import EncoderSpec, build_encoder
-from promcse.prompt import PromptSpec
 from promcse.registry import PromptRegistry, backbone_key, load_many
 
 TEXTS = make_sentences(12, seed=4)
 
 
-def write_prompt_checkpoint(backbone_dir: Path, out: Path, seed: int, length: int = 4, pooler: str = "cls",
-                            head: str = "always", mode: str = "prompt") -> Path:
-    """A prompt checkpoint with a large random prompt (so different prompts give clearly different vectors)."""
-    backbone, tokenizer = load_backbone(str(backbone_dir))
-    shape = shape_of(backbone.config)
-    prompt = PromptSpec.for_backbone(shape, length) if mode == "prompt" else None
-    spec = EncoderSpec(str(backbone_dir), shape, mode=mode, prompt=prompt, pooler=pooler, head=head)
-    torch.manual_seed(seed)
-    encoder = build_encoder(spec, backbone, tokenizer)
-    if encoder.prompt is not None:
-        with torch.no_grad():
-            encoder.prompt.embedding.weight.normal_(0.0, 1.0)
-    return save_checkpoint(encoder, out)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prompts")
-    return {f"p{i}": write_prompt_checkpoint(tiny_bert, root / f"p{i}", seed=i) for i in range(3)}
+    # large random prompts and heads, so that different prompts give clearly different vectors
+    return {f"p{i}": make_prompt_checkpoint(tiny_bert, root / f"p{i}", seed=i, pooler="cls", head="always")
+            for i in range(3)}
 
 
 def test_prompts_share_one_backbone_object(tiny_bert: Path, checkpoints: dict[str, Path], tmp_path: Path) -> None:
     link = tmp_path / "same_backbone"
     os.symlink(tiny_bert, link)  # another spelling of the same directory shares too
-    relinked = write_prompt_checkpoint(link, tmp_path / "relinked", seed=7)
+    relinked = make_prompt_checkpoint(link, tmp_path / "relinked", seed=7, pooler="cls", head="always")
     registry = load_many({**checkpoints, "relinked": relinked, "bare": str(tiny_bert)}, device="cpu")
     backbones = {id(registry.get(name).backbone) for name in registry.names}
     assert len(backbones) == 1 and len(registry.backbones) == 1
@@ -84,7 +66,7 @@ def test_concurrent_calls_with_different_prompts(checkpoints: dict[str, Path]) -
 
 
 def test_full_mode_keeps_its_own_backbone(tiny_bert: Path, checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    full = write_prompt_checkpoint(tiny_bert, tmp_path / "full", seed=3, mode="full", pooler="avg", head="none")
+    full = make_prompt_checkpoint(tiny_bert, tmp_path / "full", seed=3, mode="full", length=0)
     registry = load_many({"p0": checkpoints["p0"], "full": full}, device="cpu")
     assert registry.get("full").backbone is not registry.get("p0").backbone
     assert len(registry.backbones) == 1  # the fine-tune's backbone is not shared

@@ -1,4 +1,5 @@
-"""Tests of promcse.sts (STS protocol, alignment/uniformity, CxC) and promcse.plots, with a fake encoder."""
+"""Tests of promcse.sts (STS protocol, alignment/uniformity, score_split, the table) and promcse.plots,
+with a fake encoder. CxC: tests/test_cxc.py."""
 
 from __future__ import annotations
 
@@ -249,108 +250,29 @@ def test_bad_tasks_and_paths(data_dir: Path, tmp_path: Path, monkeypatch: pytest
         sts.evaluate(lambda t: np.zeros((len(t) - 1, 4)), "sts13", data_dir=data_dir)
 
 
-# ---- CxC ----
-
-def write_cxc(folder: Path, n_images: int = 12, seed: int = 5) -> dict[str, Path]:
-    """Write the same synthetic CxC pairs as official CSV + JSON, PromCSE CSV and TSV."""
-    rng = np.random.RandomState(seed)
-    annotations, captions = [], {}
-    for image in range(n_images):
-        for c in range(4):
-            ann_id = 1000 + image * 10 + c
-            text = " ".join(rng.choice(WORDS, 6)) + (",  with commas" if c == 0 else "")
-            annotations.append({"id": ann_id, "image_id": 500 + image, "caption": text + " \n"})
-            captions[ann_id] = " ".join(text.split())
-    pairs = []
-    for image in range(n_images):
-        for _ in range(1 + image % 3):  # 1-3 pairs per image
-            c1 = 1000 + image * 10 + int(rng.randint(4))
-            c2 = 1000 + int(rng.randint(n_images)) * 10 + int(rng.randint(4))
-            pairs.append((c1, c2, round(float(rng.uniform(0, 5)), 2)))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "captions_val5k.json").write_text(json.dumps({"annotations": annotations}), encoding="utf-8")
-    sid = "COCO_val2014:sentid:{}".format
-    with (folder / "official.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["caption1", "caption2", "agg_score", "sampling_method"])
-        w.writerows([sid(a), sid(b), s, "c2c_isim"] for a, b, s in pairs)
-    with (folder / "promcse.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["caption1", "caption2", "agg_score", "sampling_method", "sent1", "sent2"])
-        w.writerows([sid(a), sid(b), s, "c2c_isim", captions[a], captions[b]] for a, b, s in pairs)
-    write_tsv(folder / "pairs.tsv", [(captions[a], captions[b], s, "x", sid(a), sid(b)) for a, b, s in pairs],
-              header="sentence1\tsentence2\tscore\tsampling_method\tcaption1_id\tcaption2_id")
-    return {"official": folder / "official.csv", "promcse": folder / "promcse.csv", "tsv": folder / "pairs.tsv"}
-
-
-def test_cxc_formats_agree(tmp_path: Path) -> None:
-    paths = write_cxc(tmp_path / "cxc")
-    loaded = [sts.load_cxc(p) for p in paths.values()]
-    for other in loaded[1:]:
-        assert (other.sentence1, other.sentence2, other.scores, other.groups) == (
-            loaded[0].sentence1, loaded[0].sentence2, loaded[0].scores, loaded[0].groups)
-    assert loaded[0].grouped_by == "image" and len(set(loaded[0].groups)) == 12
-    assert all(s == " ".join(s.split()) for s in loaded[0].sentence1 + loaded[0].sentence2)  # JSON text collapsed
-    # without the JSON: official form fails, the others group by caption1 id
-    (tmp_path / "cxc" / "captions_val5k.json").rename(tmp_path / "elsewhere.json")
-    with pytest.raises(PromcseError, match="captions_val5k.json"):
-        sts.load_cxc(paths["official"])
-    assert sts.load_cxc(paths["official"], captions=tmp_path / "elsewhere.json").groups == loaded[0].groups
-    fallback = sts.load_cxc(paths["promcse"])
-    assert fallback.grouped_by == "caption1" and fallback.sentence1 == loaded[0].sentence1
-
-
-def test_cxc_bad_inputs(tmp_path: Path) -> None:
-    paths = write_cxc(tmp_path / "cxc")
-    text = paths["official"].read_text(encoding="utf-8").splitlines()
-    text[2] = text[2].replace("COCO_val2014:sentid:", "COCO_val2014:sentid:9")
-    paths["official"].write_text("\n".join(text) + "\n", encoding="utf-8")
-    with pytest.raises(PromcseError, match="not found in the captions JSON") as info:
-        sts.load_cxc(paths["official"])
-    assert info.value.line == 3
-    bad = write_tsv(tmp_path / "bad.tsv", [("a", "b", "1", "c:1"), ("c", "d", "x", "c:2"), ("e", "f", "2", "c:3")],
-                    header="sentence1\tsentence2\tscore\tcaption1")
-    with pytest.raises(PromcseError, match="finite number") as info:
-        sts.load_cxc(bad)
-    assert (info.value.line, info.value.column) == (3, "score")
-    with pytest.raises(PromcseError, match="need columns"):
-        sts.load_cxc(write_tsv(tmp_path / "cols.tsv", [("a", "b")], header="text\tother"))
-
-
-def loop_bootstrap(sims: list[float], gold: list[float], groups: list[str], rounds: int, seed: int) -> list[float]:
-    """Straightforward reference: per round, per sampled image, pick one of its pairs."""
-    keys = sorted(set(groups))
-    members = {k: [i for i, g in enumerate(groups) if g == k] for k in keys}
-    rng = np.random.RandomState(seed)
-    out = []
-    for _ in range(rounds):
-        images = rng.randint(0, len(keys), size=len(keys) // 2)
-        u = rng.random_sample(len(images))
-        chosen = [members[keys[img]][int(u[j] * len(members[keys[img]]))] for j, img in enumerate(images)]
-        out.append(100 * spearmanr([sims[i] for i in chosen], [gold[i] for i in chosen])[0])
-    return out
-
-
-def test_cxc_bootstrap_matches_loop_and_is_reproducible(tmp_path: Path) -> None:
-    pairs = sts.load_cxc(write_cxc(tmp_path / "cxc", n_images=16)["promcse"])
-    first = sts.cxc_scores(fake_encode, pairs, rounds=6)
-    assert first == sts.cxc_scores(fake_encode, pairs, rounds=6)
-    reference = loop_bootstrap(pair_cosines(pairs.sentence1, pairs.sentence2), pairs.scores, pairs.groups, 6, 123)
-    assert first["bootstrap_mean"] == pytest.approx(np.mean(reference), abs=1e-9)
-    assert first["bootstrap_std"] == pytest.approx(np.std(reference), abs=1e-9)
-    assert first["spearman"] == pytest.approx(
-        100 * spearmanr(pair_cosines(pairs.sentence1, pairs.sentence2), pairs.scores)[0], abs=1e-9)
-    assert (first["n_pairs"], first["n_images"]) == (len(pairs.scores), 16)
-    assert sts.cxc_scores(fake_encode, pairs, rounds=6, seed=1) != first
-
-
-def test_evaluate_with_cxc_encodes_once(tmp_path: Path, data_dir: Path) -> None:
-    paths = write_cxc(tmp_path / "cxc")
+def test_score_split_matches_evaluate(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for task, report in [("stsb-dev", "STSBenchmark-dev"), ("stsb", "STSBenchmark"), ("SICK-R", "SICK-R")]:
+        full = sts.evaluate(fake_encode, task, data_dir=data_dir)["tasks"][report]["spearman"]
+        assert sts.score_split(fake_encode, task, data_dir) == full
+    monkeypatch.setenv(sts.DATA_ENV, str(data_dir))
+    assert sts.score_split(fake_encode, "sts12") == sts.evaluate(fake_encode, "sts12")["tasks"]["STS12"]["spearman"]
+    monkeypatch.delenv(sts.DATA_ENV)
+    bundled = sts.evaluate(fake_encode, "stsb-dev")["tasks"]["STSBenchmark-dev"]["spearman"]
+    assert sts.score_split(fake_encode, " STSB-dev ") == bundled  # no data dir: the bundled STS-B
     enc = CountingEncoder()
-    result = sts.evaluate(enc, "stsb", data_dir=data_dir, cxc=paths["tsv"])
-    assert len(enc.calls) == 1
-    assert result["cxc"] == sts.cxc_scores(fake_encode, sts.load_cxc(paths["tsv"]))
-    assert "CxC:" in sts.format_table(result, "fake")
+    sts.score_split(enc, "stsb", data_dir)
+    s1, s2, _ = read_rows_manually(data_dir / "tsv/original/STSBenchmark/test.tsv")
+    assert len(enc.calls) == 1 and set(enc.calls[0]) == set(s1) | set(s2)  # test split only, no uniformity extra
+    for bad in ("all", "stsbb", "sts12,stsb"):
+        with pytest.raises(PromcseError, match="unknown STS task"):
+            sts.score_split(fake_encode, bad, data_dir)
+
+
+def test_format_table_has_one_home() -> None:
+    from promcse import plots
+
+    assert plots.format_table is sts.format_table
+    assert plots.STANDARD_REPORTS == tuple(sts.TASKS[t].report for t in sts.STANDARD_TASKS)
 
 
 def test_plot_results(tmp_path: Path, data_dir: Path) -> None:

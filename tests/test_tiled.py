@@ -8,8 +8,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from promcse.config import load_config
 from promcse.losses import contrastive_loss
-from promcse.tiled import TILED_LOSSES, tiled_contrastive_loss
-from promcse.train import loss_terms
+import promcse.objective
+from promcse.objective import build_objective
+from promcse.tiled import tiled_contrastive_loss
 
 
 def run(fn, anchor, positive, negative, **kwargs):
@@ -118,11 +119,19 @@ def test_similarity_matrix_is_never_formed() -> None:
     assert probe.largest < rows * 2 * rows
 
 
-def test_config_key_selects_the_tiled_loss() -> None:
+@pytest.mark.parametrize("name", sorted(promcse.objective.OBJECTIVES))
+def test_config_key_selects_the_tiled_loss(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(5)
     views = [torch.randn(12, 8, generator=g) for _ in range(3)]
-    dense = loss_terms(load_config(None, ["loss.name=nt_xent_eh"]), views)
-    tiled = loss_terms(load_config(None, ["loss.name=nt_xent_eh", "loss.tile_size=5"]), views)
+    dense = build_objective(load_config(None, [f"loss.name={name}"]).loss)(views)
+    calls: list[int] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(int(kwargs["tile_size"]))  # type: ignore[arg-type]
+        return tiled_contrastive_loss(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(promcse.objective, "tiled_contrastive_loss", spy)
+    tiled = build_objective(load_config(None, [f"loss.name={name}", "loss.tile_size=5"]).loss)(views)
+    assert calls == [5] and set(tiled) == set(dense)
     for k in dense:
         torch.testing.assert_close(tiled[k], dense[k], rtol=1e-5, atol=1e-5)
-    assert set(TILED_LOSSES) == {"nt_xent", "nt_xent_eh"}

@@ -21,31 +21,66 @@ def tiny_config(tiny_bert: Path, data: dict[str, Path], *extra: str):
     ])
 
 
-def test_prompt_training_keeps_backbone_bit_identical(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+def fresh_encoder(tiny_bert: Path, config):
+    """The encoder ``train`` would build for ``config``, built here so the test holds the in-memory objects."""
     from promcse.backbone import load_backbone
+    from promcse.model import build_encoder
+    from promcse.train import encoder_spec
 
-    before = {k: v.clone() for k, v in load_backbone(str(tiny_bert))[0].state_dict().items()}
+    backbone, tokenizer = load_backbone(str(tiny_bert))
+    torch.manual_seed(config.train.seed)
+    return build_encoder(encoder_spec(config.model, backbone), backbone, tokenizer)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Cloned copies of every tensor of ``module`` (parameters and buffers)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed_tensors(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors of ``module`` that are not bit-identical to the snapshot ``before``."""
+    after = module.state_dict()
+    assert list(after) == list(before), "the module's set of tensors changed"
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def test_prompt_training_keeps_backbone_bit_identical(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
     config = tiny_config(tiny_bert, tiny_data, "loss.name=nt_xent_eh")
-    result = train(config, tmp_path / "run", show_progress=False)
-    loaded = load_checkpoint(tmp_path / "run")
-    after = loaded.backbone.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    encoder = fresh_encoder(tiny_bert, config)
+    backbone = encoder.backbone
+    backbone_before, prompt_before = snapshot(backbone), snapshot(encoder.prompt)
+    result = train(config, tmp_path / "run", show_progress=False, encoder=encoder)
+    assert encoder.backbone is backbone  # the very object that was trained on, not a reload from disk
+    assert changed_tensors(backbone, backbone_before) == []
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters()), "no gradient reached it"
+    assert changed_tensors(encoder.prompt, prompt_before) == ["embedding.weight"]  # while the prompt learned
     assert result.steps == 4 and len(result.history) == 2
-    assert loaded.prompt is not None
+    assert load_checkpoint(tmp_path / "run").prompt is not None
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("energy_hinge" in l for l in lines) and any("stsb_dev" in l for l in lines)
     assert (tmp_path / "run" / "run_config.yaml").is_file()
 
 
-def test_training_changes_the_prompt(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
-    from promcse.backbone import load_backbone
-    from promcse.model import build_encoder
-    from promcse.train import encoder_spec
+def test_backbone_change_detector_catches_a_leak(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    """The check above can fail: one backbone weight unfrozen on purpose is found, and only that one."""
+    config = tiny_config(tiny_bert, tiny_data, "train.eval_every=-1", "train.max_steps=1")
+    encoder = fresh_encoder(tiny_bert, config)
+    leak = "encoder.layer.0.attention.self.query.weight"
+    dict(encoder.backbone.named_parameters())[leak].requires_grad_(True)
+    before = snapshot(encoder.backbone)
+    train(config, tmp_path / "run", show_progress=False, encoder=encoder)
+    assert changed_tensors(encoder.backbone, before) == [leak]
+    # and it is bit-exact: a one-ulp change of a single element is seen
+    before = snapshot(encoder.backbone)
+    weight = encoder.backbone.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(float("inf")))
+    assert changed_tensors(encoder.backbone, before) == ["embeddings.word_embeddings.weight"]
 
+
+def test_training_changes_the_prompt(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
     config = tiny_config(tiny_bert, tiny_data, "train.eval_every=-1", f"data.train_file={tiny_data['txt']}")
-    backbone, tokenizer = load_backbone(str(tiny_bert))
-    torch.manual_seed(config.train.seed)
-    encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer)
+    encoder = fresh_encoder(tiny_bert, config)
     initial = encoder.prompt.embedding.weight.detach().clone()
     train(config, tmp_path / "run", show_progress=False, encoder=encoder)
     assert not torch.equal(initial, encoder.prompt.embedding.weight.detach())

@@ -12,8 +12,8 @@ from promcse.errors import PromcseError
 
 
 def load(model: str, device: str = "auto", **kwargs: Any) -> Any:
-    """Load an encoder (checkpoint dir, HF name or path, or ``minilm``); see :func:`promcse.encode.load`."""
-    from promcse.encode import load as _load
+    """Load an encoder (checkpoint dir, HF name or path, or ``minilm``); see :func:`promcse.loading.load`."""
+    from promcse.loading import load as _load
 
     return _load(model, device=device, **kwargs)
 

@@ -24,24 +24,33 @@ class Family:
     """What differs between encoder families, keyed by ``config.model_type`` (never by model name).
 
     Attributes:
-        position_offset_from_pad: Position ids start at ``pad_token_id + 1`` (RoBERTa), so that many
+        position_offset_from_pad: Position ids start at ``pad_token_id + 1`` (RoBERTa, MPNet), so that many
             positions are unusable.
         has_pooling_layer: The HF model has an NSP-style pooler we skip (``add_pooling_layer=False``).
+        takes_prefix: The encoder's forward accepts a key/value cache, so a deep prompt can be fed to every
+            layer. DistilBERT's forward has no cache argument and MPNet's attention adds a relative position
+            bias of shape (T, T) that a prefix cannot join without rewriting its attention: both are
+            supported frozen or fine-tuned, without a prompt.
     """
 
     position_offset_from_pad: bool = False
     has_pooling_layer: bool = False
+    takes_prefix: bool = True
 
 
-# Plain dict literal registry: model_type -> family facts. Unknown BERT-like types fall back to "bert".
+# Plain dict literal registry: model_type -> family facts. Types not listed are refused (load time).
+# The exported sentence-transformers module (resources/modeling_promcse.py) keeps a copy of the facts
+# it needs; tests/test_export.py checks that the copies agree with this table.
 FAMILIES: dict[str, Family] = {
     "bert": Family(has_pooling_layer=True),
-    "distilbert": Family(),
+    "distilbert": Family(takes_prefix=False),
     "electra": Family(),
+    "mpnet": Family(position_offset_from_pad=True, has_pooling_layer=True, takes_prefix=False),
     "roberta": Family(position_offset_from_pad=True, has_pooling_layer=True),
     "xlm-roberta": Family(position_offset_from_pad=True, has_pooling_layer=True),
     "camembert": Family(position_offset_from_pad=True, has_pooling_layer=True),
 }
+PREFIX_FAMILIES: tuple[str, ...] = tuple(name for name, family in FAMILIES.items() if family.takes_prefix)
 
 
 @dataclass(frozen=True)
@@ -103,16 +112,54 @@ def shape_of(config: object) -> BackboneShape:
 
 
 def family_of(model_type: str) -> Family:
-    """Family facts for a model type (BERT-like default for types not listed)."""
-    return FAMILIES.get(model_type, FAMILIES["bert"])
+    """Family facts for a model type.
+
+    Raises:
+        PromcseError: For a type not in :data:`FAMILIES` (its position rules and cache handling are unknown,
+            so neither a prompt nor the position limit could be trusted).
+    """
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise PromcseError(f"encoder family '{model_type}' is not supported; supported families: "
+                           f"{', '.join(FAMILIES)}", key="model.backbone") from None
+
+
+def check_prompt_support(model_type: str) -> None:
+    """Refuse a deep prompt on a family whose forward cannot take one (see :attr:`Family.takes_prefix`).
+
+    Raises:
+        PromcseError: Naming the family and the families that take prompts.
+    """
+    if not family_of(model_type).takes_prefix:
+        raise PromcseError(f"encoder family '{model_type}' cannot take a deep prompt (its attention has no "
+                           f"key/value cache input); prompts work with: {', '.join(PREFIX_FAMILIES)}. "
+                           f"Use it without a prompt (mode 'full' or a bare frozen encoder)", key="model.backbone")
 
 
 def position_limit(config: object) -> int:
-    """Number of real-token positions the encoder can embed."""
+    """Number of real-token positions the encoder can embed (before any prompt shift)."""
     limit = int(getattr(config, "max_position_embeddings", 512))
     if family_of(str(getattr(config, "model_type", "bert"))).position_offset_from_pad:
         limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
     return limit
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU.
+
+    Raises:
+        PromcseError: An unknown device name, or CUDA asked for where there is none.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise PromcseError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N", key="device") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PromcseError(f"device '{device}' asked for, but this machine has no CUDA device", key="device")
+    return resolved
 
 
 def unshifted_position_ids(config: object, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -134,14 +181,31 @@ def load_backbone(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokeniz
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         config = AutoConfig.from_pretrained(resolved)
+        family = family_of(config.model_type)  # unsupported families stop here, before the weights load
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-        extra = {"add_pooling_layer": False} if family_of(config.model_type).has_pooling_layer else {}
+        extra = {"add_pooling_layer": False} if family.has_pooling_layer else {}
         model = AutoModel.from_pretrained(resolved, config=config, dtype=torch.float32, **extra)
     except (OSError, ValueError) as err:
         raise PromcseError(
             f"cannot load backbone '{name_or_path}': {str(err).splitlines()[0]}", key="model.backbone"
         ) from None
     return model, tokenizer
+
+
+INIT_STD = 0.02  # initializer_range of BERT/RoBERTa configs, which the reference's init_weights() uses
+
+
+def reference_init_(module: torch.nn.Module, std: float = INIT_STD) -> None:
+    """Initialise every ``nn.Linear`` inside ``module`` as the reference does: N(0, std) weights, zero bias.
+
+    PromCSE's ``cl_init`` ends with the backbone's ``init_weights()``, which re-initialises the MLP head and
+    the prefix reparameterisation MLP this way (PyTorch's default is a Kaiming-uniform init instead).
+    """
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear):
+            torch.nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if sub.bias is not None:
+                torch.nn.init.zeros_(sub.bias)
 
 
 def freeze(model: torch.nn.Module) -> None:

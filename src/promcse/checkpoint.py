@@ -8,8 +8,6 @@ previous checkpoint intact. Loading reads only JSON and safetensors: nothing is 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import safetensors.torch
 import torch
 
 from promcse.errors import PromcseError
+from promcse.files import atomic_write, atomic_write_text
 from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
 
 FORMAT = "promcse-checkpoint"
@@ -24,26 +23,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "prompt.safetensors"
 BACKBONE_DIR = "backbone"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via ``write(tmp_path)`` to a temp file in the same directory, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomically write a text file."""
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def versions() -> dict[str, str]:
@@ -73,7 +52,7 @@ def save_checkpoint(encoder: SentenceEncoder, directory: str | Path, extra: dict
     out.mkdir(parents=True, exist_ok=True)
     state = trainable_state(encoder)
     if state:
-        _atomic_write(out / WEIGHTS_FILE, lambda tmp: safetensors.torch.save_file(state, str(tmp)))
+        atomic_write(out / WEIGHTS_FILE, lambda tmp: safetensors.torch.save_file(state, str(tmp)))
     if encoder.spec.mode == "full":
         backbone_dir = out / BACKBONE_DIR
         encoder.backbone.save_pretrained(str(backbone_dir), safe_serialization=True)

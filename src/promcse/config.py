@@ -52,7 +52,7 @@ class DataConfig:
 class LossConfig:
     """Contrastive objective."""
 
-    name: str = _f("nt_xent", "nt_xent | nt_xent_eh (PromCSE supervised) | supcon")
+    name: str = _f("nt_xent", "nt_xent | nt_xent_eh (PromCSE supervised: + energy-based hinge, needs hard negatives)")
     temperature: float = _f(0.05, "softmax temperature tau")
     hard_negative_weight: float = _f(0.0, "logit bonus w on each row's own hard negative")
     eh_weight: float = _f(10.0, "lambda: weight of the energy-based hinge loss (nt_xent_eh only)")
@@ -96,7 +96,6 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
-LOSS_NAMES: tuple[str, ...] = ("nt_xent", "nt_xent_eh", "supcon")
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:
@@ -144,14 +143,30 @@ def _set(config: RunConfig, dotted: str, value: Any) -> None:
 
 
 def validate(config: RunConfig) -> None:
-    """Reject impossible combinations (before any model or data is loaded)."""
+    """Reject impossible combinations (before any model or data is loaded).
+
+    The data-dependent rule (hard negatives present when the objective needs them) is checked by the
+    training reader, also before any model loads.
+    """
+    # Imported here, not at the top: the choices live with the code that implements them, and those
+    # modules load torch/transformers, which `promcse --help` should not wait for.
+    from promcse.model import check_choices
+    from promcse.objective import OBJECTIVES
+
     m, lo, t = config.model, config.loss, config.train
+    check_choices(m.mode, m.pooler, m.head, m.prompt_length)
     checks = [
         (m.mode in ("prompt", "full"), "model.mode", "must be 'prompt' or 'full'"),
-        (m.mode != "prompt" or m.prompt_length > 0, "model.prompt_length", "prompt mode needs prompt_length > 0"),
         (m.prompt_length >= 0, "model.prompt_length", "must be >= 0"),
+        (m.prompt_projection_hidden >= 1, "model.prompt_projection_hidden", "must be >= 1"),
         (0.0 <= m.prompt_dropout < 1.0, "model.prompt_dropout", "must be in [0, 1)"),
-        (lo.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}"),
+        (m.prompt_init_std >= 0.0, "model.prompt_init_std", "must be >= 0"),
+        (lo.name in OBJECTIVES, "loss.name", f"must be one of {', '.join(OBJECTIVES)}"),
+        (lo.eh_weight >= 0.0, "loss.eh_weight", "must be >= 0"),
+        (t.log_every >= 1, "train.log_every", "must be >= 1"),
+        (t.grad_clip >= 0.0, "train.grad_clip", "must be >= 0 (0 = off)"),
+        (t.weight_decay >= 0.0, "train.weight_decay", "must be >= 0"),
+        (config.data.max_length >= 2, "data.max_length", "must be >= 2 (the special tokens alone take 2)"),
         (lo.temperature > 0, "loss.temperature", "must be > 0"),
         (t.batch_size >= 2, "train.batch_size", "contrastive learning needs at least 2 rows per batch"),
         (t.lr > 0, "train.lr", "must be > 0"),
@@ -163,7 +178,6 @@ def validate(config: RunConfig) -> None:
         (t.eval_every >= -1, "train.eval_every", "must be >= -1 (-1 = never, 0 = only at the end)"),
         (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
         (t.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16"),
-        (lo.tile_size == 0 or lo.name in ("nt_xent", "nt_xent_eh"), "loss.tile_size", "only nt_xent and nt_xent_eh have a tiled form"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
     ]

@@ -12,7 +12,10 @@ import io
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+
+import numpy as np
 
 from promcse.errors import PromcseError
 
@@ -215,6 +218,48 @@ def read_training_file(path: str | Path, *, require_hard_negatives: bool = False
     return read_pairs(path, require_hard_negatives=require_hard_negatives)
 
 
+BUNDLED = "bundled:"
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a data file shipped inside the package (``resources/data/train/NAME``)."""
+    path = Path(str(resources.files("promcse") / "resources" / "data" / "train" / name))
+    if not path.is_file():
+        available = sorted(p.name for p in path.parent.iterdir())
+        raise PromcseError(f"no bundled file '{name}'; available: {', '.join(available)}", key="data.train_file")
+    return path
+
+
+def resolve_train_file(name: str) -> Path:
+    """Map ``bundled:NAME`` to the packaged file; leave other paths as given."""
+    return bundled_path(name[len(BUNDLED):]) if name.startswith(BUNDLED) else Path(name)
+
+
+def batch_order(n_rows: int, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """Shuffled row indices per step over all epochs; a last batch of < 2 rows is dropped.
+
+    A pure function of its arguments, so a resumed run finds its place from the step number alone.
+    """
+    rng = np.random.default_rng(seed)
+    batches: list[np.ndarray] = []
+    for _ in range(epochs):
+        perm = rng.permutation(n_rows)
+        batches.extend(perm[i : i + batch_size] for i in range(0, n_rows, batch_size))
+        if len(batches[-1]) < 2:
+            batches.pop()
+    return batches
+
+
+def batch_views(examples: TrainExamples, rows: np.ndarray) -> list[list[str]]:
+    """The views of a batch: [anchor, positive(, negative)]; unsupervised positives are the anchors."""
+    anchor = [examples.anchor[i] for i in rows]
+    positive = anchor if examples.positive is None else [examples.positive[i] for i in rows]
+    views = [anchor, positive]
+    if examples.negative is not None:
+        views.append([examples.negative[i] for i in rows])
+    return views
+
+
 def _parse_score(path: str | Path, number: int, value: str) -> float | None:
     """Parse a gold score; empty means 'no gold' (dropped, as SentEval does)."""
     if not value.strip():
@@ -261,3 +306,29 @@ def read_sts_tsv(path: str | Path, *, min_rows: int = 3) -> StsPairs:
     if len(scores) < min_rows:
         raise PromcseError(f"only {len(scores)} scored pair(s); at least {min_rows} are needed", path=path)
     return StsPairs(Path(path).stem, s1, s2, scores)
+
+
+def read_table(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Read a table with a header row: quoted CSV (``.csv``) or unquoted TSV (any other extension).
+
+    Blank lines are skipped; header names are stripped of surrounding whitespace.
+
+    Returns:
+        The header and the data rows as (line number, {column: value}); both empty for an empty file.
+
+    Raises:
+        PromcseError: A malformed CSV row, or a row whose field count differs from the header's (line named).
+    """
+    p = Path(path)
+    tsv = p.suffix.lower() != ".csv"
+    reader = csv.reader(io.StringIO(read_text(p), newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=True)
+    try:
+        records = [(reader.line_num, fields) for fields in reader if fields]
+    except csv.Error as err:
+        raise PromcseError(f"malformed row: {err}", path=p, line=reader.line_num) from None
+    header = [h.strip() for h in records[0][1]] if records else []
+    for line, fields in records[1:]:
+        if len(fields) != len(header):
+            raise PromcseError(f"{len(fields)} fields, but the header has {len(header)}", path=p, line=line)
+    return header, [(line, dict(zip(header, fields))) for line, fields in records[1:]]

@@ -1,4 +1,4 @@
-"""Encoding texts to vectors, and resolving what a user means by a model name.
+"""Encoding texts to vectors with a loaded encoder (what a model reference means: :mod:`promcse.loading`).
 
 Texts are sorted by length so each batch pads to similar lengths, encoded under
 ``torch.inference_mode``, and returned in the caller's order.
@@ -7,48 +7,16 @@ Texts are sorted by length so each batch pads to similar lengths, encoded under
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from promcse.backbone import MINILM, load_backbone
-from promcse.checkpoint import is_checkpoint, load_checkpoint
 from promcse.errors import PromcseError
-from promcse.model import SentenceEncoder, build_encoder, default_spec
-from promcse.released import is_released, load_released
 
-
-def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre_seq_len: int | None = None) -> SentenceEncoder:
-    """Load an encoder: a promcse checkpoint directory, ``minilm``, any HF name or local path, or a
-    checkpoint in the released PromCSE format (``pooler``/``pre_seq_len`` given here or in ``promcse.json``).
-
-    A bare backbone is used frozen with mean pooling (sentence-transformers' setting for MiniLM).
-
-    Raises:
-        PromcseError: If the model cannot be found or loaded.
-    """
-    name = str(model)
-    if is_checkpoint(name):
-        encoder = load_checkpoint(name)
-    elif pooler is not None or pre_seq_len is not None or is_released(name):
-        encoder = load_released(name, pooler=pooler, pre_seq_len=pre_seq_len)
-    else:
-        if name != MINILM and Path(name).exists() and not (Path(name) / "config.json").is_file():
-            raise PromcseError("neither a promcse checkpoint nor a Hugging Face model directory", path=name)
-        backbone, tokenizer = load_backbone(name)
-        encoder = build_encoder(default_spec(name, backbone), backbone, tokenizer)
-    encoder.eval()
-    return encoder.to(resolve_device(device))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` means CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+if TYPE_CHECKING:  # only for annotations: the encoder module calls into this one
+    from promcse.model import SentenceEncoder
 
 
 def tokenize_all(encoder: SentenceEncoder, texts: list[str], max_length: int | None) -> dict[str, list[list[int]]]:

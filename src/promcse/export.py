@@ -18,7 +18,6 @@ needed to build or test it.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterable
 from importlib import resources
@@ -88,7 +87,7 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
     import safetensors.torch
 
     from promcse.checkpoint import BACKBONE_DIR, atomic_write_text
-    from promcse.encode import load
+    from promcse.loading import load
 
     source, out = str(model), Path(output)
     if Path(source).exists() and out.resolve() == Path(source).resolve():
@@ -208,7 +207,7 @@ class MTEBEncoder:
     def __init__(self, model: SentenceEncoder | str, batch_size: int = 64, normalize: bool = True,
                  device: str = "auto", **kwargs: Any) -> None:
         if isinstance(model, (str, Path)):
-            from promcse.encode import load
+            from promcse.loading import load
 
             self.model_name = str(model)
             model = load(str(model), device=device)
@@ -274,29 +273,15 @@ def _unit(x: Any) -> torch.Tensor:
     return torch.nn.functional.normalize(tensor, dim=-1)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """``promcse export``."""
-    eval_results = None
-    if args.eval_json:
-        from promcse.data import read_text
+def read_eval_results(path: str | Path) -> dict[str, Any]:
+    """Read ``promcse eval --json`` output (for :func:`export_sentence_transformers`'s model card).
 
-        try:
-            eval_results = json.loads(read_text(args.eval_json))
-        except ValueError as err:
-            raise PromcseError(f"not valid JSON: {err}", path=args.eval_json) from None
-    out = export_sentence_transformers(args.model, args.output, copy_backbone=args.copy_backbone,
-                                       eval_results=eval_results)
-    print(f"exported to {out}; load with SentenceTransformer({str(out)!r}, trust_remote_code=True)")
-    return 0
+    Raises:
+        PromcseError: The file cannot be read or is not valid JSON.
+    """
+    from promcse.data import read_text
 
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``export`` to the ``promcse`` command line."""
-    p = subparsers.add_parser("export", help="export a model for sentence-transformers")
-    p.add_argument("--format", choices=FORMATS, default="sentence-transformers", help="target (default: %(default)s)")
-    p.add_argument("--model", required=True, help="MODEL (checkpoint dir, HF name or path, or 'minilm')")
-    p.add_argument("--output", required=True, help="directory to write")
-    p.add_argument("--copy-backbone", action="store_true",
-                   help="copy the backbone into the export (self-contained; default: reference it)")
-    p.add_argument("--eval-json", help="results of 'promcse eval --json' to put in the model card")
-    p.set_defaults(func=cmd_export)
+    try:
+        return json.loads(read_text(path))
+    except ValueError as err:
+        raise PromcseError(f"not valid JSON: {err}", path=path) from None

@@ -1,35 +1,36 @@
-"""The main process's training loop: steps, logging, evaluation, best checkpoint, crash-safe states.
+"""The training loop, run by every process: steps, then (main process only) logs, evaluation, checkpoints.
 
 Every ``train.save_every`` steps the full training state is written atomically (:mod:`promcse.resume`);
 ``promcse train --resume DIR`` continues from the newest one and, on CPU, ends bit-identical to an
-uninterrupted run. SIGINT/SIGTERM finish the current step, save a state and stop with
-:class:`TrainingInterrupted`.
+uninterrupted run. On the main process SIGINT/SIGTERM finish the current step, save a state and stop
+with :class:`TrainingInterrupted`. Under ``torchrun`` the other processes run the same loop in lockstep
+(each step has collectives) and skip everything that writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
 import signal
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from promcse.checkpoint import save_checkpoint
-from promcse.config import RunConfig
-from promcse.data import TrainExamples
+from promcse.config import TrainConfig
+from promcse.data import TrainExamples, batch_views
+from promcse.distributed import DistContext, shard_rows
 from promcse.errors import PromcseError
 from promcse.model import SentenceEncoder
-from promcse.resume import LoopState, latest_state, load_state, save_state
-
-StepFn = Callable[[SentenceEncoder, RunConfig, TrainExamples, np.ndarray, Any, Any], dict[str, float]]
+from promcse.objective import Objective
+from promcse.resume import LoopState, save_state
+from promcse.step import train_step
 
 
 class TrainingInterrupted(Exception):
@@ -61,25 +62,48 @@ class TrainResult:
     history: list[tuple[int, float]] = field(default_factory=list)
 
 
-def trainable_tensors(encoder: SentenceEncoder) -> dict[str, torch.nn.Parameter]:
-    """Every tensor the optimizer updates, by name (prompt and head; the backbone too in full mode)."""
-    return {name: p for name, p in encoder.named_parameters() if p.requires_grad}
+@dataclass
+class TrainingRun:
+    """Everything the loop works on, built by :func:`promcse.train.train`.
+
+    Attributes:
+        encoder: The model being trained.
+        objective: Loss terms of view embeddings.
+        examples: The training data.
+        batches: Global row indices of every step, in order.
+        optimizer: AdamW over the trainable tensors.
+        scheduler: Learning-rate schedule (stepped once per step).
+        train: The ``train`` config section.
+        max_length: Training truncation (``data.max_length``).
+        out: Run directory.
+        dist: Process context; only the main process logs, evaluates and writes.
+        scorer: STS-B dev scorer (main process; None = no evaluation).
+        meta: Extra fields for every checkpoint's ``config.json`` (run config, row count).
+        show_progress: Draw a tqdm bar (main process).
+    """
+
+    encoder: SentenceEncoder
+    objective: Objective
+    examples: TrainExamples
+    batches: list[np.ndarray]
+    optimizer: Any
+    scheduler: Any
+    train: TrainConfig
+    max_length: int
+    out: Path
+    dist: DistContext
+    scorer: Callable[[SentenceEncoder], float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
 
 
-def check_disk_space(out: Path, encoder: SentenceEncoder, config: RunConfig) -> None:
-    """Refuse to start when the output disk cannot hold the checkpoint and the kept states."""
-    tensor_bytes = sum(p.numel() * p.element_size() for p in trainable_tensors(encoder).values())
-    states = config.train.keep_states if config.train.save_every else 0
-    needed = tensor_bytes * (1 + 3 * (states + 1)) + 50 * 2**20  # weights + Adam moments per state + slack
-    free = shutil.disk_usage(out).free
-    if free < needed:
-        raise PromcseError(f"only {free / 2**20:.0f} MiB free, about {needed / 2**20:.0f} MiB needed", path=out)
-
-
-@contextmanager
-def stop_signals() -> Iterator[list[int]]:
+@contextlib.contextmanager
+def stop_signals(enabled: bool = True) -> Iterator[list[int]]:
     """Turn SIGINT/SIGTERM into a flag the loop checks between steps (restored afterwards)."""
     caught: list[int] = []
+    if not enabled:
+        yield caught
+        return
     handler = lambda signum, _frame: caught.append(signum)  # noqa: E731
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -89,60 +113,75 @@ def stop_signals() -> Iterator[list[int]]:
             signal.signal(s, old)
 
 
-def _log(handle: Any, record: dict[str, Any]) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
+def _metrics_log(run: TrainingRun, resumed: bool) -> contextlib.AbstractContextManager[IO[str] | None]:
+    """``metrics.jsonl`` of the main process (appended to on resume); nothing elsewhere."""
+    if not run.dist.is_main:
+        return contextlib.nullcontext()
+    return open(run.out / "metrics.jsonl", "a" if resumed else "w", encoding="utf-8")
 
 
-def restore(out: Path, encoder: SentenceEncoder, optimizer: Any, scheduler: Any) -> LoopState:
-    """Load the newest saved state of a run into the encoder, optimizer, scheduler and RNGs."""
-    return load_state(latest_state(out), trainable_tensors(encoder), optimizer, scheduler)
+def _log(handle: IO[str] | None, record: dict[str, Any]) -> None:
+    if handle is not None:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
 
 
-def run_loop(encoder: SentenceEncoder, config: RunConfig, examples: TrainExamples, batches: list[np.ndarray],
-             optimizer: Any, scheduler: Any, scorer: Callable[[SentenceEncoder], float] | None, out: Path,
-             show_progress: bool, step_fn: StepFn, state: LoopState | None = None) -> TrainResult:
-    """Run the remaining steps (from ``state.step``), evaluate, keep the best checkpoint, save states."""
+def _step(run: TrainingRun, step: int) -> dict[str, float]:
+    """Take step ``step`` (1-based) on this process's shard; stop on a non-finite loss."""
+    views = batch_views(run.examples, shard_rows(run.batches[step - 1], run.dist))
+    terms = train_step(run.encoder, run.objective, views, run.optimizer, run.scheduler, run.train, run.max_length,
+                       run.dist)
+    if not math.isfinite(terms["loss"]):
+        raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
+    return terms
+
+
+def run_loop(run: TrainingRun, state: LoopState | None = None) -> TrainResult:
+    """Run the remaining steps (from ``state.step``); the main process evaluates, keeps the best, saves states."""
     state = state or LoopState()
-    start, every, save_every = time.time(), config.train.eval_every, config.train.save_every
-    meta = {"run_config": config.to_dict(), "train_rows": len(examples)}
-    encoder.train()
-    mode = "a" if state.step else "w"
-    with open(out / "metrics.jsonl", mode, encoding="utf-8") as log, stop_signals() as caught, tqdm(
-        total=len(batches), initial=state.step, disable=not show_progress, desc="train", unit="step", dynamic_ncols=True
-    ) as bar:
-        for step in range(state.step + 1, len(batches) + 1):
-            terms = step_fn(encoder, config, examples, batches[step - 1], optimizer, scheduler)
-            if not math.isfinite(terms["loss"]):
-                raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
+    start, total, main = time.time(), len(run.batches), run.dist.is_main
+    run.encoder.train()
+    bar = tqdm(total=total, initial=state.step, disable=not (main and run.show_progress), desc="train", unit="step",
+               dynamic_ncols=True)
+    with _metrics_log(run, bool(state.step)) as log, stop_signals(main) as caught, bar:
+        for step in range(state.step + 1, total + 1):
+            terms = _step(run, step)
             state.step = step
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
             bar.update(1)
-            if step % config.train.log_every == 0 or step == len(batches):
-                _log(log, {"step": step, "lr": scheduler.get_last_lr()[0], **terms, "elapsed": time.time() - start})
-            if scorer is not None and ((every and step % every == 0) or step == len(batches)):
-                _evaluate(encoder, scorer, state, log, bar, out, meta)
-            if (save_every and step % save_every == 0) or caught:
-                save_state(out, trainable_tensors(encoder), optimizer, scheduler, state, keep=config.train.keep_states)
+            if main:
+                _after_step(run, state, terms, log, bar, stop=bool(caught), started=start)
             if caught:
                 bar.write(f"signal {caught[0]}: state saved at step {step}")
-                raise TrainingInterrupted(step, out, caught[0])
-    if scorer is None:
-        state.best_step = len(batches)
-        save_checkpoint(encoder, out, {**meta, "step": state.best_step})
+                raise TrainingInterrupted(step, run.out, caught[0])
+    if run.scorer is None and main:
+        state.best_step = total
+        save_checkpoint(run.encoder, run.out, {**run.meta, "step": total})
     history = [(int(s), float(d)) for s, d in state.history]
-    best = None if scorer is None else state.best
-    return TrainResult(out, len(batches), best, state.best_step, time.time() - start, history)
+    best = None if run.scorer is None else state.best
+    return TrainResult(run.out, total, best, state.best_step if main else total, time.time() - start, history)
 
 
-def _evaluate(encoder: SentenceEncoder, scorer: Callable[[SentenceEncoder], float], state: LoopState, log: Any,
-              bar: Any, out: Path, meta: dict[str, Any]) -> None:
+def _after_step(run: TrainingRun, state: LoopState, terms: dict[str, float], log: IO[str] | None, bar: Any,
+                stop: bool, started: float) -> None:
+    """Main process, after each step: log, evaluate (keep the best checkpoint), save a training state."""
+    step, last, t = state.step, state.step == len(run.batches), run.train
+    if step % t.log_every == 0 or last:
+        _log(log, {"step": step, "lr": run.scheduler.get_last_lr()[0], **terms, "elapsed": time.time() - started})
+    if run.scorer is not None and ((t.eval_every and step % t.eval_every == 0) or last):
+        _evaluate(run, state, log, bar)
+    if (t.save_every and step % t.save_every == 0) or stop:
+        save_state(run.out, run.encoder.trainable_tensors(), run.optimizer, run.scheduler, state, keep=t.keep_states)
+
+
+def _evaluate(run: TrainingRun, state: LoopState, log: IO[str] | None, bar: Any) -> None:
     """Score on STS-B dev; save the checkpoint when it is the best so far."""
-    dev = scorer(encoder)
-    encoder.train()
+    assert run.scorer is not None
+    dev = run.scorer(run.encoder)
+    run.encoder.train()
     state.history.append([state.step, dev])
     _log(log, {"step": state.step, "stsb_dev": dev})
     bar.write(f"step {state.step}: STS-B dev {dev:.2f}")
     if dev > state.best:
         state.best, state.best_step = dev, state.step
-        save_checkpoint(encoder, out, {**meta, "step": state.step, "stsb_dev": dev})
+        save_checkpoint(run.encoder, run.out, {**run.meta, "step": state.step, "stsb_dev": dev})

@@ -9,8 +9,6 @@ distributed loop uses ``offset > 0`` with ``M > B`` after gathering other ranks'
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -204,31 +202,14 @@ def contrastive_loss(
     return terms
 
 
-def _nt_xent_entry(
-    anchor: Tensor, positive: Tensor, negative: Tensor | None = None, *, temperature: float = 0.05,
-    hard_negative_weight: float = 0.0, offset: int = 0,
-) -> dict[str, Tensor]:
-    """NT-Xent only (unsupervised SimCSE/PromCSE); EH settings raise TypeError, never ignored."""
-    return contrastive_loss(anchor, positive, negative, temperature=temperature,
-                            hard_negative_weight=hard_negative_weight, offset=offset)
-
-
-def _nt_xent_eh_entry(
-    anchor: Tensor, positive: Tensor, negative: Tensor | None = None, *, temperature: float = 0.05,
-    hard_negative_weight: float = 0.0, eh_weight: float = 10.0, eh_margin: float = 0.2, offset: int = 0,
-) -> dict[str, Tensor]:
-    """NT-Xent + energy-based hinge with PromCSE's published defaults (lambda = 10, m = 0.2)."""
-    return contrastive_loss(anchor, positive, negative, temperature=temperature, offset=offset,
-                            hard_negative_weight=hard_negative_weight, eh_weight=eh_weight,
-                            eh_margin=eh_margin)
-
-
-def _supcon_entry(
+def supcon_views(
     anchor: Tensor, positive: Tensor, negative: Tensor | None = None, *, labels: Tensor,
     temperature: float = 0.05,
 ) -> dict[str, Tensor]:
     """SupCon over two views, ``cat(anchor, positive)`` with ``labels`` repeated. Hard negatives, if any,
-    join with fresh unique labels, so they only ever appear in denominators (never as positives)."""
+    join with fresh unique labels, so they only ever appear in denominators (never as positives).
+
+    A library function: training does not offer SupCon yet (the training readers carry no labels)."""
     for name, x in (("positive", positive), ("negative", negative)):
         if x is not None and x.shape != anchor.shape:
             raise ValueError(f"supcon: {name} shape {tuple(x.shape)} != anchor shape {tuple(anchor.shape)}")
@@ -239,10 +220,3 @@ def _supcon_entry(
         all_labels.append(fresh.to(labels.dtype))
     value = supcon(torch.cat(parts), torch.cat(all_labels), temperature)
     return {"supcon": value, "loss": value}
-
-
-LOSSES: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "nt_xent": _nt_xent_entry,
-    "nt_xent_eh": _nt_xent_eh_entry,
-    "supcon": _supcon_entry,
-}

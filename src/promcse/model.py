@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from promcse.backbone import BackboneShape, freeze, load_backbone, position_limit, shape_of
+from promcse.backbone import BackboneShape, check_prompt_support, freeze, load_backbone, position_limit, shape_of
 from promcse.errors import PromcseError
 from promcse.pooling import HEAD_MODES, POOLERS, MLPHead
 from promcse.prompt import DeepPrompt, PromptSpec, run_encoder
@@ -54,16 +54,30 @@ class EncoderSpec:
         return cls(**values)  # type: ignore[arg-type]
 
 
+def check_choices(mode: str, pooler: str, head: str, prompt_length: int, section: str = "model") -> None:
+    """Reject impossible encoder settings; shared by run configs and checkpoint specs.
+
+    Raises:
+        PromcseError: Naming the key (``model.pooler``, ...) and the valid choices.
+    """
+    checks = [
+        (pooler in POOLERS, "pooler", f"unknown pooler '{pooler}'; choose one of {', '.join(POOLERS)}"),
+        (head in HEAD_MODES, "head", f"unknown head mode '{head}'; choose one of {', '.join(HEAD_MODES)}"),
+        (mode in MODES, "mode", f"unknown mode '{mode}'; choose one of {', '.join(MODES)}"),
+        (mode != "prompt" or prompt_length > 0, "prompt_length", "prompt mode needs prompt_length > 0"),
+        (pooler != "cls_before_pooler" or head == "none", "head",
+         "pooler 'cls_before_pooler' is the raw [CLS] vector without the MLP head: use head 'none' (or pooler "
+         "'cls' for [CLS] + head)"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise PromcseError(message, key=f"{section}.{key}")
+
+
 def check_spec(spec: EncoderSpec) -> None:
     """Reject impossible combinations before any weights are loaded."""
-    if spec.pooler not in POOLERS:
-        raise PromcseError(f"unknown pooler '{spec.pooler}'; choose one of {', '.join(POOLERS)}", key="model.pooler")
-    if spec.head not in HEAD_MODES:
-        raise PromcseError(f"unknown head mode '{spec.head}'; choose one of {', '.join(HEAD_MODES)}", key="model.head")
-    if spec.mode not in MODES:
-        raise PromcseError(f"unknown mode '{spec.mode}'; choose one of {', '.join(MODES)}", key="model.mode")
-    if spec.mode == "prompt" and spec.prompt is None:
-        raise PromcseError("mode 'prompt' needs a prompt length > 0", key="model.prompt_length")
+    length = spec.prompt.length if spec.prompt is not None else 0
+    check_choices(spec.mode, spec.pooler, spec.head, length)
 
 
 class SentenceEncoder(nn.Module):
@@ -137,9 +151,13 @@ class SentenceEncoder(nn.Module):
 
         return similarity(self, a, b, batch_size=batch_size)
 
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """Every tensor the optimizer updates, by name (prompt and head; the backbone too in full mode)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimizer updates (prompt and head in prompt mode; everything in full mode)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """The values of :meth:`trainable_tensors`, in module order (what the optimizer gets)."""
+        return list(self.trainable_tensors().values())
 
 
 def build_encoder(
@@ -153,6 +171,8 @@ def build_encoder(
         PromcseError: If the spec is inconsistent or disagrees with the backbone's shape.
     """
     check_spec(spec)
+    if spec.prompt is not None:
+        check_prompt_support(spec.shape.model_type)  # before loading weights a prompt could not use
     if backbone is None or tokenizer is None:
         backbone, tokenizer = load_backbone(spec.backbone)
     actual = shape_of(backbone.config)

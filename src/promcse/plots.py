@@ -1,6 +1,7 @@
-"""Reports of STS evaluation results (:func:`promcse.sts.evaluate` dicts): a text table and a figure.
+"""Figures of STS evaluation results (:func:`promcse.sts.evaluate` dicts).
 
-matplotlib is optional (``pip install matplotlib``) and imported only when a figure is drawn.
+The text table is :func:`promcse.sts.format_table` (also importable from here). matplotlib is optional
+(``pip install matplotlib``) and imported only when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -9,50 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from promcse.errors import PromcseError
+from promcse.sts import STANDARD_TASKS, TASKS, format_table  # noqa: F401  (format_table re-exported)
 
-# The 7 standard tasks as reported by promcse.sts (kept here so that plotting needs no STS imports).
-STANDARD_REPORTS: tuple[str, ...] = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICK-R")
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_table(result: dict[str, Any], model_name: str) -> str:
-    """A fixed-width text table of an evaluation result.
-
-    One row per task ("all" = the task's Spearman ×100, "wmean" for STS12-16, pair count), an Avg row,
-    an alignment / uniformity line and a CxC line when present.
-
-    Args:
-        result: A dict returned by :func:`promcse.sts.evaluate`.
-        model_name: Name printed in the title line.
-
-    Returns:
-        The table, lines joined by newlines, without a trailing newline.
-    """
-    tasks: dict[str, dict[str, Any]] = result.get("tasks", {})
-    width = max([len("Task"), *map(len, tasks)])
-    lines = [
-        f"Model: {model_name}  (text: {result.get('text', '?')}; Spearman x100)",
-        f"{'Task':<{width}}  {'all':>7}  {'wmean':>7}  {'n':>6}",
-        "-" * (width + 26),
-    ]
-    for name, row in tasks.items():
-        lines.append(f"{name:<{width}}  {_fmt(row['spearman']):>7}  {_fmt(row.get('wmean')):>7}  {row['n']:>6}")
-    lines.append(f"{'Avg':<{width}}  {_fmt(result.get('avg')):>7}")
-    if "uniformity" in result:
-        lines.append(
-            "alignment / uniformity (STS-B test; lower is better): "
-            f"{_fmt(result.get('alignment'), 4)} / {_fmt(result['uniformity'], 4)}"
-        )
-    if "cxc" in result:
-        c = result["cxc"]
-        lines.append(
-            f"CxC: {c['bootstrap_mean']:.2f} ± {c['bootstrap_std']:.2f} (bootstrap, {c.get('rounds', '?')} rounds); "
-            f"all pairs {c['spearman']:.2f} ({c['n_pairs']} pairs, {c['n_images']} images)"
-        )
-    return "\n".join(lines)
+STANDARD_REPORTS: tuple[str, ...] = tuple(TASKS[t].report for t in STANDARD_TASKS)  # the 7 standard tasks
 
 
 def _pyplot() -> Any:

@@ -10,6 +10,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from promcse.backbone import reference_init_
+
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``hidden`` (B, T, H) over positions where ``mask`` (B, T) is 1."""
@@ -60,6 +62,7 @@ class MLPHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.activation = nn.Tanh()
+        reference_init_(self)  # N(0, 0.02) weights, zero bias, as the reference's cl_init
 
     def forward(self, features: Tensor) -> Tensor:
         """Apply the head."""

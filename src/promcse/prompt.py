@@ -20,13 +20,14 @@ sequence length P, so transformers applies the same shift.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from promcse.backbone import BackboneShape, unshifted_position_ids
+from promcse.backbone import BackboneShape, reference_init_, unshifted_position_ids
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class DeepPrompt(nn.Module):
                 nn.Tanh(),
                 nn.Linear(spec.projection_hidden, width),
             )
+            reference_init_(self.trans)  # N(0, 0.02) weights, zero bias, as the reference's cl_init
         else:
             self.embedding = nn.Embedding(spec.length, width)
             self.trans = None
@@ -124,6 +126,15 @@ def prefixed_attention_mask(attention_mask: Tensor, prefix_length: int, dtype: t
     return additive.masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
 
 
+def forward_inputs(backbone: nn.Module) -> frozenset[str]:
+    """Names the backbone's forward accepts (DistilBERT, e.g., takes no ``token_type_ids``), cached on it."""
+    names = getattr(backbone, "_promcse_forward_inputs", None)
+    if names is None:
+        names = frozenset(inspect.signature(backbone.forward).parameters)
+        backbone._promcse_forward_inputs = names  # type: ignore[assignment]
+    return names
+
+
 def run_encoder(
     backbone: nn.Module,
     inputs: dict[str, Tensor],
@@ -150,6 +161,7 @@ def run_encoder(
         if not prompt.spec.shift_positions and "position_ids" not in inputs:
             kwargs["position_ids"] = unshifted_position_ids(backbone.config, inputs["input_ids"], mask)
         mask = prefixed_attention_mask(mask, prompt.spec.length, dtype)
-    model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    accepted = forward_inputs(backbone)
+    model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask" and k in accepted}
     out = backbone(**model_inputs, attention_mask=mask, **kwargs)
     return tuple(out.hidden_states) if output_hidden_states else (out.last_hidden_state,)

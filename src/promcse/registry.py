@@ -22,19 +22,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from promcse.backbone import MINILM, load_backbone, resolve_backbone
-from promcse.checkpoint import is_checkpoint, load_checkpoint, read_spec
-from promcse.encode import resolve_device
+from promcse.backbone import load_backbone, resolve_device
+from promcse.encode import similarity
 from promcse.errors import PromcseError
-from promcse.model import SentenceEncoder, build_encoder, default_spec
-from promcse.released import is_released, load_released
-
-
-def backbone_key(name_or_path: str) -> str:
-    """Identity of a backbone: the real path of a local directory (``minilm`` resolved), else the name."""
-    resolved = resolve_backbone(name_or_path)
-    path = Path(resolved)
-    return str(path.resolve()) if path.is_dir() else resolved
+from promcse.loading import backbone_key, load, reference_key
+from promcse.model import SentenceEncoder
 
 
 class PromptRegistry:
@@ -78,8 +70,8 @@ class PromptRegistry:
 
     def find(self, model_ref: str) -> str | None:
         """Name of a registered model loaded from the same reference (paths compared resolved), if any."""
-        wanted = _ref_key(model_ref)
-        return next((name for name, ref in self._refs.items() if _ref_key(ref) == wanted), None)
+        wanted = reference_key(model_ref)
+        return next((name for name, ref in self._refs.items() if reference_key(ref) == wanted), None)
 
     def add(self, name: str, model: str | Path) -> SentenceEncoder:
         """Load ``model`` (checkpoint dir, released PromCSE dir with ``promcse.json``, HF name or path, or
@@ -90,24 +82,9 @@ class PromptRegistry:
         """
         if not name or name in self._encoders:
             raise PromcseError(f"model name {name!r} is empty or already registered")
-        ref = str(model)
-        if is_released(ref):  # the authors' format: a full HF model with its own backbone copy
-            encoder = load_released(ref, device=str(self.device))
-        elif is_checkpoint(ref):
-            spec = read_spec(ref)
-            if spec.mode == "full":
-                encoder = load_checkpoint(ref)  # its own fine-tuned backbone: nothing to share
-            else:
-                backbone, tokenizer = self._backbone(spec.backbone)
-                encoder = load_checkpoint(ref, backbone=backbone, tokenizer=tokenizer)
-        else:
-            if ref != MINILM and Path(ref).exists() and not (Path(ref) / "config.json").is_file():
-                raise PromcseError("neither a promcse checkpoint nor a Hugging Face model directory", path=ref)
-            backbone, tokenizer = self._backbone(ref)
-            encoder = build_encoder(default_spec(ref, backbone), backbone, tokenizer)
-        encoder.eval().to(self.device)
+        encoder = load(model, device=str(self.device), backbones=self._backbone)
         self._encoders[name] = encoder
-        self._refs[name] = ref
+        self._refs[name] = str(model)
         return encoder
 
     def _backbone(self, name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -142,9 +119,9 @@ class PromptRegistry:
 
     def similarity(self, a: list[str], b: list[str], model: str | None = None, batch_size: int = 64) -> np.ndarray:
         """Cosine similarity matrix (len(a), len(b)) under model ``model``."""
-        va = np.asarray(self.encode(a, model, batch_size=batch_size))
-        vb = np.asarray(self.encode(b, model, batch_size=batch_size))
-        return va @ vb.T
+        encoder = self.get(model)
+        with self.lock:
+            return similarity(encoder, a, b, batch_size=batch_size)
 
     def describe(self, name: str) -> dict[str, Any]:
         """JSON-able facts about one registered model (for ``GET /models``)."""
@@ -155,12 +132,6 @@ class PromptRegistry:
                 "head": spec.head, "dim": encoder.dim,
                 "prompt_length": spec.prompt.length if spec.prompt is not None else 0,
                 "prompt_parameters": prompt_params, "max_length": encoder.max_length}
-
-
-def _ref_key(model_ref: str) -> str:
-    """Comparable form of a model reference (existing paths resolved)."""
-    path = Path(model_ref)
-    return str(path.resolve()) if path.exists() else model_ref
 
 
 def load_many(models: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]], device: str = "auto") -> PromptRegistry:

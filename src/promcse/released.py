@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from promcse.backbone import load_backbone, shape_of
+from promcse.backbone import load_backbone, resolve_device, shape_of
 from promcse.errors import PromcseError
 from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
 from promcse.pooling import POOLERS
@@ -184,7 +184,4 @@ def load_released(directory: str | Path, pooler: str | None = None, pre_seq_len:
     encoder.prompt.load_state_dict(prompt_state)  # type: ignore[union-attr]
     if encoder.head is not None:
         encoder.head.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items() if k.startswith("mlp.")})
-    encoder.eval()
-    from promcse.encode import resolve_device
-
-    return encoder.to(resolve_device(device))
+    return encoder.eval().to(resolve_device(device))

@@ -13,10 +13,8 @@ The data order is a pure function of (seed, rows, batch size, epochs), so the po
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import safetensors.torch
 import torch
 
 from promcse.errors import PromcseError
+from promcse.files import atomic_directory
 
 STATE_PREFIX = "state-"
 
@@ -45,14 +44,6 @@ class LoopState:
     best: float = float("-inf")
     best_step: int = 0
     history: list[list[float]] = field(default_factory=list)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -86,26 +77,18 @@ def save_state(run_dir: str | Path, trainable: dict[str, torch.Tensor], optimize
                scheduler: Any, loop: LoopState, keep: int = 2) -> Path:
     """Atomically write a training state under ``run_dir`` and prune old ones; returns its path."""
     run = Path(run_dir)
-    final = run / f"{STATE_PREFIX}{loop.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=run))
-    try:
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        rng_tensors, rng_meta = _rng_tensors()
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "weights.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    rng_tensors, rng_meta = _rng_tensors()
+    meta = {"loop": loop.__dict__, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+
+    def fill(tmp: Path) -> None:
+        weights = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
+        safetensors.torch.save_file(weights, str(tmp / "weights.safetensors"))
         safetensors.torch.save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         safetensors.torch.save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        meta = {"loop": loop.__dict__, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-        for child in tmp.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(run)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    final = atomic_directory(run / f"{STATE_PREFIX}{loop.step:08d}", fill)
     for old in list_states(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

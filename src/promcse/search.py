@@ -14,7 +14,6 @@ object per line) and ``index.faiss`` or ``vectors.npy``. Nothing is pickled: FAI
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -81,7 +80,7 @@ class Index:
         if kind not in KINDS:
             raise PromcseError(f"unknown index kind '{kind}'; choose one of {', '.join(KINDS)}")
         if isinstance(encoder, (str, Path)):
-            from promcse.encode import load
+            from promcse.loading import load
 
             model_ref = model_ref or str(encoder)
             encoder = load(str(encoder), device=device)
@@ -238,7 +237,7 @@ class Index:
         if encoder is None:
             if not meta.get("model"):
                 raise PromcseError("the index records no model reference: pass the encoder", path=root / META_FILE)
-            from promcse.encode import load
+            from promcse.loading import load
 
             encoder = load(str(meta["model"]), device=device)
         index = cls(encoder, model_ref=meta.get("model"), kind=str(meta["backend"]),
@@ -323,50 +322,3 @@ def _load_npy(path: Path) -> np.ndarray:
     if vectors.ndim != 2:
         raise PromcseError(f"vectors must be 2-D, got shape {vectors.shape}", path=path)
     return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def cmd_index_build(args: argparse.Namespace) -> int:
-    """``promcse index build``: embed a text file (one text per line) and save the index."""
-    from promcse.data import read_sentences
-
-    texts = read_sentences(args.input).anchor
-    index = Index(args.model, kind=args.kind, nlist=args.nlist, batch_size=args.batch_size, device=args.device)
-    index.add(texts, show_progress=not args.no_progress)
-    out = index.save(args.output)
-    print(f"indexed {len(index)} texts ({index.kind}, dim {index.dim}) in {out}")
-    return 0
-
-
-def cmd_index_search(args: argparse.Namespace) -> int:
-    """``promcse index search``: print the top hits for each query."""
-    index = Index.load(args.index, device=args.device)
-    for query, hits in zip(args.query, index.search(args.query, top_k=args.top_k, threshold=args.threshold)):
-        print(f"query: {query}")
-        for rank, hit in enumerate(hits, start=1):
-            print(f"  {rank:>3}. {hit.score:.4f}  [{hit.id}] {hit.text}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``index build`` and ``index search`` to the ``promcse`` command line."""
-    parser = subparsers.add_parser("index", help="build or query a semantic search index")
-    sub = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    p = sub.add_parser("build", help="embed a text file (one text per line) into an index directory")
-    p.add_argument("--model", required=True, help="MODEL (checkpoint dir, HF name or path, or 'minilm')")
-    p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
-    p.add_argument("--output", required=True, help="index directory to write")
-    p.add_argument("--kind", choices=KINDS, default="auto",
-                   help=f"flat (exact FAISS), ivf (approximate), numpy (exact, no faiss); auto: ivf from "
-                        f"{AUTO_IVF_MIN} texts (default: auto)")
-    p.add_argument("--nlist", type=int, help="IVF lists (default: ~4*sqrt(N))")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=cmd_index_build)
-    p = sub.add_parser("search", help="query an index directory")
-    p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--query", required=True, action="append", help="query text (repeatable)")
-    p.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
-    p.add_argument("--threshold", type=float, help="minimum cosine similarity")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.set_defaults(func=cmd_index_search)

@@ -17,7 +17,6 @@ never yields a 500. ``promcse serve`` stops on SIGTERM or SIGINT after finishing
 # No ``from __future__ import annotations``: FastAPI reads the request models from the endpoint
 # annotations, which live in create_app's scope (fastapi is imported lazily, so ``promcse --help``
 # works without the optional serving dependencies).
-import argparse
 import asyncio
 import ipaddress
 import re
@@ -339,24 +338,43 @@ class BackgroundServer:
         self.sock.close()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """``promcse serve``: load models and indexes, then serve until interrupted."""
+def check_server_options(port: int, graceful_timeout: float) -> None:
+    """Check :func:`run_server`'s ``port`` and ``graceful_timeout`` (cheap: call it before loading models).
+
+    Raises:
+        PromcseError: A port outside 1..65535 or a negative graceful timeout.
+    """
+    if not 0 < port < 65536:
+        raise PromcseError(f"--port must be in 1..65535, got {port}")
+    if graceful_timeout < 0:
+        raise PromcseError(f"--graceful-timeout must be at least 0 seconds, got {graceful_timeout}")
+
+
+def run_server(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]] | None = None, *,
+               host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+               graceful_timeout: int = 30) -> signal.Signals | None:
+    """Serve ``registry`` and ``indexes`` (see :func:`load_server`) with uvicorn in this thread until stopped.
+
+    On SIGTERM or SIGINT the server stops accepting connections, finishes the requests in flight (for up to
+    ``graceful_timeout`` seconds, then cancels them) and returns; the previous signal handlers are restored.
+
+    Returns:
+        The signal that stopped the server, or None when it stopped otherwise.
+
+    Raises:
+        PromcseError: Bad ``port`` or ``graceful_timeout`` (see :func:`check_server_options`).
+    """
     import uvicorn
 
-    if not 0 < args.port < 65536:
-        raise PromcseError(f"--port must be in 1..65535, got {args.port}")
-    if args.graceful_timeout < 0:
-        raise PromcseError(f"--graceful-timeout must be at least 0 seconds, got {args.graceful_timeout}")
-    models = parse_named(args.model, "model")
-    registry, indexes = load_server(models, parse_named(args.index, "index"), device=args.device)
-    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
+    check_server_options(port, graceful_timeout)
+    indexes = indexes or {}
     app = create_app(registry, indexes, limits)
-    if not _is_loopback(args.host):
-        print(f"warning: listening on {args.host}: the API has no authentication; put it behind a proxy")
+    if not _is_loopback(host):
+        print(f"warning: listening on {host}: the API has no authentication; put it behind a proxy")
     print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}] and {len(indexes)} index(es) "
-          f"on {len(registry.backbones)} shared backbone(s): http://{args.host}:{args.port}/")
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                          timeout_graceful_shutdown=args.graceful_timeout))
+          f"on {len(registry.backbones)} shared backbone(s): http://{host}:{port}/")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                          timeout_graceful_shutdown=graceful_timeout))
     stopped_by: list[int] = []
 
     def on_signal(sig: int, frame: object) -> None:
@@ -371,9 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if stopped_by:
-        print(f"promcse serve: stopped by {signal.Signals(stopped_by[0]).name}", flush=True)
-    return 0
+    return signal.Signals(stopped_by[0]) if stopped_by else None
 
 
 def _is_loopback(host: str) -> bool:
@@ -381,20 +397,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``serve`` to the ``promcse`` command line."""
-    p = subparsers.add_parser("serve", help="HTTP API and web page: embed, similarity, search")
-    p.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
-                   help="model to serve (repeatable; checkpoints on one backbone share it in memory)")
-    p.add_argument("--index", action="append", metavar="NAME=DIR", help="index directory to serve (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--max-texts", type=int, default=Limits.max_texts, help="texts per request (default: %(default)s)")
-    p.add_argument("--max-chars", type=int, default=Limits.max_chars, help="characters per text (default: %(default)s)")
-    p.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, wait this long for requests in flight before cancelling them "
-                        "(default: %(default)s)")
-    p.set_defaults(func=cmd_serve)

@@ -1,28 +1,27 @@
-"""STS evaluation as SimCSE/PromCSE report it (SentEval protocol), alignment/uniformity, and CxC.
+"""STS evaluation as SimCSE/PromCSE report it (SentEval protocol), alignment/uniformity, and the text table.
 
-Works with any encoder (:data:`EncodeFn`); every distinct sentence is encoded once. See docs/EVALUATION.md.
+Works with any encoder (:data:`EncodeFn`); every distinct sentence is encoded once. CxC lives in
+:mod:`promcse.cxc`, which :func:`evaluate` calls for ``cxc=``. See docs/EVALUATION.md.
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
-import json
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
 
-from promcse.data import StsPairs, read_sts_tsv, read_text
+from promcse.data import StsPairs, read_sts_tsv
 from promcse.errors import PromcseError
-from promcse.plots import format_table  # noqa: F401  (re-exported; text and figure reports live in plots)
+
+if TYPE_CHECKING:  # promcse.cxc imports this module; evaluate imports it lazily
+    from promcse.cxc import CxcPairs
 
 EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (len(texts), dim), e.g. SentenceTransformer.encode
 
@@ -132,8 +131,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class _Lookup:
-    """Unit embeddings of distinct texts, by text: one ``encode_fn`` call (or chunks of ``batch_texts``)."""
+class Lookup:
+    """Unit embeddings of distinct texts, by text: one ``encode_fn`` call (or chunks of ``batch_texts``).
+
+    Calling it maps texts to their rows; shared with :mod:`promcse.cxc`."""
 
     def __init__(self, encode_fn: EncodeFn, texts: list[str], batch_texts: int | None = None) -> None:
         self.unique = list(dict.fromkeys(texts))
@@ -157,7 +158,7 @@ def spearman(pred: np.ndarray, gold: np.ndarray) -> float:
     return float(stats.spearmanr(pred, gold).statistic * 100.0)
 
 
-def _score_task(files: list[StsPairs], lookup: _Lookup, grouped: bool) -> dict[str, Any]:
+def _score_task(files: list[StsPairs], lookup: Lookup, grouped: bool) -> dict[str, Any]:
     """One task's numbers: "spearman" over all files concatenated, plus "wmean"/"subsets" when grouped."""
     sims = [lookup.cosines(f.sentence1, f.sentence2) for f in files]
     golds = [np.asarray(f.scores, dtype=np.float64) for f in files]
@@ -194,7 +195,7 @@ def uniformity(x: np.ndarray, block: int = 2048) -> float:
     return math.log(total / (n * (n - 1)))
 
 
-def _align_uniform(pairs: StsPairs, lookup: _Lookup) -> dict[str, float]:
+def _align_uniform(pairs: StsPairs, lookup: Lookup) -> dict[str, float]:
     """Alignment over pairs with gold > 4 and uniformity over all distinct sentences of STS-B test."""
     pos = [i for i, s in enumerate(pairs.scores) if s > POSITIVE_THRESHOLD]
     out = {"uniformity": uniformity(lookup(list(dict.fromkeys(pairs.sentence1 + pairs.sentence2))))}
@@ -202,6 +203,15 @@ def _align_uniform(pairs: StsPairs, lookup: _Lookup) -> dict[str, float]:
         out["alignment"] = alignment(lookup([pairs.sentence1[i] for i in pos]),
                                      lookup([pairs.sentence2[i] for i in pos]))
     return out
+
+
+def _score_tasks(names: list[str], sets: dict[str, list[StsPairs]], extra: list[StsPairs],
+                 lookup: Lookup) -> dict[str, Any]:
+    """A result's "tasks" (the selected tasks, then the extra files) and "avg" (None without a standard task)."""
+    tasks = {TASKS[t].report: _score_task(sets[TASKS[t].report], lookup, TASKS[t].files is None) for t in names}
+    tasks.update({f.name: _score_task([f], lookup, grouped=False) for f in extra})
+    standard = [tasks[TASKS[t].report]["spearman"] for t in STANDARD_TASKS if t in names]
+    return {"tasks": tasks, "avg": float(np.mean(standard)) if standard else None}
 
 
 def evaluate(
@@ -222,7 +232,7 @@ def evaluate(
         data_dir: Root holding ``tsv/<text>/<TASK>/*.tsv``; None: ``$PROMCSE_DATA_DIR``, else bundled STS-B.
         text: ``"original"`` (untokenised) or ``"senteval"`` (as SentEval feeds it).
         tsv_files: Extra ``sentence1<TAB>sentence2<TAB>score`` files, reported by file stem.
-        cxc: A CxC file (see :func:`load_cxc`) or loaded :class:`CxcPairs`.
+        cxc: A CxC file (see :func:`promcse.cxc.load_cxc`) or loaded :class:`promcse.cxc.CxcPairs`.
         alignment_uniformity: Add "alignment"/"uniformity" (only when "stsb" is among the tasks).
         batch_texts: At most this many texts per ``encode_fn`` call; None: one call.
 
@@ -238,20 +248,15 @@ def evaluate(
     names = parse_tasks(tasks) if tasks else []
     if not names and not tsv_files and cxc is None:
         raise PromcseError("nothing to evaluate: give STS tasks, --tsv files or a CxC file")
+    from promcse.cxc import cxc_scores, load_cxc  # lazily: promcse.cxc imports this module
     root = resolve_data_dir(data_dir) if names else None
     sets = {TASKS[t].report: [read_sts_tsv(p) for p in task_files(t, root, text)] for t in names}
     extra = _extra_files(tsv_files, set(sets))
     cxc_pairs = load_cxc(cxc) if isinstance(cxc, (str, Path)) else cxc
     texts = [s for files in [*sets.values(), extra] for f in files for s in (*f.sentence1, *f.sentence2)]
     texts += cxc_pairs.sentence1 + cxc_pairs.sentence2 if cxc_pairs else []
-    lookup = _Lookup(encode_fn, texts, batch_texts)
-    result: dict[str, Any] = {"text": text, "tasks": {}}
-    for t in names:
-        result["tasks"][TASKS[t].report] = _score_task(sets[TASKS[t].report], lookup, TASKS[t].files is None)
-    for f in extra:
-        result["tasks"][f.name] = _score_task([f], lookup, grouped=False)
-    standard = [result["tasks"][TASKS[t].report]["spearman"] for t in STANDARD_TASKS if t in names]
-    result["avg"] = float(np.mean(standard)) if standard else None
+    lookup = Lookup(encode_fn, texts, batch_texts)
+    result: dict[str, Any] = {"text": text, **_score_tasks(names, sets, extra, lookup)}
     if alignment_uniformity and "stsb" in names:
         result.update(_align_uniform(sets[TASKS["stsb"].report][0], lookup))
     if cxc_pairs is not None:
@@ -259,142 +264,54 @@ def evaluate(
     return result
 
 
-@dataclass(frozen=True)
-class CxcPairs:
-    """CxC caption pairs, gold scores (0-5), and each pair's group: the COCO image of caption1
-    (``grouped_by="image"``), else the caption1 id (``"caption1"``) or text (``"sentence1"``)."""
-
-    sentence1: list[str]
-    sentence2: list[str]
-    scores: list[float]
-    groups: list[str]
-    grouped_by: str
-    source: str
-
-
-_CAPTION_ID = re.compile(r"^(?:.*:)?(\d+)$")  # "COCO_val2014:sentid:N" or plain N
-Captions = dict[int, tuple[str, str]]  # annotation id -> (caption text, image id)
-
-
-def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Rows of a quoted CSV (``.csv``) or an unquoted TSV (otherwise) as (line, {column: value})."""
-    tsv = path.suffix.lower() != ".csv"
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t" if tsv else ",",
-                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=True)
-    try:
-        records = [(reader.line_num, fields) for fields in reader if fields]
-    except csv.Error as err:
-        raise PromcseError(f"malformed row: {err}", path=path, line=reader.line_num) from None
-    header = [h.strip() for h in records[0][1]] if records else []
-    for line, fields in records[1:]:
-        if len(fields) != len(header):
-            raise PromcseError(f"{len(fields)} fields, but the header has {len(header)}", path=path, line=line)
-    return header, [(line, dict(zip(header, fields))) for line, fields in records[1:]]
-
-
-def _read_captions(path: Path, captions: str | Path | None) -> Captions | None:
-    """COCO captions (``captions``, else ``captions_val5k.json``/``captions*.json`` beside ``path``), whitespace
-    collapsed as in PromCSE's CSV; None when there is no such file."""
-    found = [Path(captions)] if captions else sorted(path.parent.glob("captions*.json"),
-                                                     key=lambda q: q.name != "captions_val5k.json")
-    if not found:
-        return None
-    try:  # json.JSONDecodeError is a ValueError
-        annotations = json.loads(read_text(found[0]))["annotations"]
-        return {int(a["id"]): (" ".join(str(a["caption"]).split()), str(a["image_id"])) for a in annotations}
-    except (KeyError, TypeError, ValueError) as err:
-        message = f"not COCO caption JSON (need annotations[*].id, image_id, caption): {err!r}"
-        raise PromcseError(message, path=found[0], key="annotations") from None
-
-
-def _caption(path: Path, line: int, column: str, value: str, caps: Captions | None) -> tuple[str, str]:
-    """(text, image id) of a caption id."""
-    match = _CAPTION_ID.match(value.strip())
-    if match is None or caps is None or int(match.group(1)) not in caps:
-        what = "not a COCO caption id" if match is None else "caption id not found in the captions JSON"
-        raise PromcseError(f"{what}: {value!r}", path=path, line=line, column=column)
-    return caps[int(match.group(1))]
-
-
-def load_cxc(path: str | Path, captions: str | Path | None = None) -> CxcPairs:
-    """Read CxC STS pairs: the official ``caption1,caption2,agg_score,...`` CSV (ids ``COCO_val2014:sentid:N``;
-    text and image from the COCO captions JSON: ``captions``, else ``captions_val5k.json``/``captions*.json``
-    beside the file), PromCSE's CSV (the same plus ``sent1,sent2``), or a TSV ``sentence1, sentence2, score``
-    (+ ``caption1``/``caption1_id``). Pairs are grouped by caption1's image when the JSON is there, else by
-    the caption1 id (or sentence1).
+def score_split(encode_fn: EncodeFn, task: str, data_dir: str | Path | None = None) -> float:
+    """Spearman ×100 of one STS task split (e.g. ``"stsb-dev"`` to choose checkpoints, ``"stsb"``), with
+    alignment/uniformity off; ``data_dir`` as for :func:`evaluate`.
 
     Raises:
-        PromcseError: Missing columns or JSON, unknown caption ids, bad scores, < 3 pairs (file, line named).
+        PromcseError: Unknown task (``"all"`` is not one split), or missing data.
     """
-    p = Path(path)
-    header, rows = _read_table(p)
-    cols = set(header)
-    if {"sentence1", "sentence2", "score"} <= cols:
-        t1, t2, score_col = "sentence1", "sentence2", "score"
-    elif {"caption1", "caption2", "agg_score"} <= cols:
-        t1, t2, score_col = ("sent1", "sent2", "agg_score") if {"sent1", "sent2"} <= cols else ("", "", "agg_score")
-    else:
-        found = ", ".join(header) or "none"
-        raise PromcseError(f"need columns sentence1,sentence2,score or caption1,caption2,agg_score; found {found}",
-                           path=p, line=1)
-    id_col = next((c for c in ("caption1", "caption1_id") if c in cols), "")
-    caps = _read_captions(p, captions) if id_col else None
-    if not t1 and caps is None:
-        raise PromcseError("captions are given by id only: put captions_val5k.json beside the file or pass it", path=p)
-    out: tuple[list[Any], ...] = ([], [], [], [])
-    for line, row in rows:
-        if not row[score_col].strip():
-            continue  # no gold: dropped, as for STS
-        try:
-            score = float(row[score_col])
-        except ValueError:
-            score = math.nan
-        if not math.isfinite(score):
-            raise PromcseError(f"score is not a finite number: {row[score_col]!r}", path=p, line=line, column=score_col)
-        image = _caption(p, line, id_col, row[id_col], caps)[1] if caps is not None else ""
-        out[0].append(row[t1] if t1 else _caption(p, line, "caption1", row["caption1"], caps)[0])
-        out[1].append(row[t2] if t2 else _caption(p, line, "caption2", row["caption2"], caps)[0])
-        out[2].append(score)
-        out[3].append(image or (row[id_col].strip() if id_col else out[0][-1]))
-    if len(out[2]) < 3:
-        raise PromcseError(f"only {len(out[2])} scored pair(s); at least 3 are needed", path=p)
-    grouped_by = "image" if caps is not None else ("caption1" if id_col else "sentence1")
-    return CxcPairs(out[0], out[1], out[2], out[3], grouped_by, str(p))
+    name = _canonical_task(task.strip().lower())
+    result = evaluate(encode_fn, [name], data_dir, alignment_uniformity=False)
+    return float(result["tasks"][TASKS[name].report]["spearman"])
 
 
-def bootstrap_indices(groups: Sequence[str], rounds: int = 1000, seed: int = 123) -> np.ndarray:
-    """Pair indices per bootstrap round, shape ``(rounds, k = n_images // 2)``. Images sorted by key, pairs in
-    file order; with ``rng = RandomState(seed)``, each round draws ``img = rng.randint(0, n_images, k)`` then
-    ``u = rng.random_sample(k)`` and takes pair ``floor(u * count[img])`` of each drawn image."""
-    keys, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    counts = np.bincount(inverse, minlength=len(keys))
-    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    k = len(keys) // 2
-    if k < 2:
-        raise PromcseError(f"the CxC bootstrap needs at least 4 images (groups); got {len(keys)}")
-    rng = np.random.RandomState(seed)
-    idx = np.empty((rounds, k), dtype=np.int64)
-    for r in range(rounds):
-        img = rng.randint(0, len(keys), size=k)
-        idx[r] = order[offsets[img] + (rng.random_sample(k) * counts[img]).astype(np.int64)]
-    return idx
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
-def rowwise_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman ×100 of each row of x against the same row of y: Pearson of average ranks."""
-    rx, ry = (r - r.mean(axis=1, keepdims=True) for r in (stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 100.0 * np.sum(rx * ry, axis=1) / np.sqrt(np.sum(rx * rx, axis=1) * np.sum(ry * ry, axis=1))
+def format_table(result: dict[str, Any], model_name: str) -> str:
+    """A fixed-width text table of an evaluation result.
 
+    One row per task ("all" = the task's Spearman ×100, "wmean" for STS12-16, pair count), an Avg row,
+    an alignment / uniformity line and a CxC line when present.
 
-def cxc_scores(encode_fn: EncodeFn, pairs: CxcPairs, rounds: int = 1000, seed: int = 123) -> dict[str, Any]:
-    """CxC as PromCSE reports it: Spearman ×100 over all pairs, and the bootstrap mean ± std (ddof=0) over
-    ``rounds`` rounds of half the images drawn with replacement, one random pair each (:func:`bootstrap_indices`)."""
-    lookup = _Lookup(encode_fn, pairs.sentence1 + pairs.sentence2)
-    sims = lookup.cosines(pairs.sentence1, pairs.sentence2)
-    gold = np.asarray(pairs.scores, dtype=np.float64)
-    rho = rowwise_spearman(*(v[bootstrap_indices(pairs.groups, rounds, seed)] for v in (sims, gold)))
-    return {"spearman": spearman(sims, gold), "bootstrap_mean": float(np.mean(rho)),
-            "bootstrap_std": float(np.std(rho)), "n_pairs": len(gold), "n_images": len(set(pairs.groups)),
-            "grouped_by": pairs.grouped_by, "rounds": rounds, "seed": seed}
+    Args:
+        result: A dict returned by :func:`evaluate`.
+        model_name: Name printed in the title line.
+
+    Returns:
+        The table, lines joined by newlines, without a trailing newline.
+    """
+    tasks: dict[str, dict[str, Any]] = result.get("tasks", {})
+    width = max([len("Task"), *map(len, tasks)])
+    lines = [
+        f"Model: {model_name}  (text: {result.get('text', '?')}; Spearman x100)",
+        f"{'Task':<{width}}  {'all':>7}  {'wmean':>7}  {'n':>6}",
+        "-" * (width + 26),
+    ]
+    for name, row in tasks.items():
+        lines.append(f"{name:<{width}}  {_fmt(row['spearman']):>7}  {_fmt(row.get('wmean')):>7}  {row['n']:>6}")
+    lines.append(f"{'Avg':<{width}}  {_fmt(result.get('avg')):>7}")
+    if "uniformity" in result:
+        lines.append(
+            "alignment / uniformity (STS-B test; lower is better): "
+            f"{_fmt(result.get('alignment'), 4)} / {_fmt(result['uniformity'], 4)}"
+        )
+    if "cxc" in result:
+        c = result["cxc"]
+        lines.append(
+            f"CxC: {c['bootstrap_mean']:.2f} ± {c['bootstrap_std']:.2f} (bootstrap, {c.get('rounds', '?')} rounds); "
+            f"all pairs {c['spearman']:.2f} ({c['n_pairs']} pairs, {c['n_images']} images)"
+        )
+    return "\n".join(lines)

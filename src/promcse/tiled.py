@@ -18,7 +18,6 @@ Pure PyTorch: runs wherever ``torch.mm`` does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -192,30 +191,3 @@ def tiled_contrastive_loss(
         terms["energy_hinge"] = eh
         terms["loss"] = ce + eh_weight * eh
     return terms
-
-
-def _nt_xent_entry(
-    anchor: Tensor, positive: Tensor, negative: Tensor | None = None, *, temperature: float = 0.05,
-    hard_negative_weight: float = 0.0, offset: int = 0, tile_size: int = DEFAULT_TILE,
-) -> dict[str, Tensor]:
-    """Tiled NT-Xent only (mirrors ``promcse.losses.LOSSES['nt_xent']``)."""
-    return tiled_contrastive_loss(anchor, positive, negative, temperature=temperature, offset=offset,
-                                  hard_negative_weight=hard_negative_weight, tile_size=tile_size)
-
-
-def _nt_xent_eh_entry(
-    anchor: Tensor, positive: Tensor, negative: Tensor | None = None, *, temperature: float = 0.05,
-    hard_negative_weight: float = 0.0, eh_weight: float = 10.0, eh_margin: float = 0.2, offset: int = 0,
-    tile_size: int = DEFAULT_TILE,
-) -> dict[str, Tensor]:
-    """Tiled NT-Xent + energy hinge (mirrors ``promcse.losses.LOSSES['nt_xent_eh']``)."""
-    return tiled_contrastive_loss(anchor, positive, negative, temperature=temperature, offset=offset,
-                                  hard_negative_weight=hard_negative_weight, eh_weight=eh_weight,
-                                  eh_margin=eh_margin, tile_size=tile_size)
-
-
-# Same keys and call signatures as promcse.losses.LOSSES (plus tile_size) for the losses that tile.
-TILED_LOSSES: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "nt_xent": _nt_xent_entry,
-    "nt_xent_eh": _nt_xent_eh_entry,
-}

@@ -1,0 +1,104 @@
+"""``promcse train`` and ``promcse quickstart``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from promcse.cli.common import add_common
+from promcse.errors import PromcseError
+
+QUICKSTART_CONFIG = "quickstart.yaml"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a prompt (or a full fine-tune) from a config."""
+    from promcse.config import load_config
+    from promcse.loop import TrainingInterrupted
+    from promcse.train import train
+
+    overrides = list(args.set or [])
+    if args.train_file:
+        overrides.append(f"data.train_file={args.train_file}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.data_dir:
+        overrides.append(f"data.eval_data_dir={args.data_dir}")
+    if args.save_every is not None:
+        overrides.append(f"train.save_every={args.save_every}")
+    if args.resume:
+        saved = Path(args.resume) / "run_config.yaml"
+        if not saved.is_file():
+            raise PromcseError("not a run directory to resume (no run_config.yaml)", path=args.resume)
+        config = load_config(saved, overrides)
+        output = args.resume
+    else:
+        if not args.output:
+            raise PromcseError("--output is required (or --resume DIR to continue a run)")
+        config = load_config(args.config, overrides)
+        output = args.output
+    try:
+        result = train(config, output, show_progress=not args.no_progress, resume=bool(args.resume))
+    except TrainingInterrupted as stop:
+        print(f"promcse train: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
+    best = "n/a" if result.best_dev is None else f"{result.best_dev:.2f} (step {result.best_step})"
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s; best STS-B dev {best}; checkpoint: {result.output_dir}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Score the frozen MiniLM on STS-B test, train the quick-start prompt, score it again."""
+    from importlib import resources
+
+    from promcse.config import load_config
+    from promcse.loading import load
+    from promcse.sts import evaluate
+    from promcse.train import train
+
+    config_path = Path(str(resources.files("promcse") / "resources" / QUICKSTART_CONFIG))
+    config = load_config(config_path, list(args.set or []))
+
+    def stsb(encoder: object) -> float:
+        result = evaluate(lambda t: encoder.encode(t, batch_size=128), ["stsb"], args.data_dir,  # type: ignore[attr-defined]
+                          alignment_uniformity=False)
+        return float(result["tasks"]["STSBenchmark"]["spearman"])
+
+    before = stsb(load("minilm"))
+    print(f"frozen all-MiniLM-L6-v2: STS-B test {before:.2f}")
+    result = train(config, args.output, show_progress=not args.no_progress)
+    after = stsb(load(str(result.output_dir)))
+    print(f"STS-B test: frozen backbone {before:.2f} -> with trained prompt {after:.2f} ({after - before:+.2f})")
+    print(f"checkpoint: {result.output_dir}  (try: promcse eval --model {result.output_dir} --tasks stsb)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``train`` and ``quickstart`` to the ``promcse`` command line."""
+    from promcse.config import describe
+
+    p = subparsers.add_parser("train", help="train a prompt or fine-tune", formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Train from a YAML config; override any key with --set section.key=value.",
+                              epilog="config keys (section.key = default: meaning):\n" + describe())
+    p.add_argument("--config", help="YAML config (see configs/); defaults apply to missing keys")
+    p.add_argument("--train-file", help="override data.train_file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--data-dir", help="eval data dir for STS-B dev (default: $PROMCSE_DATA_DIR or bundled)")
+    p.add_argument("--output", help="output directory (the checkpoint is saved here)")
+    p.add_argument("--save-every", type=int, help="save a resumable training state every N steps (train.save_every)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest saved state")
+    add_common(p, device=False, batch_size=False, progress_help="hide the progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("quickstart", help="train a prompt on bundled data and show STS-B before/after")
+    p.add_argument("--output", default="runs/quickstart", help="checkpoint directory (default: runs/quickstart)")
+    p.add_argument("--data-dir", help="eval data dir (default: $PROMCSE_DATA_DIR or bundled STS-B)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    add_common(p, device=False, batch_size=False, progress_help="hide the progress bar")
+    p.set_defaults(func=cmd_quickstart)

@@ -1,0 +1,91 @@
+"""What a model reference means, in one place: ``promcse.load``, the registry, search and export all use it.
+
+A reference is, in this order of precedence:
+
+1. a promcse checkpoint directory (``config.json`` with ``format: promcse-checkpoint``): its encoder spec
+   names the backbone, which is loaded (or shared, see ``backbones``) and gets the stored prompt and head;
+   a ``full`` fine-tune carries its own backbone under ``backbone/``;
+2. a checkpoint in the PromCSE authors' released format (a Hugging Face directory whose weights hold
+   ``prefix_encoder.*``; see :mod:`promcse.released`), or any directory when ``pooler``/``pre_seq_len``
+   are given;
+3. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
+   encoder, frozen, with mean pooling (sentence-transformers' setting for MiniLM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from promcse.backbone import MINILM, load_backbone, resolve_backbone, resolve_device
+from promcse.checkpoint import is_checkpoint, load_checkpoint, read_spec
+from promcse.errors import PromcseError
+from promcse.model import SentenceEncoder, build_encoder, default_spec
+from promcse.released import is_released, load_released
+
+BackboneSource = Callable[[str], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+
+
+def backbone_key(name_or_path: str) -> str:
+    """Identity of a backbone: the real path of a local directory (``minilm`` resolved), else the name."""
+    resolved = resolve_backbone(name_or_path)
+    path = Path(resolved)
+    return str(path.resolve()) if path.is_dir() else resolved
+
+
+def reference_key(model_ref: str) -> str:
+    """Comparable form of a model reference (existing paths resolved)."""
+    path = Path(model_ref)
+    return str(path.resolve()) if path.exists() else model_ref
+
+
+def kind_of(model_ref: str, pooler: str | None = None, pre_seq_len: int | None = None) -> str:
+    """``checkpoint``, ``released`` or ``backbone``: how :func:`load` reads ``model_ref``.
+
+    Raises:
+        PromcseError: A path that exists but is none of these.
+    """
+    if is_checkpoint(model_ref):
+        return "checkpoint"
+    if pooler is not None or pre_seq_len is not None or is_released(model_ref):
+        return "released"
+    path = Path(model_ref)
+    if model_ref != MINILM and path.exists() and not (path / "config.json").is_file():
+        raise PromcseError("neither a promcse checkpoint nor a Hugging Face model directory", path=model_ref)
+    return "backbone"
+
+
+def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre_seq_len: int | None = None,
+         backbones: BackboneSource | None = None) -> SentenceEncoder:
+    """Load an encoder from any model reference (see the module docstring), in eval mode on ``device``.
+
+    Args:
+        model: The reference.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        pooler: For released-format directories without a recorded pooler.
+        pre_seq_len: Prompt length of a released checkpoint (checked against its weights).
+        backbones: Where frozen backbones come from (default: load a fresh copy); the registry passes its
+            cache so that prompts over one backbone share it. Full fine-tunes and released checkpoints
+            always carry their own weights.
+
+    Raises:
+        PromcseError: If the model cannot be found or loaded, or does not fit its backbone.
+    """
+    ref, source = str(model), backbones or load_backbone
+    target = resolve_device(device)
+    kind = kind_of(ref, pooler, pre_seq_len)
+    if kind == "checkpoint":
+        spec = read_spec(ref)
+        if spec.mode == "full":
+            encoder = load_checkpoint(ref)
+        else:
+            backbone, tokenizer = source(spec.backbone)
+            encoder = load_checkpoint(ref, backbone=backbone, tokenizer=tokenizer)
+    elif kind == "released":
+        encoder = load_released(ref, pooler=pooler, pre_seq_len=pre_seq_len)
+    else:
+        backbone, tokenizer = source(ref)
+        encoder = build_encoder(default_spec(ref, backbone), backbone, tokenizer)
+    return encoder.eval().to(target)

@@ -1,0 +1,81 @@
+"""The one entry point from a loss config to a training objective: :func:`build_objective`.
+
+An :class:`Objective` maps the views of a batch, ``[anchor, positive(, hard negative)]`` embeddings, to
+named loss terms (``loss`` is minimised; the others are logged), and says what data it needs. Both
+objectives are the PromCSE objective ``L = L_CL + lambda * L_EH`` (:func:`promcse.losses.contrastive_loss`)::
+
+    L_CL = -(1/B) sum_i log( e^{s_ii} / (sum_j e^{s_ij} + sum_j e^{cos(z1_i, z3_j)/tau + w [j = i]}) )
+    L_EH = (1/B) sum_i max(0, m - cos(h_i, h+_i) + max(max_{j != i} cos(h_i, h+_j), max_j cos(h_i, h-_j)))
+
+``nt_xent`` is L_CL alone (SimCSE; unsupervised PromCSE), ``nt_xent_eh`` adds the energy-based hinge with
+weight lambda (supervised PromCSE, hard negatives required). ``loss.tile_size > 0`` computes the same
+values and gradients in tiles (:func:`promcse.tiled.tiled_contrastive_loss`): a parameter, not another loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from promcse.losses import contrastive_loss
+from promcse.tiled import tiled_contrastive_loss
+
+if TYPE_CHECKING:
+    from promcse.config import LossConfig
+
+# name -> whether the energy-based hinge term is part of it (and so hard negatives are required).
+OBJECTIVES: dict[str, bool] = {"nt_xent": False, "nt_xent_eh": True}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A configured contrastive objective over view embeddings.
+
+    Attributes:
+        name: Key of :data:`OBJECTIVES`.
+        temperature: tau.
+        hard_negative_weight: w, logit bonus on each row's own hard negative.
+        eh_weight: lambda (0 for ``nt_xent``).
+        eh_margin: m.
+        tile_size: Tile rows/columns for the memory-bounded form; 0 = dense.
+    """
+
+    name: str
+    temperature: float = 0.05
+    hard_negative_weight: float = 0.0
+    eh_weight: float = 0.0
+    eh_margin: float = 0.2
+    tile_size: int = 0
+
+    @property
+    def needs_hard_negatives(self) -> bool:
+        """The training data must have a ``hard_neg`` column."""
+        return OBJECTIVES[self.name] or self.hard_negative_weight != 0.0
+
+    @property
+    def needs_labels(self) -> bool:
+        """The training data must carry class labels (no objective here does yet)."""
+        return False
+
+    def __call__(self, views: Sequence[Tensor], offset: int = 0) -> dict[str, Tensor]:
+        """Loss terms of ``views = [anchor (B, D), positive (M, D)(, negative (M, D))]``.
+
+        ``offset`` is the row of anchor 0's positive among the positives (> 0 when the positives were
+        gathered from several processes).
+        """
+        negative = views[2] if len(views) > 2 else None
+        kwargs = {"temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight,
+                  "eh_weight": self.eh_weight, "eh_margin": self.eh_margin, "offset": offset}
+        if self.tile_size > 0:
+            return tiled_contrastive_loss(views[0], views[1], negative, tile_size=self.tile_size, **kwargs)
+        return contrastive_loss(views[0], views[1], negative, **kwargs)
+
+
+def build_objective(loss: LossConfig) -> Objective:
+    """The objective a ``loss`` config section describes (names checked by :func:`promcse.config.validate`)."""
+    eh = OBJECTIVES[loss.name]
+    return Objective(name=loss.name, temperature=loss.temperature, hard_negative_weight=loss.hard_negative_weight,
+                     eh_weight=loss.eh_weight if eh else 0.0, eh_margin=loss.eh_margin, tile_size=loss.tile_size)
