@@ -138,3 +138,56 @@ def tiny_data(tmp_path: Path) -> dict[str, Path]:
         lines += [f"{sents[i]}\t{sents[(i * 7 + 3) % 60]}\t{rng.uniform(0, 5):.2f}" for i in range(40)]
         (stsb / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"txt": txt, "csv": csv, "data_dir": data_dir}
+
+
+# Tiny random encoders of every family in promcse.backbone.FAMILIES (model_type -> config factory).
+def _family_configs() -> dict[str, object]:
+    from transformers import (CamembertConfig, DistilBertConfig, ElectraConfig, MPNetConfig, XLMRobertaConfig)
+
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    roberta_like = {**common, "max_position_embeddings": 66, "pad_token_id": 1, "type_vocab_size": 1}
+    return {
+        "bert": lambda v: BertConfig(vocab_size=v, max_position_embeddings=64, pad_token_id=0, **common),
+        "electra": lambda v: ElectraConfig(vocab_size=v, embedding_size=32, max_position_embeddings=64,
+                                           pad_token_id=0, **common),
+        "roberta": lambda v: RobertaConfig(vocab_size=v, **roberta_like),
+        "xlm-roberta": lambda v: XLMRobertaConfig(vocab_size=v, **roberta_like),
+        "camembert": lambda v: CamembertConfig(vocab_size=v, **roberta_like),
+        "mpnet": lambda v: MPNetConfig(vocab_size=v, **{k: w for k, w in roberta_like.items() if k != "type_vocab_size"}),
+        "distilbert": lambda v: DistilBertConfig(vocab_size=v, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                 max_position_embeddings=64, pad_token_id=0),
+    }
+
+
+def write_tiny_family(directory: Path, model_type: str, seed: int = 0) -> Path:
+    """Save a tiny random encoder of ``model_type`` with a word-level tokenizer whose pad id matches the config."""
+    from transformers import AutoModel
+
+    config = _family_configs()[model_type]
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = list(SPECIALS)
+    probe = config(10)
+    if int(getattr(probe, "pad_token_id", 0) or 0) == 1:
+        specials[0], specials[1] = specials[1], specials[0]  # [UNK] at 0, [PAD] at 1 (RoBERTa-style pad id)
+    vocab = specials + WORDS + [".", ",", "'", "!", "?"]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
+    torch.manual_seed(seed)
+    AutoModel.from_config(config(len(vocab))).save_pretrained(str(directory))
+    return directory
+
+
+FAMILY_TYPES: tuple[str, ...] = ("bert", "electra", "roberta", "xlm-roberta", "camembert", "mpnet", "distilbert")
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """``tiny_family(model_type) -> Path``: a tiny random encoder of that family, built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            built[model_type] = write_tiny_family(tmp_path_factory.mktemp(f"tiny_{model_type}"), model_type)
+        return built[model_type]
+
+    return get

@@ -67,3 +67,47 @@ def test_every_shipped_config_loads() -> None:
     assert len(paths) > 10
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "overrides,key,match",
+    [
+        (["model.pooler=mean"], "model.pooler", "unknown pooler 'mean'"),
+        (["model.head=sometimes"], "model.head", "unknown head mode"),
+        (["model.pooler=cls_before_pooler", "model.head=always"], "model.head", "without the MLP head"),
+        (["model.pooler=cls_before_pooler", "model.head=train_only"], "model.head", "without the MLP head"),
+        (["loss.name=supcon"], "loss.name", "must be one of nt_xent, nt_xent_eh"),
+        (["model.prompt_dropout=1.0"], "model.prompt_dropout", "must be in"),
+        (["loss.eh_weight=-1"], "loss.eh_weight", "must be >= 0"),
+        (["data.max_length=1"], "data.max_length", "must be >= 2"),
+        (["train.log_every=0"], "train.log_every", "must be >= 1"),
+        (["train.lr=.nan"], "train.lr", "must be > 0"),
+    ],
+)
+def test_validate_checks_every_choice_before_any_model_loads(overrides: list[str], key: str, match: str) -> None:
+    with pytest.raises(PromcseError, match=match) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("loss", [["loss.name=nt_xent_eh"], ["loss.name=nt_xent", "loss.hard_negative_weight=1.0"]])
+@pytest.mark.parametrize("kind", ["txt", "pairs"])
+def test_data_without_hard_negatives_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss: list[str], kind: str
+) -> None:
+    import promcse.train
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the backbone must not load before the data is checked")
+
+    monkeypatch.setattr(promcse.train, "load_backbone", no_model)
+    if kind == "txt":
+        data = tmp_path / "train.txt"
+        data.write_text("".join(f"sentence number {i}\n" for i in range(8)), encoding="utf-8")
+    else:
+        data = tmp_path / "pairs.csv"
+        data.write_text("sent0,sent1\n" + "".join(f"a {i},b {i}\n" for i in range(8)), encoding="utf-8")
+    config = load_config(None, [f"data.train_file={data}", "train.batch_size=4", *loss])
+    with pytest.raises(PromcseError, match="hard negative|hard_neg") as info:
+        promcse.train.train(config, tmp_path / "out", show_progress=False)
+    assert str(data) in str(info.value)

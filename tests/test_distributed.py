@@ -2,7 +2,7 @@
 
 One spawn serves every check (process start-up is the slow part): per-step equivalence for plain,
 GradCache (two chunk sizes), tiled and full-mode steps with hard negatives, the number of
-all-reduces per step, and a short ``train()`` under torchrun's environment variables (rank 0 alone
+collectives per step, and a short ``train()`` under torchrun's environment variables (rank 0 alone
 evaluates and writes; ranks stay in lockstep from different initial prompts).
 """
 
@@ -21,6 +21,7 @@ from promcse.distributed import DistContext, effective_negatives, fit_batches, s
 from test_gradcache import examples, flat_grads, make_encoder, rel_err, settings
 
 ROWS = 8  # global batch; 4 rows per process
+COUNTED = ("all_reduce", "reduce_scatter", "scatter")  # collectives whose calls a step counts
 SCENARIOS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "unsup": (False, ()),
     "sup": (True, ()),
@@ -32,27 +33,37 @@ SCENARIOS: dict[str, tuple[bool, tuple[str, ...]]] = {
 
 
 def one_step(tiny_bert: Path, supervised: bool, extra: tuple[str, ...]) -> dict[str, object]:
-    """Loss terms, gradients and all-reduce count of one train_step over rows 0..ROWS-1, dropout off."""
+    """Loss terms, gradients and collective counts of one train_step over rows 0..ROWS-1, dropout off.
+
+    Counts the collectives of the backward side: ``all_reduce`` (parameter gradients) and those the
+    gather's backward (``torch.distributed.nn.functional.all_gather``) issues - one ``reduce_scatter``
+    on NCCL, W ``scatter`` calls on gloo (which has no reduce-scatter).
+    """
     from test_gradcache import run_step
 
     config = settings(tiny_bert, supervised, *extra)
     encoder = make_encoder(tiny_bert, config, dropout=False)
     opt = torch.optim.SGD(encoder.trainable_parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    calls, original = [], dist.all_reduce
+    calls: dict[str, int] = dict.fromkeys(COUNTED, 0)
+    originals = {name: getattr(dist, name) for name in COUNTED}
 
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counting(name: str) -> object:
+        def call(*args: object, **kwargs: object) -> object:
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
 
-    dist.all_reduce = counting  # type: ignore[assignment]
+    for name in COUNTED:
+        setattr(dist, name, counting(name))
     try:
         ex = examples(supervised)
         ex = type(ex)(ex.anchor[:ROWS], ex.positive and ex.positive[:ROWS], ex.negative and ex.negative[:ROWS], "t")
         terms = run_step(encoder, config, ex, np.arange(ROWS), opt, sched)
     finally:
-        dist.all_reduce = original  # type: ignore[assignment]
-    return {"terms": terms, "grads": flat_grads(encoder), "all_reduces": len(calls)}
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return {"terms": terms, "grads": flat_grads(encoder), "collectives": calls}
 
 
 def _worker(rank: int, world: int, init_file: str, port: int, tiny_bert: Path, data: dict[str, Path], out: Path) -> None:
@@ -103,10 +114,10 @@ def test_two_processes_equal_one_process_with_the_concatenated_batch(tiny_bert: 
             assert got["terms"].keys() == single["terms"].keys(), name
             for k, v in single["terms"].items():
                 assert abs(got["terms"][k] - v) <= 1e-5 * max(1.0, abs(v)), (name, k)
-            # one all-reduce of embedding gradients (the gather's backward) + ONE of parameter gradients,
-            # however many GradCache chunks the step has
-            assert got["all_reduces"] == 2, name
-        assert single["all_reduces"] == 0
+            # ONE all-reduce of parameter gradients however many GradCache chunks the step has, plus the
+            # gather's backward once: on gloo W = 2 scatters (its stand-in for one reduce-scatter)
+            assert got["collectives"] == {"all_reduce": 1, "reduce_scatter": 0, "scatter": 2}, name
+        assert sum(single["collectives"].values()) == 0
     # train() under torchrun's environment variables: lockstep ranks, rank 0 alone evaluates and writes
     runs = [torch.load(tmp_path / f"train{r}.pt") for r in range(2)]
     assert runs[0]["steps"] == runs[1]["steps"] == 3

@@ -14,13 +14,10 @@ import promcse
 import promcse.backbone
 import promcse.cli
 import promcse.export
-from conftest import make_sentences
-from promcse.backbone import load_backbone, minilm_path, shape_of
-from promcse.checkpoint import save_checkpoint
+from conftest import make_prompt_checkpoint, make_sentences
+from promcse.backbone import FAMILIES, minilm_path
 from promcse.errors import PromcseError
 from promcse.export import MTEBEncoder, export_sentence_transformers
-from promcse.model import EncoderSpec, build_encoder
-from promcse.prompt import PromptSpec
 
 st = pytest.importorskip("sentence_transformers")
 TEXTS = make_sentences(17, seed=8) + ["", "a " * 80]  # an empty text and one past the position limit
@@ -33,15 +30,8 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def checkpoint(backbone_dir: str, out: Path, pooler: str = "cls", head: str = "always", length: int = 4,
                projection: bool = False, extra: dict | None = None) -> Path:
-    backbone, tokenizer = load_backbone(backbone_dir)
-    shape = shape_of(backbone.config)
-    prompt = PromptSpec.for_backbone(shape, length, projection=projection, projection_hidden=16)
-    spec = EncoderSpec(backbone_dir, shape, mode="prompt", prompt=prompt, pooler=pooler, head=head)
-    torch.manual_seed(1)
-    encoder = build_encoder(spec, backbone, tokenizer)
-    with torch.no_grad():
-        encoder.prompt.embedding.weight.normal_(0.0, 1.0)
-    return save_checkpoint(encoder, out, extra)
+    return make_prompt_checkpoint(backbone_dir, out, pooler=pooler, head=head, length=length, projection=projection,
+                                  extra=extra)
 
 
 def st_encode(directory: Path, texts: list[str], batch_size: int = 5) -> np.ndarray:
@@ -49,15 +39,83 @@ def st_encode(directory: Path, texts: list[str], batch_size: int = 5) -> np.ndar
     return model.encode(texts, batch_size=batch_size, normalize_embeddings=False, convert_to_numpy=True)
 
 
-@pytest.mark.parametrize(("pooler", "head", "projection"), [("cls", "always", False), ("avg_first_last", "none", True),
-                                                            ("cls", "train_only", False)])
-def test_round_trip_encodes_identically(tiny_bert: Path, tmp_path: Path, pooler: str, head: str,
-                                        projection: bool) -> None:
-    ckpt = checkpoint(str(tiny_bert), tmp_path / "ckpt", pooler, head, projection=projection)
-    out = export_sentence_transformers(ckpt, tmp_path / "st")
-    ours = promcse.load(str(ckpt), device="cpu").encode(TEXTS, batch_size=4, normalize=False)
-    theirs = st_encode(out, TEXTS)
+ROUND_TRIP = [  # (pooler, head, length, projection, shift): every field the exported module must honour
+    (pooler, head, length, projection, shift)
+    for pooler, head in (("cls", "always"), ("avg", "none"))
+    for length in (1, 20)
+    for projection in (False, True)
+    for shift in (True, False)
+] + [("avg_first_last", "none", 4, False, False), ("cls", "train_only", 4, False, True),
+     ("avg_top2", "always", 4, True, False), ("cls_before_pooler", "none", 4, False, False)]
+
+
+def assert_round_trip(ckpt: Path, out: Path, texts: list[str]) -> None:
+    ours = promcse.load(str(ckpt), device="cpu").encode(texts, batch_size=4, normalize=False)
+    theirs = st_encode(out, texts)
     assert theirs.shape == ours.shape
+    assert np.abs(theirs - ours).max() <= 1e-5
+
+
+@pytest.mark.parametrize(("pooler", "head", "length", "projection", "shift"), ROUND_TRIP)
+def test_round_trip_encodes_identically(tiny_bert: Path, tmp_path: Path, pooler: str, head: str, length: int,
+                                        projection: bool, shift: bool) -> None:
+    ckpt = make_prompt_checkpoint(tiny_bert, tmp_path / "ckpt", pooler=pooler, head=head, length=length,
+                                  projection=projection, shift_positions=shift)
+    out = export_sentence_transformers(ckpt, tmp_path / "st")
+    config = json.loads((out / "promcse_st_config.json").read_text())
+    assert config["shift_positions"] is shift and config["prompt_length"] == length
+    assert_round_trip(ckpt, out, TEXTS)
+
+
+FAMILY_CASES = [(t, shift) for t in sorted(FAMILIES) for shift in (True, False) if FAMILIES[t].takes_prefix]
+FAMILY_CASES += [(t, None) for t in sorted(FAMILIES) if not FAMILIES[t].takes_prefix]  # frozen: no prompt
+
+
+@pytest.mark.parametrize(("model_type", "shift"), FAMILY_CASES)
+def test_round_trip_every_family(tiny_family, tmp_path: Path, model_type: str, shift: bool | None) -> None:
+    backbone_dir = tiny_family(model_type)
+    if shift is None:
+        ref = Path(backbone_dir)
+    else:
+        ref = make_prompt_checkpoint(backbone_dir, tmp_path / "ckpt", pooler="cls", head="always", length=5,
+                                     shift_positions=shift)
+    out = export_sentence_transformers(ref, tmp_path / "st")
+    assert_round_trip(ref, out, TEXTS)
+
+
+def test_exported_module_copies_agree_with_the_library() -> None:
+    """modeling_promcse.py runs without promcse, so it carries copies: the poolers and the family facts."""
+    from importlib import resources
+
+    from promcse.pooling import POOLERS
+
+    namespace: dict[str, object] = {"__name__": "modeling_promcse_copy"}
+    source = resources.files("promcse").joinpath("resources", "modeling_promcse.py").read_text(encoding="utf-8")
+    exec(compile(source, "modeling_promcse.py", "exec"), namespace)  # noqa: S102 - our own packaged file
+    copies, all_layers = namespace["POOLERS"], namespace["ALL_LAYERS"]
+    assert set(copies) == set(POOLERS)  # type: ignore[arg-type]
+    assert set(all_layers) == {name for name, (_, needs_all) in POOLERS.items() if needs_all}  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    states = tuple(torch.randn(3, 6, 8, generator=g) for _ in range(4))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    for name, (fn, _) in POOLERS.items():
+        torch.testing.assert_close(copies[name](states, mask), fn(states, mask))  # type: ignore[index]
+    keys = set(namespace["PromCSEModule"].config_keys)  # type: ignore[attr-defined]
+    facts = promcse.export.st_module_config(promcse.load("minilm", device="cpu"), {"name": "minilm"})
+    assert set(facts) == keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["promcse-minilm-sup-snli", "promcse-minilm-unsup-wiki"])
+def test_shipped_checkpoints_export_exactly(tmp_path: Path, name: str) -> None:
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / name
+    out = export_sentence_transformers(ckpt, tmp_path / "st")
+    long_text = " ".join(["The committee reviewed the long report on regional water supplies in detail."] * 30)
+    texts = ["A man is playing a guitar.", "Someone plays music on a stage tonight.", "A cat sleeps.", long_text]
+    loaded = promcse.load(str(ckpt), device="cpu")
+    assert len(loaded.tokenizer(long_text)["input_ids"]) > 300
+    ours = loaded.encode(texts, normalize=False)
+    theirs = st_encode(out, texts)
     assert np.abs(theirs - ours).max() <= 1e-5
 
 

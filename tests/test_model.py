@@ -127,3 +127,21 @@ def test_encode_restores_input_order(tiny_bert: Path) -> None:
     together = encoder.encode(texts, batch_size=2)
     one_by_one = np.concatenate([encoder.encode([t]) for t in texts])
     assert np.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_head_and_projection_mlp_use_the_reference_init() -> None:
+    """The reference's cl_init ends with init_weights(): every nn.Linear N(0, 0.02), bias 0 (not PyTorch's default)."""
+    from promcse.pooling import MLPHead
+    from promcse.prompt import DeepPrompt, PromptSpec
+
+    torch.manual_seed(0)
+    head = MLPHead(64)
+    prompt = DeepPrompt(PromptSpec(length=4, num_layers=2, num_heads=4, hidden_size=64, projection=True,
+                                   projection_hidden=96))
+    linears = [head.dense, prompt.trans[0], prompt.trans[2]]  # type: ignore[index]
+    for linear in linears:
+        assert torch.count_nonzero(linear.bias) == 0
+        std = float(linear.weight.std())
+        assert 0.0185 < std < 0.0215, std  # PyTorch's default here would be 1/sqrt(3 * fan_in) = 0.07 / 0.06
+        assert abs(float(linear.weight.mean())) < 0.002
+    assert 0.0185 < float(prompt.embedding.weight.std()) < 0.0215

@@ -11,7 +11,8 @@ local batches are equal, the mean of the local means is the global mean, and the
 exactly that of one process with the concatenated batch:
 
 * the gather's backward sums, over ranks, the gradient each rank's loss puts on every gathered row
-  and hands each rank the rows it owns (``dL_r/dZ_s`` reaches rank s for every r);
+  and hands each rank the rows it owns (``dL_r/dZ_s`` reaches rank s for every r) - a
+  reduce-scatter (on gloo, which lacks one, W scatters and a local sum);
 * after the step's backward pass(es) - one, or one per GradCache chunk - the trainable gradients
   are averaged with ONE all-reduce (no per-chunk synchronisation, unlike DDP hooks firing inside
   every chunk's backward). The loss terms ride in the same all-reduce, so every rank logs the
@@ -24,11 +25,13 @@ only (see :func:`promcse.train.train`).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 
@@ -116,27 +119,23 @@ def shard_rows(rows: np.ndarray, ctx: DistContext) -> np.ndarray:
     return rows[ctx.rank * local : (ctx.rank + 1) * local]
 
 
-class _GatherWithGrad(torch.autograd.Function):
+def _gather_rows(local: Tensor) -> Tensor:
     """``all_gather`` along rows whose backward returns each rank the summed gradient of its rows.
 
-    Forward: ``(b, D)`` per rank -> ``(W * b, D)``, rank r's rows at ``r*b .. (r+1)*b - 1`` (this
-    rank's own slot is its input tensor itself, so local rows keep their autograd path).
-    Backward: ``dL/dZ_r = sum_s dL_s/dZ_r`` - an all-reduce of the gathered gradient, sliced.
+    Forward: ``(b, D)`` per rank -> ``(W * b, D)``, rank r's rows at ``r*b .. (r+1)*b - 1``.
+    Backward: ``dL/dZ_r = sum_s dL_s/dZ_r``. Both are the library's
+    :func:`torch.distributed.nn.functional.all_gather` (a tuple of W per-rank tensors; this rank's
+    slot is a copy whose gradient arrives through the same sum). Its backward is one
+    ``reduce_scatter`` on NCCL; gloo has no reduce-scatter, so there it is W ``scatter`` calls (rank
+    s sends each rank the gradient its loss put on that rank's rows) and a local sum.
+
+    The function is marked deprecated (``FutureWarning``, in favour of the private
+    ``torch.distributed._functional_collectives``); the warning is silenced around this call only.
     """
-
-    @staticmethod
-    def forward(ctx: object, local: Tensor) -> Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.contiguous())
-        parts[dist.get_rank()] = local
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        local = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * local : (dist.get_rank() + 1) * local]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_nn.all_gather(local.contiguous())
+    return torch.cat(parts)
 
 
 def gather_columns(views: list[Tensor], ctx: DistContext) -> tuple[Tensor, Tensor, Tensor | None, int]:
@@ -157,7 +156,7 @@ def gather_columns(views: list[Tensor], ctx: DistContext) -> tuple[Tensor, Tenso
         return anchor, views[1], negative, 0
     local = anchor.shape[0]
     stacked = torch.cat(views[1:])  # (k*b, D): positives, then negatives (k = 1 or 2)
-    gathered = _GatherWithGrad.apply(stacked).view(ctx.world_size, len(views) - 1, local, -1)
+    gathered = _gather_rows(stacked).view(ctx.world_size, len(views) - 1, local, -1)
     positive = gathered[:, 0].reshape(ctx.world_size * local, -1)
     negative = gathered[:, 1].reshape(ctx.world_size * local, -1) if negative is not None else None
     return anchor, positive, negative, ctx.rank * local

@@ -71,6 +71,19 @@ def prompt_tensors(encoder: SentenceEncoder) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def st_module_config(encoder: SentenceEncoder, ref: dict[str, Any]) -> dict[str, Any]:
+    """Every fact the exported module needs (its ``config_keys``), taken from the encoder and its family."""
+    from promcse.backbone import family_of
+
+    family = family_of(encoder.spec.shape.model_type)
+    prompt = encoder.prompt.spec if encoder.prompt is not None else None
+    return {"backbone_ref": ref, "pooler": encoder.spec.pooler, "use_head": encoder.spec.head == "always",
+            "prompt_length": prompt.length if prompt is not None else 0, "max_seq_length": encoder.max_length,
+            "shift_positions": prompt.shift_positions if prompt is not None else True,
+            "position_offset_from_pad": family.position_offset_from_pad,
+            "has_pooling_layer": family.has_pooling_layer}
+
+
 def export_sentence_transformers(model: str | Path, output: str | Path, copy_backbone: bool = False,
                                  eval_results: dict[str, Any] | None = None) -> Path:
     """Write a sentence-transformers directory for ``model`` (checkpoint dir, HF name or path, or ``minilm``).
@@ -86,7 +99,8 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
     """
     import safetensors.torch
 
-    from promcse.checkpoint import BACKBONE_DIR, atomic_write_text
+    from promcse.checkpoint import BACKBONE_DIR
+    from promcse.files import atomic_write_text
     from promcse.loading import load
 
     source, out = str(model), Path(output)
@@ -101,10 +115,7 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
     module_text = resources.files("promcse").joinpath("resources", MODULE_FILE).read_text(encoding="utf-8")
     atomic_write_text(out / MODULE_FILE, module_text)
     safetensors.torch.save_file(prompt_tensors(encoder), str(out / ST_WEIGHTS))
-    prompt_length = encoder.prompt.spec.length if encoder.prompt is not None else 0
-    config = {"backbone_ref": ref, "pooler": encoder.spec.pooler, "use_head": encoder.spec.head == "always",
-              "prompt_length": prompt_length, "max_seq_length": encoder.max_length}
-    _write_json(out / ST_CONFIG, config)
+    _write_json(out / ST_CONFIG, st_module_config(encoder, ref))
     _write_json(out / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": "modeling_promcse.PromCSEModule"}])
     _write_json(out / "config_sentence_transformers.json", _st_config())
     atomic_write_text(out / "README.md", model_card(encoder, source, ref, _checkpoint_meta(source), eval_results))
@@ -112,7 +123,7 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from promcse.checkpoint import atomic_write_text
+    from promcse.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 

@@ -207,7 +207,8 @@ class Index:
 
     def save(self, directory: str | Path) -> Path:
         """Write the index to ``directory`` (created if needed); returns it."""
-        from promcse.checkpoint import atomic_write_text, versions
+        from promcse.checkpoint import versions
+        from promcse.files import atomic_write_text
 
         if self.kind == "auto":
             raise PromcseError("cannot save an empty index: add texts first")

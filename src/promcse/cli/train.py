@@ -58,16 +58,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     from promcse.config import load_config
     from promcse.loading import load
-    from promcse.sts import evaluate
+    from promcse.model import SentenceEncoder
+    from promcse.sts import score_split
     from promcse.train import train
 
     config_path = Path(str(resources.files("promcse") / "resources" / QUICKSTART_CONFIG))
     config = load_config(config_path, list(args.set or []))
 
-    def stsb(encoder: object) -> float:
-        result = evaluate(lambda t: encoder.encode(t, batch_size=128), ["stsb"], args.data_dir,  # type: ignore[attr-defined]
-                          alignment_uniformity=False)
-        return float(result["tasks"]["STSBenchmark"]["spearman"])
+    def stsb(encoder: SentenceEncoder) -> float:
+        return score_split(lambda texts: encoder.encode(texts, batch_size=128), "stsb", args.data_dir)
 
     before = stsb(load("minilm"))
     print(f"frozen all-MiniLM-L6-v2: STS-B test {before:.2f}")
