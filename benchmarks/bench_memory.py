@@ -61,26 +61,32 @@ def child(args: argparse.Namespace) -> None:
 
     from promcse.backbone import load_backbone
     from promcse.config import load_config
+    from promcse.data import batch_views
+    from promcse.distributed import context, shard_rows
     from promcse.model import build_encoder
-    from promcse.train import encoder_spec, load_examples, train_step
+    from promcse.objective import build_objective
+    from promcse.step import train_step
+    from promcse.train import encoder_spec, load_examples
 
     overrides = [s.format(chunk=args.chunk) for s in CONFIGS[args.config]]
     config = load_config(None, ["model.backbone=minilm", "model.prompt_length=10", "model.prompt_dropout=0",
                                 "data.train_file=bundled:wiki_5k.txt", f"data.max_length={args.max_length}",
                                 f"train.batch_size={args.batch}", "train.grad_clip=0", "train.device=cpu", *overrides])
-    examples = load_examples(config)
+    objective, dist = build_objective(config.loss), context()
+    examples = load_examples(config.data, objective, config.train.batch_size)
     backbone, tokenizer = load_backbone("minilm")
     torch.manual_seed(0)
-    encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer).train()
+    encoder = build_encoder(encoder_spec(config.model, backbone), backbone, tokenizer).train()
     for module in encoder.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # comparable gradients across processes (see module docstring)
     opt = torch.optim.SGD(encoder.trainable_parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    views = batch_views(examples, shard_rows(np.arange(args.batch), dist))
     before = rss_kib("VmRSS")
     exact = reset_peak()
     start = time.perf_counter()
-    terms = train_step(encoder, config, examples, np.arange(args.batch), opt, sched)
+    terms = train_step(encoder, objective, views, opt, sched, config.train, config.data.max_length, dist)
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(torch.cat([p.grad.reshape(-1) for p in encoder.trainable_parameters()]), args.grad_file)

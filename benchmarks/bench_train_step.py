@@ -35,10 +35,13 @@ import torch
 
 from promcse.backbone import load_backbone, minilm_path
 from promcse.config import RunConfig, load_config
-from promcse.data import TrainExamples
+from promcse.data import TrainExamples, batch_order, batch_views
+from promcse.distributed import context, shard_rows
 from promcse.gradcache import length_chunks
 from promcse.model import build_encoder
-from promcse.train import batch_order, batch_views, encoder_spec, load_examples, train_step
+from promcse.objective import build_objective
+from promcse.step import train_step
+from promcse.train import encoder_spec, load_examples
 
 MODES = {"unsup": ("bundled:wiki_5k.txt", "nt_xent"), "sup": ("bundled:snli_triplets.csv", "nt_xent_eh")}
 PROMPT = 10
@@ -55,13 +58,19 @@ def our_config(mode: str, args: argparse.Namespace) -> RunConfig:
 
 
 def ours(config: RunConfig, examples: TrainExamples, total: int) -> tuple[Callable[[np.ndarray], None], Any]:
-    """A step function for promcse (calls :func:`promcse.train.train_step`) and its encoder."""
+    """A step function for promcse (calls :func:`promcse.step.train_step`, as the loop does) and its encoder."""
     backbone, tokenizer = load_backbone(config.model.backbone)
     torch.manual_seed(0)
-    encoder = build_encoder(encoder_spec(config, backbone), backbone, tokenizer).train()
+    encoder = build_encoder(encoder_spec(config.model, backbone), backbone, tokenizer).train()
     opt = torch.optim.AdamW(encoder.trainable_parameters(), lr=config.train.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
-    return lambda rows: train_step(encoder, config, examples, rows, opt, sched), encoder
+    objective, dist = build_objective(config.loss), context()
+
+    def step(rows: np.ndarray) -> None:
+        views = batch_views(examples, shard_rows(rows, dist))
+        train_step(encoder, objective, views, opt, sched, config.train, config.data.max_length, dist)
+
+    return step, encoder
 
 
 def peer(examples: TrainExamples, max_length: int) -> Callable[[np.ndarray], None]:
@@ -147,7 +156,7 @@ def profile_step(step: Callable[[np.ndarray], None], rows: np.ndarray, path: str
 def bench_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
     """Median step times (CPU and wall) of both sides and our achieved GFLOP/s for one mode."""
     config = our_config(mode, args)
-    examples = load_examples(config)
+    examples = load_examples(config.data, build_objective(config.loss), config.train.batch_size)
     per_round = args.steps + 1  # first step of each side each round is a warm-up
     batches = batch_order(len(examples), args.batch, 1, seed=0)[: args.rounds * per_round]
     our_step, encoder = ours(config, examples, len(batches))

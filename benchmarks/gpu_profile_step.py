@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gpu_train_step import build_backbone, make_encoder, make_examples, run_config, tf32
-from promcse.train import train_step
+from gpu_train_step import build_backbone, make_encoder, make_examples, run_config, run_step, tf32
 
 
 def main() -> None:
@@ -29,11 +28,11 @@ def main() -> None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         with tf32(prec == "tf32"):
             for i in range(3):
-                train_step(encoder, config, data, np.arange(i * 256, (i + 1) * 256), opt, sched)
+                run_step(encoder, config, data, np.arange(i * 256, (i + 1) * 256), opt, sched)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for i in range(3, 5):
-                    train_step(encoder, config, data, np.arange(i * 256, (i + 1) * 256), opt, sched)
+                    run_step(encoder, config, data, np.arange(i * 256, (i + 1) * 256), opt, sched)
                 torch.cuda.synchronize()
         print(f"===== {prec}: by CUDA time")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))

@@ -3,7 +3,7 @@
 Speed does not need trained weights: the backbone is ``BertModel(BertConfig())`` (12 layers, hidden
 768, 110 M parameters) with random weights, and a word-level tokenizer over 30,522 made-up words
 written to a temporary directory, so nothing is downloaded. Sentences are random words (8-40, so
-many are truncated at max_len 32). The step timed is :func:`promcse.train.train_step` itself
+many are truncated at max_len 32). The step timed is :func:`promcse.step.train_step` itself
 (tokenization, forward, loss, backward, AdamW), prompt mode with P = 16 (the BERT-base recipe).
 
 Measured (medians over ``--steps`` after ``--warmup``; CUDA synchronised around each step):
@@ -38,10 +38,13 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from promcse.config import RunConfig, load_config
-from promcse.data import TrainExamples
+from promcse.data import TrainExamples, batch_views
+from promcse.distributed import context, shard_rows
 from promcse.gradcache import chunked_reference_step, grad_cache_step, length_chunks
 from promcse.model import SentenceEncoder, build_encoder
-from promcse.train import batch_views, encoder_spec, loss_terms, train_step
+from promcse.objective import build_objective
+from promcse.step import train_step
+from promcse.train import encoder_spec
 
 
 def build_backbone(directory: Path, smoke: bool) -> tuple[BertModel, BertTokenizerFast, list[str]]:
@@ -76,7 +79,15 @@ def make_encoder(backbone: BertModel, tokenizer: BertTokenizerFast, config: RunC
     bb = backbone
     if config.model.mode == "full":  # own trainable copy (prompt-mode encoders froze the shared one)
         bb = copy.deepcopy(backbone).requires_grad_(True)
-    return build_encoder(encoder_spec(config, bb), bb, tokenizer).to(device).train()
+    return build_encoder(encoder_spec(config.model, bb), bb, tokenizer).to(device).train()
+
+
+def run_step(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, rows: np.ndarray,
+             opt: torch.optim.Optimizer, sched: Any) -> dict[str, float]:
+    """One :func:`promcse.step.train_step` on this process's shard of ``rows``, as the training loop calls it."""
+    dist = context()
+    return train_step(encoder, build_objective(config.loss), batch_views(ex, shard_rows(rows, dist)), opt, sched,
+                      config.train, config.data.max_length, dist)
 
 
 @contextlib.contextmanager
@@ -108,7 +119,7 @@ def time_step(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, pr
         start = time.perf_counter()
         config.train.precision = "bf16" if prec == "bf16" else "fp32"  # bf16 = promcse's own autocast option
         with tf32(prec == "tf32"):
-            train_step(encoder, config, ex, rows, opt, sched)
+            run_step(encoder, config, ex, rows, opt, sched)
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[args.warmup:])
@@ -121,12 +132,12 @@ def peak_memory(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, 
     rows = np.arange(config.train.batch_size) % len(ex)
     if device.type != "cuda":
         start = time.perf_counter()
-        train_step(encoder, config, ex, rows, opt, sched)
+        run_step(encoder, config, ex, rows, opt, sched)
         return {"seconds": time.perf_counter() - start}
     sync(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    train_step(encoder, config, ex, rows, opt, sched)
+    run_step(encoder, config, ex, rows, opt, sched)
     sync(device)
     peak = torch.cuda.max_memory_allocated(device)
     return {"peak_mib": peak / 2**20, "step_mib": (peak - before) / 2**20}
@@ -136,11 +147,12 @@ def grad_check(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, c
     """Relative gradient difference GradCache vs plain backprop through the same chunks, dropout on."""
     views = batch_views(ex, np.arange(config.train.batch_size))
     inputs = encoder.tokenize([t for v in views for t in v], config.data.max_length)
+    objective = build_objective(config.loss)
     grads = []
     for step in (chunked_reference_step, grad_cache_step):
         encoder.zero_grad(set_to_none=True)
         torch.manual_seed(123)
-        step(encoder, length_chunks(inputs, max_rows=chunk), lambda e: loss_terms(config, e), len(views[0]))
+        step(encoder, length_chunks(inputs, max_rows=chunk), objective, len(views[0]))
         grads.append(torch.cat([p.grad.reshape(-1) for p in encoder.trainable_parameters()]))
     return float((grads[1] - grads[0]).norm() / grads[0].norm())
 
