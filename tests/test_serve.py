@@ -15,11 +15,7 @@ import pytest
 import torch
 
 import promcse.cli
-from conftest import make_sentences
-from promcse.backbone import load_backbone, shape_of
-from promcse.checkpoint import save_checkpoint
-from promcse.model import EncoderSpec, build_encoder
-from promcse.prompt import PromptSpec
+from conftest import make_prompt_checkpoint, make_sentences
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -31,23 +27,11 @@ CORPUS = list(dict.fromkeys(make_sentences(40, seed=12)))
 LIMITS = Limits(max_texts=8, max_chars=200, max_body_bytes=20_000, max_top_k=10)
 
 
-def prompt_checkpoint(backbone_dir: Path, out: Path, seed: int) -> Path:
-    backbone, tokenizer = load_backbone(str(backbone_dir))
-    shape = shape_of(backbone.config)
-    spec = EncoderSpec(str(backbone_dir), shape, mode="prompt", prompt=PromptSpec.for_backbone(shape, 3),
-                       pooler="cls", head="always")
-    torch.manual_seed(seed)
-    encoder = build_encoder(spec, backbone, tokenizer)
-    with torch.no_grad():
-        encoder.prompt.embedding.weight.normal_(0.0, 1.0)
-    return save_checkpoint(encoder, out)
-
-
 @pytest.fixture(scope="module")
 def served(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve")
-    models = {"news": str(prompt_checkpoint(tiny_bert, root / "news", 1)),
-              "legal": str(prompt_checkpoint(tiny_bert, root / "legal", 2))}
+    models = {"news": str(make_prompt_checkpoint(tiny_bert, root / "news", pooler="cls", head="always", length=3, seed=1)),
+              "legal": str(make_prompt_checkpoint(tiny_bert, root / "legal", pooler="cls", head="always", length=3, seed=2))}
     index = Index(models["news"], kind="flat", device="cpu")
     index.add(CORPUS)
     index.save(root / "idx")

@@ -90,8 +90,19 @@ def encode_texts(
     return result if output == "torch" else result.numpy()
 
 
+def unit_rows(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Rows scaled to unit L2 norm in float64 (zero rows stay zero): the one cosine normalisation."""
+    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine_matrix(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Cosine similarity of every row of ``a`` with every row of ``b`` (float64)."""
+    return unit_rows(a) @ unit_rows(b).T
+
+
 def similarity(encoder: SentenceEncoder, a: list[str], b: list[str], batch_size: int = 64) -> np.ndarray:
-    """Cosine similarity matrix (len(a), len(b))."""
-    va = encode_texts(encoder, a, batch_size=batch_size, normalize=True)
-    vb = encode_texts(encoder, b, batch_size=batch_size, normalize=True)
-    return np.asarray(va) @ np.asarray(vb).T
+    """Cosine similarity matrix (len(a), len(b)) of two lists of texts, float32."""
+    va = encode_texts(encoder, a, batch_size=batch_size, normalize=False)
+    vb = encode_texts(encoder, b, batch_size=batch_size, normalize=False)
+    return cosine_matrix(va, vb).astype(np.float32)

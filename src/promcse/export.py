@@ -237,12 +237,15 @@ class MTEBEncoder:
 
     def similarity(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
         """Cosine similarity matrix."""
-        a, b = _unit(embeddings1), _unit(embeddings2)
-        return a @ b.T
+        from promcse.encode import cosine_matrix
+
+        return _tensor(cosine_matrix(embeddings1, embeddings2))
 
     def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
         """Cosine similarity of corresponding rows."""
-        return (_unit(embeddings1) * _unit(embeddings2)).sum(-1)
+        from promcse.encode import unit_rows
+
+        return _tensor((unit_rows(embeddings1) * unit_rows(embeddings2)).sum(-1))
 
     @property
     def mteb_model_meta(self) -> Any:
@@ -277,11 +280,11 @@ def _texts_of(inputs: Any) -> list[str]:
     return texts
 
 
-def _unit(x: Any) -> torch.Tensor:
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """A float32 torch tensor (what MTEB's similarity functions return)."""
     import torch
 
-    tensor = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
-    return torch.nn.functional.normalize(tensor, dim=-1)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def read_eval_results(path: str | Path) -> dict[str, Any]:

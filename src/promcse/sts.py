@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 from promcse.data import StsPairs, read_sts_tsv
+from promcse.encode import unit_rows
 from promcse.errors import PromcseError
 
 if TYPE_CHECKING:  # promcse.cxc imports this module; evaluate imports it lazily
@@ -125,12 +126,6 @@ def _extra_files(paths: Sequence[str | Path], taken: set[str]) -> list[StsPairs]
     return out
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 class Lookup:
     """Unit embeddings of distinct texts, by text: one ``encode_fn`` call (or chunks of ``batch_texts``).
 
@@ -144,7 +139,7 @@ class Lookup:
         emb = np.concatenate(chunks)
         if emb.ndim != 2 or emb.shape[0] != len(self.unique) or not np.all(np.isfinite(emb)):
             raise PromcseError(f"encoder returned {emb.shape} for {len(self.unique)} texts; want (n, dim), finite")
-        self.emb = _unit(emb)
+        self.emb = unit_rows(emb)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.emb[np.fromiter((self.index[t] for t in texts), dtype=np.int64, count=len(texts))]
@@ -173,7 +168,7 @@ def _score_task(files: list[StsPairs], lookup: Lookup, grouped: bool) -> dict[st
 
 def alignment(a: np.ndarray, b: np.ndarray) -> float:
     """Alignment (Wang & Isola 2020): mean ``||f(x) - f(y)||²`` over positive pairs (rows of a, b; L2-normalised)."""
-    a, b = _unit(a), _unit(b)
+    a, b = unit_rows(a), unit_rows(b)
     if len(a) == 0 or a.shape != b.shape:
         raise PromcseError(f"alignment needs two equal, non-empty sets of embeddings; got {a.shape} and {b.shape}")
     return float(np.mean(np.sum((a - b) ** 2, axis=1)))
@@ -184,7 +179,7 @@ def uniformity(x: np.ndarray, block: int = 2048) -> float:
 
     Uses ``||u - v||² = 2 - 2 u·v``; the mean over i<j equals that over i≠j (symmetry); row blocks bound memory.
     """
-    x, n = _unit(x), len(x)
+    x, n = unit_rows(x), len(x)
     if n < 2:
         raise PromcseError(f"uniformity needs at least 2 embeddings; got {n}")
     total = 0.0
