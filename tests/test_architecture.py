@@ -18,10 +18,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "promcse"
 
 STAGES: tuple[str, ...] = (
     "errors", "files", "data", "config",                                    # inputs
-    "backbone", "prompt", "pooling", "model",                               # the encoder
+    "backbone", "prompt", "pooling", "model", "encode", "multiprompt",      # the encoder and encoding
     "checkpoint", "released", "loading",                                    # what a model reference means
     "losses", "tiled", "objective",                                         # objectives on embeddings
-    "distributed", "gradcache", "step", "resume", "loop", "encode", "train",  # training
+    "distributed", "gradcache", "step", "resume", "loop", "train",          # training
     "sts", "cxc", "plots",                                                  # evaluation
     "search", "registry", "serve", "export",                                # serving and interop
     "cli",                                                                  # the command line, last
@@ -85,7 +85,6 @@ LAZY_LATER: dict[tuple[str, str], str] = {
     ("model", "encode"): "SentenceEncoder.encode/similarity are conveniences over promcse.encode",
     ("train", "sts"): "the STS-B dev scorer used for model selection",
     ("sts", "cxc"): "evaluate(..., cxc=...) scores Crisscrossed Captions too",
-    ("serve", "registry"): "type hints of the server's app factory",
 }
 
 

@@ -39,8 +39,8 @@ class Family:
 
 
 # Plain dict literal registry: model_type -> family facts. Types not listed are refused (load time).
-# The exported sentence-transformers module (resources/modeling_promcse.py) keeps a copy of the facts
-# it needs; tests/test_export.py checks that the copies agree with this table.
+# The exported sentence-transformers module (resources/modeling_promcse.py) gets the facts it needs from
+# the export's config (export.st_module_config); tests/test_export.py checks it reads every one.
 FAMILIES: dict[str, Family] = {
     "bert": Family(has_pooling_layer=True),
     "distilbert": Family(takes_prefix=False),
@@ -164,11 +164,26 @@ def resolve_device(device: str) -> torch.device:
 
 def unshifted_position_ids(config: object, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The position ids the encoder would use without a cache, to pass explicitly past a prefix cache."""
+    return row_position_ids(config, input_ids, attention_mask, None)
+
+
+def row_position_ids(config: object, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     shift: torch.Tensor | None) -> torch.Tensor:
+    """Position ids of real tokens shifted by ``shift[b]`` per row (None: unshifted), as transformers makes them.
+
+    BERT-style: ``arange(T) + shift``; RoBERTa-style (ids start after the pad id):
+    ``(cumsum(mask) + shift) * mask + pad``, which is what transformers computes past a cache of length
+    ``shift``. Used to give each row of one batch its own prompt's shift. Padding positions of a row shifted
+    more than the longest row are clamped into the table (they are masked, so their value is never seen).
+    """
+    offset = shift.to(input_ids.device).long().unsqueeze(1) if shift is not None else 0
     if family_of(str(getattr(config, "model_type", "bert"))).position_offset_from_pad:
         pad = int(getattr(config, "pad_token_id", 1) or 0)
-        return (torch.cumsum(attention_mask, dim=1) * attention_mask + pad).long()
+        mask = attention_mask.long()
+        return ((torch.cumsum(mask, dim=1) + offset) * mask + pad).long()
     batch, length = input_ids.shape
-    return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+    positions = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, -1) + offset
+    return positions.clamp(max=int(getattr(config, "max_position_embeddings", 512)) - 1)
 
 
 def load_backbone(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from promcse.backbone import BackboneShape, reference_init_, unshifted_position_ids
+from promcse.backbone import BackboneShape, reference_init_, row_position_ids, unshifted_position_ids
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,18 @@ class DeepPrompt(nn.Module):
 
     def forward(self, batch_size: int) -> tuple[tuple[Tensor, Tensor], ...]:
         """Per-layer (key, value) prefixes, each (B, heads, P, head_dim), dropout drawn per row."""
-        s = self.spec
         flat = self.table().unsqueeze(0).expand(batch_size, -1, -1)
         flat = self.dropout(flat)  # independent mask per batch row (the tensor is materialised per row)
-        heads = flat.view(batch_size, s.length, s.num_layers * 2, s.num_heads, s.hidden_size // s.num_heads)
-        # unbind, not indexing: one backward op instead of a zero-fill + add of the whole gradient per slice
-        per_layer = heads.permute(2, 0, 3, 1, 4).unbind(0)  # L*2 tensors of (B, heads, P, head_dim)
-        return tuple((per_layer[2 * i], per_layer[2 * i + 1]) for i in range(s.num_layers))
+        return split_layers(flat, self.spec.num_layers, self.spec.num_heads)
+
+
+def split_layers(flat: Tensor, num_layers: int, num_heads: int) -> tuple[tuple[Tensor, Tensor], ...]:
+    """(B, P, L*2*H) rows in the reference layout -> per-layer (key, value), each (B, heads, P, head_dim)."""
+    batch, length, width = flat.shape
+    heads = flat.reshape(batch, length, num_layers * 2, num_heads, width // (num_layers * 2 * num_heads))
+    # unbind, not indexing: one backward op instead of a zero-fill + add of the whole gradient per slice
+    per_layer = heads.permute(2, 0, 3, 1, 4).unbind(0)  # L*2 tensors of (B, heads, P, head_dim)
+    return tuple((per_layer[2 * i], per_layer[2 * i + 1]) for i in range(num_layers))
 
 
 def prefix_cache(prefix: tuple[tuple[Tensor, Tensor], ...]) -> DynamicCache:
@@ -121,9 +126,50 @@ def prefixed_attention_mask(attention_mask: Tensor, prefix_length: int, dtype: t
     """
     batch, length = attention_mask.shape
     ones = attention_mask.new_ones(batch, prefix_length)
-    keep = torch.cat([ones, attention_mask], dim=1).to(torch.bool)  # (B, P+T)
-    additive = torch.zeros(batch, 1, length, prefix_length + length, dtype=dtype, device=attention_mask.device)
+    return _additive(torch.cat([ones, attention_mask], dim=1).to(torch.bool), length, dtype)
+
+
+def rows_attention_mask(attention_mask: Tensor, visible: Tensor, prefix_length: int, dtype: torch.dtype) -> Tensor:
+    """Additive (B, 1, T, P+T) mask where row b sees its first ``visible[b]`` of the P prefix slots."""
+    length = attention_mask.shape[1]
+    slots = torch.arange(prefix_length, device=attention_mask.device)
+    prefix_keep = slots.unsqueeze(0) < visible.to(attention_mask.device).unsqueeze(1)  # (B, P)
+    return _additive(torch.cat([prefix_keep, attention_mask.to(torch.bool)], dim=1), length, dtype)
+
+
+def _additive(keep: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """(B, K) keep flags -> additive (B, 1, T, K) mask: 0 where kept, the dtype's minimum elsewhere."""
+    additive = torch.zeros(keep.shape[0], 1, length, keep.shape[1], dtype=dtype, device=keep.device)
     return additive.masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
+
+
+def run_encoder_rows(backbone: nn.Module, inputs: dict[str, Tensor], prefix: Tensor | None, visible: Tensor,
+                     shift: Tensor, output_hidden_states: bool = False) -> tuple[Tensor, ...]:
+    """Run the encoder with a different prompt per row: the mixed-prompt forward.
+
+    Args:
+        backbone: A transformers encoder.
+        inputs: Tokenizer output (``input_ids``, ``attention_mask``, ...), B rows.
+        prefix: (B, P, L*2*H) prefix tables, each row's prompt padded to P (None when no row has one).
+        visible: (B,) number of real prefix slots of each row (0 for a bare-backbone row): the rest are masked.
+        shift: (B,) position shift of each row's real tokens (its P with ``shift_positions``, else 0).
+        output_hidden_states: Also return every layer's output.
+
+    Returns:
+        As :func:`run_encoder`: hidden states of the real tokens only.
+    """
+    mask = inputs["attention_mask"]
+    kwargs: dict[str, object] = {"output_hidden_states": output_hidden_states, "return_dict": True}
+    if prefix is not None and prefix.shape[1] > 0:
+        config = backbone.config
+        kwargs["cache"] = DynamicCache(ddp_cache_data=list(split_layers(prefix, config.num_hidden_layers,
+                                                                          config.num_attention_heads)))
+        kwargs["position_ids"] = row_position_ids(config, inputs["input_ids"], mask, shift)
+        mask = rows_attention_mask(mask, visible, prefix.shape[1], prefix.dtype)
+    accepted = forward_inputs(backbone)
+    model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask" and k in accepted}
+    out = backbone(**model_inputs, attention_mask=mask, **kwargs)
+    return tuple(out.hidden_states) if output_hidden_states else (out.last_hidden_state,)
 
 
 def forward_inputs(backbone: nn.Module) -> frozenset[str]:
