@@ -65,3 +65,16 @@ def test_bank_pads_shorter_prompts_and_masks_them(registry: PromptRegistry) -> N
     assert torch.count_nonzero(bank.table[0, 5:]) == 0 and torch.count_nonzero(bank.table[2]) == 0
     with pytest.raises(ValueError, match="one shared backbone"):
         build_bank(members + [registry.get("full")])
+
+
+def test_registry_encode_rows_uses_cached_banks(registry: PromptRegistry, tiny_bert: Path, tmp_path: Path) -> None:
+    texts = mixed_texts(12)
+    names = [registry.names[i % len(registry.names)] for i in range(len(texts))]
+    got = registry.encode_rows(texts, names, batch_size=5)
+    for i, (text, name) in enumerate(zip(texts, names)):
+        want = registry.get(name).encode([text], normalize=False)[0]
+        assert np.abs(got[i] - want).max() <= 1e-5, name
+    bank, _ = registry.bank_of("bare")
+    assert registry.bank_of("p5-shift-cls")[0] is bank  # built once, shared by the backbone's models
+    registry.add("late", make_prompt_checkpoint(tiny_bert, tmp_path / "late", seed=11, length=3))
+    assert registry.bank_of("late")[0] is not bank and registry.bank_of("late")[0].table.shape[0] == 6

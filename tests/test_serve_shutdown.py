@@ -28,7 +28,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from promcse.search import Index  # noqa: E402
-from promcse.serve import BackgroundServer, Limits, create_app, load_server  # noqa: E402
+from promcse.launch import BackgroundServer, load_server  # noqa: E402
+from promcse.serve import Limits, create_app  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

@@ -14,7 +14,7 @@ state, and on CPU one forward already uses every core.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from promcse.encode import similarity
 from promcse.errors import PromcseError
 from promcse.loading import backbone_key, load, reference_key
 from promcse.model import SentenceEncoder
+from promcse.multiprompt import PromptBank, build_bank, encode_bank
 
 
 class PromptRegistry:
@@ -46,6 +47,7 @@ class PromptRegistry:
         self._encoders: dict[str, SentenceEncoder] = {}
         self._refs: dict[str, str] = {}
         self._backbones: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        self._banks: dict[int, tuple[PromptBank, dict[str, int]]] = {}  # backbone module id -> bank, name -> row
 
     def __contains__(self, name: object) -> bool:
         return name in self._encoders
@@ -83,8 +85,10 @@ class PromptRegistry:
         if not name or name in self._encoders:
             raise PromcseError(f"model name {name!r} is empty or already registered")
         encoder = load(model, device=str(self.device), backbones=self._backbone)
-        self._encoders[name] = encoder
-        self._refs[name] = str(model)
+        with self.lock:
+            self._encoders[name] = encoder
+            self._refs[name] = str(model)
+            self._banks.clear()  # the stacked prompt tables are rebuilt for the new set of models
         return encoder
 
     def _backbone(self, name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -122,6 +126,38 @@ class PromptRegistry:
         encoder = self.get(model)
         with self.lock:
             return similarity(encoder, a, b, batch_size=batch_size)
+
+    def token_counts(self, texts: Sequence[str], name: str) -> list[int]:
+        """Tokens of each text under model ``name`` (its tokenizer, truncated at its position limit)."""
+        encoder = self.get(name)
+        return [len(ids) for ids in encoder.tokenizer(list(texts), truncation=True,
+                                                      max_length=encoder.max_length)["input_ids"]]
+
+    def bank_of(self, name: str) -> tuple[PromptBank, int]:
+        """The stacked prompts of every model sharing ``name``'s backbone (cached), and ``name``'s prompt id."""
+        backbone = self.get(name).backbone
+        key = id(backbone)
+        if key not in self._banks:
+            members = [n for n, e in self._encoders.items() if e.backbone is backbone]
+            self._banks[key] = (build_bank([self._encoders[n] for n in members]), {n: i for i, n in enumerate(members)})
+        bank, ids = self._banks[key]
+        return bank, ids[name]
+
+    def encode_rows(self, texts: Sequence[str], models: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Encode ``texts[i]`` with model ``models[i]``: rows of every model sharing a backbone go through the
+        same forward passes (:mod:`promcse.multiprompt`). Returns raw (not normalised) float32 vectors."""
+        if len(texts) != len(models):
+            raise PromcseError(f"{len(texts)} texts but {len(models)} model names")
+        out: np.ndarray | None = None
+        with self.lock:
+            placed = [self.bank_of(m) for m in models]
+            for bank in {id(b): b for b, _ in placed}.values():
+                rows = [i for i, (b, _) in enumerate(placed) if b is bank]
+                vectors = encode_bank(bank, [texts[i] for i in rows], [placed[i][1] for i in rows], batch_size)
+                if out is None:
+                    out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+                out[rows] = vectors.numpy()
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
     def describe(self, name: str) -> dict[str, Any]:
         """JSON-able facts about one registered model (for ``GET /models``)."""

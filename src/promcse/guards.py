@@ -1,0 +1,95 @@
+"""Request guards of the HTTP server: error bodies, body size limit, Host check, API key.
+
+Kept apart from :mod:`promcse.serve` (the routes) so both the routes and the ASGI middleware answer errors
+in the same two shapes: ours, and OpenAI's on ``/v1/`` routes.
+"""
+
+import hmac
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error answered as JSON with an HTTP status (``param``/``code`` fill OpenAI-style bodies)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+OPENAI_TYPES: dict[int, str] = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                                429: "rate_limit_error", 503: "server_error", 504: "server_error", 500: "server_error"}
+
+
+def error_body(status: int, message: str, path: str = "", param: str | None = None, code: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The JSON body of an error: OpenAI's shape on ``/v1/`` routes, ours elsewhere."""
+    if path.startswith("/v1/"):
+        kind = OPENAI_TYPES.get(status, "invalid_request_error")
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"status": status, "message": message, **extra}}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared length, or counted while streaming)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+        from starlette.exceptions import HTTPException
+
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            message = f"request body over {self.max_bytes} bytes" if declared.isdigit() else "bad Content-Length"
+            status = 413 if declared.isdigit() else 400
+            return await JSONResponse(error_body(status, message), status_code=status)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # FastAPI re-raises HTTPExceptions from reading the body as they are
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class GuardMiddleware:
+    """ASGI middleware: refuse unknown ``Host`` names, and requests without the API key (bearer token)."""
+
+    OPEN_PATHS = ("/", "/health")
+
+    def __init__(self, app: Any, api_key: str | None, allowed_hosts: tuple[str, ...] | None) -> None:
+        self.app, self.api_key, self.allowed_hosts = app, api_key, allowed_hosts
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        headers, path = dict(scope.get("headers") or []), scope.get("path", "")
+        problem = self._problem(headers, path)
+        if problem is None:
+            return await self.app(scope, receive, send)
+        status, message, code = problem
+        extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        response = JSONResponse(error_body(status, message, path, code=code), status_code=status, headers=extra)
+        await response(scope, receive, send)
+
+    def _problem(self, headers: dict[bytes, bytes], path: str) -> tuple[int, str, str] | None:
+        if self.allowed_hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in self.allowed_hosts:
+                return 400, "Host header not allowed for this server", "host_not_allowed"
+        if self.api_key and path not in self.OPEN_PATHS:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key"
+        return None

@@ -1,0 +1,187 @@
+"""Starting a server: load the models and indexes, check the options, run uvicorn until SIGTERM/SIGINT.
+
+``promcse serve`` is a thin caller of :func:`load_server` and :func:`run_server`; :class:`BackgroundServer`
+runs an app on a loopback port in a thread (tests, notebooks). On SIGTERM or SIGINT the server stops
+accepting connections, finishes the requests in flight (the batching engine drains its queue) and returns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from promcse.batching import EngineConfig
+from promcse.errors import PromcseError
+from promcse.search import Index, read_meta
+from promcse.serve import NAME_RE, Limits, ServeOptions, create_app
+
+if TYPE_CHECKING:
+    from promcse.registry import PromptRegistry
+
+API_KEY_ENV = "PROMCSE_API_KEY"
+
+
+def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
+    """``NAME=VALUE`` pairs (a bare VALUE is named after its last path component).
+
+    Raises:
+        PromcseError: Invalid or duplicate names.
+    """
+    out: dict[str, str] = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            name, value = Path(item.rstrip("/")).name or item, item
+        if not NAME_RE.match(name) or not value:
+            raise PromcseError(f"bad --{what} {item!r}: use NAME={what.upper()}, NAME of letters, digits, '.', '_', '-'")
+        if name in out:
+            raise PromcseError(f"--{what} name {name!r} given twice")
+        out[name] = value
+    return out
+
+
+def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None,
+                device: str = "auto") -> tuple["PromptRegistry", dict[str, tuple[Index, str]]]:
+    """Load the models (backbones shared) and indexes; each index reuses a served model of the same reference.
+
+    An index whose model is not among ``models`` gets it loaded as ``<index name>-encoder``.
+    """
+    from promcse.registry import load_many
+
+    registry = load_many(models, device=device)
+    indexes: dict[str, tuple[Index, str]] = {}
+    for name, directory in (index_dirs or {}).items():
+        ref = read_meta(Path(directory)).get("model")
+        if not ref:
+            raise PromcseError("index records no model reference; rebuild it with 'promcse index build'", path=directory)
+        encoder_name = registry.find(str(ref))
+        if encoder_name is None:
+            encoder_name = f"{name}-encoder"
+            registry.add(encoder_name, str(ref))
+        indexes[name] = (Index.load(directory, encoder=registry.get(encoder_name)), encoder_name)
+    return registry, indexes
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a daemon thread on a loopback port (tests, notebooks).
+
+    Example:
+        >>> with BackgroundServer(app) as server:  # doctest: +SKIP
+        ...     httpx.get(server.url + "/health")
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL."""
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+        close = getattr(getattr(self.server.config.app, "state", None), "close", None)
+        if callable(close):
+            close()  # drain and stop the app's batching engine
+
+
+def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.0.1", api_key: str | None = None,
+                         insecure: bool = False, engine: EngineConfig | None = None) -> None:
+    """Check :func:`run_server`'s options (cheap: call it before loading models).
+
+    Raises:
+        PromcseError: A port outside 1..65535, a negative graceful timeout, batching limits that admit
+            nothing, or a non-loopback ``host`` without an API key (unless ``insecure``).
+    """
+    if not 0 < port < 65536:
+        raise PromcseError(f"--port must be in 1..65535, got {port}")
+    if graceful_timeout < 0:
+        raise PromcseError(f"--graceful-timeout must be at least 0 seconds, got {graceful_timeout}")
+    if engine is not None:
+        engine.check()
+    if not is_loopback(host) and not api_key and not insecure:
+        raise PromcseError(f"--host {host} is reachable from other machines: set --api-key (or ${API_KEY_ENV}) "
+                           f"so that requests need 'Authorization: Bearer KEY', or pass --insecure")
+
+
+def api_key_from(value: str | None) -> str | None:
+    """The API key: the option, else the environment variable ``PROMCSE_API_KEY``, else none."""
+    return value or os.environ.get(API_KEY_ENV) or None
+
+
+def run_server(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]] | None = None, *,
+               host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+               graceful_timeout: int = 30, options: ServeOptions | None = None) -> signal.Signals | None:
+    """Serve ``registry`` and ``indexes`` (see :func:`load_server`) with uvicorn in this thread until stopped.
+
+    On SIGTERM or SIGINT the server stops accepting connections, finishes the requests in flight (for up to
+    ``graceful_timeout`` seconds, then cancels them) and returns; the previous signal handlers are restored.
+
+    Returns:
+        The signal that stopped the server, or None when it stopped otherwise.
+
+    Raises:
+        PromcseError: Bad ``port`` or ``graceful_timeout`` (see :func:`check_server_options`).
+    """
+    import uvicorn
+
+    options = options or ServeOptions()
+    check_server_options(port, graceful_timeout, host, options.api_key, options.insecure, options.engine)
+    indexes = indexes or {}
+    if is_loopback(host) and options.allowed_hosts is None:  # DNS rebinding: only loopback names reach us
+        options = ServeOptions(**{**options.__dict__, "allowed_hosts": ("127.0.0.1", "localhost", "[::1]", "::1")})
+    app = create_app(registry, indexes, limits, options)
+    if not is_loopback(host) and not options.api_key:
+        print(f"warning: listening on {host} without an API key (--insecure); put it behind a proxy")
+    mode = "batching across requests" if options.engine is not None else "one request per forward pass"
+    print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}] and {len(indexes)} index(es) "
+          f"on {len(registry.backbones)} shared backbone(s), {mode}: http://{host}:{port}/")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                          timeout_graceful_shutdown=graceful_timeout))
+    stopped_by: list[int] = []
+
+    def on_signal(sig: int, frame: object) -> None:
+        # Until uvicorn installs its handlers, and when it replays the signal after its graceful shutdown
+        # (the default handlers would then kill the process with the signal or raise KeyboardInterrupt).
+        stopped_by.append(sig)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()  # on SIGTERM/SIGINT: stop accepting, finish requests in flight, then return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        app.state.close()
+    return signal.Signals(stopped_by[0]) if stopped_by else None
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback addresses and ``localhost``."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

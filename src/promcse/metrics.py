@@ -1,0 +1,87 @@
+"""Prometheus metrics of the server (``GET /metrics``, text exposition format, via ``prometheus-client``).
+
+- ``promcse_requests_total{endpoint, model, status}`` and ``promcse_request_seconds{endpoint}`` (histogram);
+- ``promcse_queue_tokens`` / ``promcse_queue_requests``: what waits in the batching engine;
+- ``promcse_batch_rows``, ``promcse_batch_tokens`` (padded rows x longest row) and ``promcse_batch_seconds``
+  per forward pass of the engine.
+
+Each app has its own collector registry, so several apps in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+ENDPOINTS: tuple[str, ...] = ("/embed", "/similarity", "/search", "/v1/embeddings", "/v1/models", "/models",
+                              "/health", "/metrics", "/")
+
+
+class ServerMetrics:
+    """The server's counters, gauges and histograms."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.collectors = CollectorRegistry()
+        r = self.collectors
+        self.requests = Counter("promcse_requests", "HTTP requests by endpoint, model and status",
+                                ["endpoint", "model", "status"], registry=r)
+        self.latency = Histogram("promcse_request_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.queue_tokens = Gauge("promcse_queue_tokens", "tokens waiting in the batching engine", registry=r)
+        self.queue_requests = Gauge("promcse_queue_requests", "requests waiting or in progress", registry=r)
+        self.batch_rows = Histogram("promcse_batch_rows", "rows per forward pass", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.batch_tokens = Histogram("promcse_batch_tokens", "padded tokens per forward pass", registry=r,
+                                      buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768))
+        self.batch_seconds = Histogram("promcse_batch_seconds", "seconds per forward pass", registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+    def watch_queue(self, tokens: Callable[[], float], requests: Callable[[], float]) -> None:
+        """Read the queue gauges from the engine at scrape time."""
+        self.queue_tokens.set_function(tokens)
+        self.queue_requests.set_function(requests)
+
+    def on_batch(self, rows: int, tokens: int, seconds: float) -> None:
+        """Record one forward pass of the batching engine."""
+        self.batch_rows.observe(rows)
+        self.batch_tokens.observe(tokens)
+        self.batch_seconds.observe(seconds)
+
+    def observe(self, path: str, model: str | None, status: int, seconds: float) -> None:
+        """Record one finished request (unknown paths are counted as ``other``: bounded label values)."""
+        endpoint = path if path in ENDPOINTS else "other"
+        self.requests.labels(endpoint, model or "-", str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.collectors), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """ASGI middleware: time every HTTP request and count it with the model the handler chose."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        import time
+
+        start, status = time.perf_counter(), [500]
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            model = (scope.get("state") or {}).get("model")
+            self.metrics.observe(scope.get("path", ""), model, status[0], time.perf_counter() - start)

@@ -1,0 +1,78 @@
+"""The OpenAI embeddings API on the promcse server: ``POST /v1/embeddings`` and ``GET /v1/models``.
+
+Request ``{"input": str | [str], "model": NAME, "encoding_format": "float" | "base64", "dimensions": int,
+"user": str}``; response ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}],
+"model": NAME, "usage": {"prompt_tokens": n, "total_tokens": n}}``. Embeddings are L2-normalised (as
+OpenAI's are); ``dimensions`` keeps the first d components and renormalises them (OpenAI's shortening; our
+models were not trained for it, so expect lower quality than the full vector); ``base64`` is the
+little-endian float32 bytes, what the official client requests by default. Errors use OpenAI's body
+(``{"error": {"message", "type", "param", "code"}}``, see :func:`promcse.guards.error_body`). ``model`` is
+any served model or prompt name, so an OpenAI client picks a domain prompt by name.
+"""
+
+import base64
+from typing import Any, Literal
+
+import numpy as np
+
+from promcse.encode import unit_rows
+from promcse.guards import ApiError
+from promcse.serve import ServeContext, check_texts
+
+
+def _schema() -> type:
+    from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+    class EmbeddingsRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        input: StrictStr | list[StrictStr]
+        model: StrictStr
+        encoding_format: Literal["float", "base64"] = "float"
+        dimensions: StrictInt | None = Field(None, ge=1)
+        user: StrictStr | None = None
+
+    return EmbeddingsRequest
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    """One embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return np.asarray(vector, dtype=np.float32).tolist()
+
+
+def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Unit vectors, keeping the first ``dimensions`` components (renormalised) when asked."""
+    if dimensions is not None:
+        if dimensions > vectors.shape[1]:
+            raise ApiError(400, f"dimensions is {dimensions}; this model has {vectors.shape[1]}",
+                           param="dimensions", code="invalid_value")
+        vectors = vectors[:, :dimensions]
+    return unit_rows(vectors).astype(np.float32)
+
+
+def add_openai_routes(app: Any, ctx: ServeContext) -> None:
+    """Add ``POST /v1/embeddings`` and ``GET /v1/models`` to the app."""
+    from fastapi import Request
+
+    EmbeddingsRequest = _schema()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise ApiError(400, "input must not be empty", param="input", code="invalid_value")
+        check_texts(texts, ctx.limits, "input")
+        name = ctx.model_name(request, body.model)
+        vectors = shorten(await ctx.embed(request, texts, name), body.dimensions)
+        tokens = sum(ctx.registry.token_counts(texts, name))
+        data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "promcse"}
+                                           for n in ctx.registry.names]}

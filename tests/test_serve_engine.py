@@ -1,0 +1,179 @@
+"""The batching engine behind the server, the OpenAI embeddings API, metrics, backpressure, timeouts, auth."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
+from promcse.batching import BatchEngine, EngineConfig, QueueFull  # noqa: E402
+from promcse.errors import PromcseError  # noqa: E402
+from promcse.launch import BackgroundServer, check_server_options  # noqa: E402
+from promcse.registry import PromptRegistry  # noqa: E402
+from promcse.serve import Limits, ServeOptions, create_app  # noqa: E402
+
+TEXTS = make_sentences(48, seed=21)
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> PromptRegistry:
+    root = tmp_path_factory.mktemp("engine")
+    reg = PromptRegistry(device="cpu")
+    reg.add("news", make_prompt_checkpoint(tiny_bert, root / "news", seed=1, length=5, pooler="cls", head="always"))
+    reg.add("legal", make_prompt_checkpoint(tiny_bert, root / "legal", seed=2, length=12, shift_positions=False))
+    reg.add("bare", str(tiny_bert))
+    return reg
+
+
+def serve(registry: PromptRegistry, **options: object) -> BackgroundServer:
+    return BackgroundServer(create_app(registry, {}, Limits(), ServeOptions(**options)))  # type: ignore[arg-type]
+
+
+def slow(registry: PromptRegistry, monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[int]:
+    """Make every forward pass take ``seconds``; return the list of batch sizes it saw."""
+    seen: list[int] = []
+    original = registry.encode_rows
+
+    def encode_rows(texts, models, batch_size=64):  # noqa: ANN001, ANN202
+        seen.append(len(texts))
+        time.sleep(seconds)
+        return original(texts, models, batch_size)
+
+    monkeypatch.setattr(registry, "encode_rows", encode_rows)
+    return seen
+
+
+def test_concurrent_requests_of_mixed_prompts_share_batches_and_get_their_own_vectors(registry) -> None:
+    names = ["news", "legal", "bare"]
+    with serve(registry, engine=EngineConfig(max_wait_ms=20)) as server, httpx.Client(base_url=server.url) as client:
+        def call(i: int) -> tuple[int, list[list[float]]]:
+            texts = TEXTS[i % 40 : i % 40 + 1 + i % 4]
+            r = client.post("/embed", json={"texts": texts, "model": names[i % 3], "normalize": False}, timeout=30)
+            assert r.status_code == 200, r.text
+            return i, r.json()["embeddings"]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(call, range(48)))
+        stats = server.server.config.app.state.context.engine.stats
+    for i, vectors in results:
+        texts = TEXTS[i % 40 : i % 40 + 1 + i % 4]
+        want = registry.encode(texts, names[i % 3], normalize=False)
+        assert np.abs(np.asarray(vectors) - want).max() <= 1e-5
+    assert stats.rows == sum(1 + i % 4 for i in range(48))
+    assert stats.batches < 48, "requests were not batched together"
+
+
+def test_full_queue_answers_503_with_retry_after(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow(registry, monkeypatch, 0.3)
+    with serve(registry, engine=EngineConfig(max_queue_tokens=40, max_wait_ms=0)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda t: client.post("/embed", json={"texts": [t] * 3, "model": "news"}),
+                                    TEXTS[:12]))
+    codes = [r.status_code for r in answers]
+    assert 200 in codes and 503 in codes, codes
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]["message"]
+
+
+def test_request_timeout_answers_504_and_drops_the_work(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = slow(registry, monkeypatch, 0.6)
+    with serve(registry, engine=EngineConfig(max_batch_tokens=16, max_wait_ms=0), request_timeout_s=0.3) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/embed", json={"texts": TEXTS[:6], "model": "news"})
+        assert r.status_code == 504 and "no result within" in r.json()["error"]["message"]
+        time.sleep(1.0)
+    assert sum(seen) < 6, f"the cancelled request's remaining texts were still encoded: {seen}"
+
+
+def test_client_that_disconnects_leaves_no_work(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = slow(registry, monkeypatch, 0.4)
+    with serve(registry, engine=EngineConfig(max_batch_tokens=16, max_wait_ms=0)) as server:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/embed", json={"texts": TEXTS[:8], "model": "legal"}, timeout=0.5)
+        time.sleep(1.5)
+        engine = server.server.config.app.state.context.engine
+        assert engine.queued_jobs == 0 and engine.queued_tokens == 0
+    assert sum(seen) < 8, f"the abandoned request was encoded to the end: {seen}"
+
+
+def test_engine_alone_refuses_when_full_and_drains_on_close(registry) -> None:
+    engine = BatchEngine(registry, EngineConfig(max_queue_tokens=5, max_wait_ms=50))
+    first = engine.submit(["a dog runs on the beach today"], "news")  # over the bound alone: admitted (queue empty)
+    with pytest.raises(QueueFull):
+        engine.submit(["a cat"], "news")
+    engine.close()
+    assert first.future.result(timeout=10).shape == (1, 32)
+    with pytest.raises(PromcseError, match="shutting down"):
+        engine.submit(["late"], "news")
+    with pytest.raises(PromcseError, match="max-batch-tokens"):
+        EngineConfig(max_batch_tokens=0).check()
+
+
+def test_openai_client_against_the_live_server(registry) -> None:
+    openai = pytest.importorskip("openai")
+    with serve(registry) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        out = client.embeddings.create(model="legal", input=TEXTS[:3])  # the client asks for base64 by default
+        floats = client.embeddings.create(model="legal", input=TEXTS[0], encoding_format="float")
+        short = client.embeddings.create(model="news", input=TEXTS[:2], dimensions=8)
+        assert [m.id for m in client.models.list().data] == ["news", "legal", "bare"]
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="nope", input="x")
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.embeddings.create(model="news", input=[[1, 2, 3]])  # token arrays are not taken
+        assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["param"].startswith("input")
+    want = registry.encode(TEXTS[:3], "legal", normalize=True)
+    got = np.asarray([d.embedding for d in out.data])
+    assert [d.index for d in out.data] == [0, 1, 2] and np.abs(got - want).max() <= 1e-5
+    assert np.abs(np.asarray(floats.data[0].embedding) - want[0]).max() <= 1e-5
+    assert out.usage.prompt_tokens == sum(registry.token_counts(TEXTS[:3], "legal")) == out.usage.total_tokens
+    short_vectors = np.asarray([d.embedding for d in short.data])
+    assert short_vectors.shape == (2, 8) and np.allclose(np.linalg.norm(short_vectors, axis=1), 1, atol=1e-5)
+
+
+def test_metrics_count_requests_batches_and_queue(registry) -> None:
+    with serve(registry) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.post("/embed", json={"texts": TEXTS[:4], "model": "news"}).status_code == 200
+        assert client.post("/embed", json={"texts": ["x"], "model": "missing"}).status_code == 404
+        text = client.get("/metrics").text
+    assert 'promcse_requests_total{endpoint="/embed",model="news",status="200"} 1.0' in text
+    assert 'promcse_requests_total{endpoint="/embed",model="-",status="404"} 1.0' in text
+    assert "promcse_batch_rows_count 1.0" in text and "promcse_queue_tokens 0.0" in text
+    assert 'promcse_request_seconds_bucket{endpoint="/embed"' in text
+
+
+def test_api_key_and_host_check(registry) -> None:
+    with serve(registry, api_key="s3cret", allowed_hosts=("127.0.0.1",)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        body = {"texts": ["a dog"], "model": "news"}
+        denied = client.post("/embed", json=body)
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+        assert client.post("/embed", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.post("/embed", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/health").status_code == 200  # open: probes and the page need no key
+        v1 = client.post("/v1/embeddings", json={"input": "x", "model": "news"})
+        assert v1.status_code == 401 and v1.json()["error"]["type"] == "authentication_error"
+        rebound = client.get("/health", headers={"Host": "evil.example:80"})
+        assert rebound.status_code == 400 and "Host" in rebound.json()["error"]["message"]
+
+
+def test_non_loopback_bind_needs_a_key_or_insecure() -> None:
+    with pytest.raises(PromcseError, match="--api-key"):
+        check_server_options(8000, 30, host="0.0.0.0")
+    check_server_options(8000, 30, host="0.0.0.0", api_key="k")
+    check_server_options(8000, 30, host="0.0.0.0", insecure=True)
+
+
+def test_batching_off_keeps_the_one_request_path(registry) -> None:
+    with serve(registry, engine=None) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/embed", json={"texts": TEXTS[:3], "model": "bare", "normalize": False})
+        assert client.get("/models").json()["batching"] is False
+    assert np.abs(np.asarray(r.json()["embeddings"]) - registry.encode(TEXTS[:3], "bare", normalize=False)).max() <= 1e-5
