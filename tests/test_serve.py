@@ -32,14 +32,19 @@ LIMITS = Limits(max_texts=8, max_chars=200, max_body_bytes=20_000, max_top_k=10)
 def served(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve")
     models = {"news": str(make_prompt_checkpoint(tiny_bert, root / "news", pooler="cls", head="always", length=3, seed=1)),
-              "legal": str(make_prompt_checkpoint(tiny_bert, root / "legal", pooler="cls", head="always", length=3, seed=2))}
+              "legal": str(make_prompt_checkpoint(tiny_bert, root / "legal", pooler="avg", head="none", length=3, seed=2))}
     index = Index(models["news"], kind="flat", device="cpu")
     index.add(CORPUS)
     index.save(root / "idx")
-    registry, indexes = load_server(models, {"captions": str(root / "idx")}, device="cpu")
+    other = Index(models["legal"], kind="flat", device="cpu")  # the same corpus under another prompt
+    other.add(CORPUS)
+    other.save(root / "idx-legal")
+    registry, indexes = load_server(models, {"captions": str(root / "idx"), "captions-legal": str(root / "idx-legal")},
+                                    device="cpu")
     with BackgroundServer(create_app(registry, indexes, LIMITS)) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            yield {"client": client, "registry": registry, "url": server.url, "root": root, "models": models}
+            yield {"client": client, "registry": registry, "url": server.url, "root": root, "models": models,
+                   "indexes": indexes}
 
 
 def error_of(response) -> dict:
@@ -51,11 +56,12 @@ def error_of(response) -> dict:
 
 def test_health_models_and_page(served) -> None:
     client = served["client"]
-    assert client.get("/health").json() == {"status": "ok", "models": 2, "indexes": 1}
+    assert client.get("/health").json() == {"status": "ok", "models": 2, "indexes": 2}
     info = client.get("/models").json()
     assert [m["name"] for m in info["models"]] == ["news", "legal"]  # the index reuses "news": nothing added
     assert info["models"][0]["prompt_length"] == 3 and info["models"][0]["dim"] == 32
-    assert info["indexes"] == [{"name": "captions", "size": len(CORPUS), "dim": 32, "backend": "flat", "model": "news"}]
+    assert info["indexes"][0] == {"name": "captions", "size": len(CORPUS), "dim": 32, "backend": "flat", "model": "news"}
+    assert info["indexes"][1]["model"] == "legal"
     assert len(served["registry"].backbones) == 1
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -218,6 +224,16 @@ def test_page_in_headless_chromium(served, tmp_path: Path) -> None:
         driver.find_element(By.ID, "compare-btn").click()
         wait.until(lambda d: d.find_element(By.ID, "compare-score").text not in ("", "–"))
         assert abs(float(driver.find_element(By.ID, "compare-score").text) - 1.0) < 1e-3
+        driver.find_element(By.ID, "side-query").send_keys(CORPUS[3])
+        driver.find_element(By.ID, "side-btn").click()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#side-right-results li")))
+        columns = {side: driver.find_elements(By.CSS_SELECTOR, f"#side-{side}-results li") for side in ("left", "right")}
+        assert [len(rows) for rows in columns.values()] == [5, 5]
+        assert "captions (model news)" in driver.find_element(By.ID, "side-left-info").text
+        assert "captions-legal (model legal)" in driver.find_element(By.ID, "side-right-info").text
+        for side, name in (("left", "captions"), ("right", "captions-legal")):  # each column is its index's ranking
+            want = [h.text for h in served["indexes"][name][0].search(CORPUS[3], top_k=5)[0]]
+            assert [r.find_element(By.CLASS_NAME, "text").text for r in columns[side]] == want
         driver.save_screenshot(str(tmp_path / "page.png"))
     finally:
         driver.quit()
