@@ -191,3 +191,21 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> object:
         return built[model_type]
 
     return get
+
+
+# ---- fuzzing budget: `python -m pytest --fuzz-long` runs the fuzz suite (tests/fuzz) much deeper ----------
+FUZZ = {"examples": 40}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-long", action="store_true", help="run the fuzz suite with 25x more examples")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--fuzz-long", default=False):
+        FUZZ["examples"] = 1000
+
+
+def fuzz_examples() -> int:
+    """Hypothesis examples per fuzz property (40 by default, 1000 with --fuzz-long)."""
+    return FUZZ["examples"]

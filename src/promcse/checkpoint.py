@@ -14,8 +14,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from promcse.backbone import check_prompt_support, family_of
 from promcse.errors import PromcseError
 from promcse.files import atomic_write, atomic_write_text
+from promcse.schema import MAX_CONFIG_BYTES, read_json_object, read_regular_file, safetensors_header
 from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
 
 FORMAT = "promcse-checkpoint"
@@ -64,28 +66,41 @@ def save_checkpoint(encoder: SentenceEncoder, directory: str | Path, extra: dict
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """True if ``path`` is a promcse checkpoint directory."""
+    """True if ``path`` is a directory whose ``config.json`` says ``format: promcse-checkpoint``.
+
+    A config that cannot be read is reported by :func:`read_spec`, not hidden: a regular ``config.json``
+    whose text mentions the format counts as a checkpoint so that its errors surface.
+    """
     config = Path(path) / CONFIG_FILE
-    if not config.is_file():
+    try:
+        raw = read_regular_file(config, MAX_CONFIG_BYTES)
+    except PromcseError:
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
+        return json.loads(raw.decode("utf-8")).get("format") == FORMAT
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+        return FORMAT.encode() in raw
 
 
 def read_spec(directory: str | Path) -> EncoderSpec:
-    """Read and validate a checkpoint's encoder spec."""
+    """Read and validate a checkpoint's encoder spec (types, ranges, cross-field rules; nothing is built)."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        spec = EncoderSpec.from_dict(meta["encoder"])
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PromcseError(f"cannot read checkpoint config: {err}", path=path) from None
-    except (KeyError, TypeError) as err:
-        raise PromcseError(f"malformed checkpoint config ({err})", path=path) from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    meta = read_json_object(path)
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PromcseError(f"expected int, got {version!r}", path=path, key="format_version")
+    if version > FORMAT_VERSION:
         raise PromcseError("checkpoint written by a newer promcse; upgrade to load it", path=path)
+    try:
+        spec = EncoderSpec.from_dict(meta.get("encoder"))
+    except PromcseError as err:
+        raise PromcseError(err.message, path=path, key=err.key) from None
+    try:
+        family_of(spec.shape.model_type)
+        if spec.prompt is not None:
+            check_prompt_support(spec.shape.model_type)
+    except PromcseError as err:
+        raise PromcseError(err.message, path=path, key="encoder.shape.model_type") from None
     return spec
 
 
@@ -95,18 +110,23 @@ def load_weights(encoder: SentenceEncoder, directory: str | Path) -> None:
     expected = trainable_state(encoder)
     if not expected:
         return
-    if not path.is_file():
+    if not path.exists():
         raise PromcseError("missing prompt weights", path=path)
-    state = safetensors.torch.load_file(str(path))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    header = safetensors_header(path)  # names, dtypes, shapes and byte ranges checked before reading data
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:
         raise PromcseError(f"weights do not match the config: missing {missing}, unexpected {unexpected}", path=path)
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise PromcseError(
-                f"tensor '{key}' has shape {tuple(tensor.shape)}, config implies {tuple(expected[key].shape)}", path=path
-            )
+    for key, (_, shape) in header.items():
+        if shape != tuple(expected[key].shape):
+            raise PromcseError(f"tensor '{key}' has shape {shape}, config implies {tuple(expected[key].shape)}", path=path)
+    try:
+        state = {k: v.float() for k, v in safetensors.torch.load_file(str(path)).items()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged data
+        raise PromcseError(f"cannot read the tensors: {str(err).splitlines()[0]}", path=path) from None
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise PromcseError(f"tensor(s) {bad} hold NaN or infinite values", path=path)
     for prefix, module in (("prompt.", encoder.prompt), ("head.", encoder.head)):
         if module is not None:
             sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -125,7 +145,12 @@ def load_checkpoint(directory: str | Path, backbone: Any = None, tokenizer: Any 
         from promcse.backbone import load_backbone
 
         backbone, tokenizer = load_backbone(str(Path(directory) / BACKBONE_DIR))
-    encoder = build_encoder(spec, backbone, tokenizer)
+    try:
+        encoder = build_encoder(spec, backbone, tokenizer)
+    except PromcseError as err:
+        if err.path is not None:
+            raise
+        raise PromcseError(err.message, path=Path(directory) / CONFIG_FILE, key=err.key) from None
     load_weights(encoder, directory)
     encoder.eval()
     return encoder

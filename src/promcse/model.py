@@ -13,6 +13,7 @@ from promcse.backbone import BackboneShape, check_prompt_support, freeze, load_b
 from promcse.errors import PromcseError
 from promcse.pooling import HEAD_MODES, POOLERS, MLPHead
 from promcse.prompt import DeepPrompt, PromptSpec, run_encoder
+from promcse.schema import read_encoder
 
 MODES: tuple[str, ...] = ("prompt", "full", "frozen")
 
@@ -45,13 +46,19 @@ class EncoderSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> "EncoderSpec":
-        """Inverse of :meth:`to_dict`."""
-        values = dict(data)
-        values["shape"] = BackboneShape(**values["shape"])  # type: ignore[arg-type]
-        if values.get("prompt") is not None:
-            values["prompt"] = PromptSpec(**values["prompt"])  # type: ignore[arg-type]
-        return cls(**values)  # type: ignore[arg-type]
+    def from_dict(cls, data: object) -> "EncoderSpec":
+        """Inverse of :meth:`to_dict`, every field type- and range-checked (:func:`promcse.schema.read_encoder`).
+
+        Raises:
+            PromcseError: Naming the key (``encoder.prompt.length``, ...) that is wrong.
+        """
+        values = read_encoder(data)
+        values["shape"] = BackboneShape(**values["shape"])
+        if values["prompt"] is not None:
+            values["prompt"] = PromptSpec(**values["prompt"])
+        spec = cls(**values)
+        check_spec(spec)
+        return spec
 
 
 def check_choices(mode: str, pooler: str, head: str, prompt_length: int, section: str = "model") -> None:
