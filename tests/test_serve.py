@@ -180,7 +180,11 @@ def test_cli_serve_in_a_subprocess(served) -> None:
 def test_cli_serve_rejects_bad_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert promcse.cli.main(["serve", "--model", "bad name=x"]) == 2
     assert promcse.cli.main(["serve", "--model", "a=x", "--model", "a=y"]) == 2
-    assert promcse.cli.main(["serve", "--model", "a=x", "--port", "70000"]) == 2
+    for bad in (["--port", "70000"], ["--max-texts", "0"], ["--max-chars", "-5"], ["--max-wait-ms", "nan"],
+                ["--max-batch-tokens", "0"], ["--request-timeout", "0"]):
+        with pytest.raises(SystemExit) as stop:  # argparse refuses the value, naming the option
+            promcse.cli.main(["serve", "--model", "a=x", *bad])
+        assert stop.value.code == 2
     assert promcse.cli.main(["serve", "--model", f"a={tmp_path}"]) == 2  # not a model directory
     assert promcse.cli.main(["serve", "--model", "minilm", "--index", f"i={tmp_path}"]) == 2  # not an index
 

@@ -65,7 +65,34 @@ def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None
             encoder_name = f"{name}-encoder"
             registry.add(encoder_name, str(ref))
         indexes[name] = (Index.load(directory, encoder=registry.get(encoder_name)), encoder_name)
+    check_served(registry, indexes, index_dirs or {})
     return registry, indexes
+
+
+PROBE_TEXTS = ["A man is playing a guitar.", "x"]
+
+
+def check_served(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]], dirs: dict[str, str]) -> None:
+    """Refuse to start with a model that gives non-finite vectors, or an index that does not fit its model.
+
+    Raises:
+        PromcseError: Naming the model or the index directory and what is wrong.
+    """
+    import numpy as np
+
+    for name in registry.names:
+        vectors = np.asarray(registry.encode(PROBE_TEXTS, name, normalize=False))
+        if not np.isfinite(vectors).all():
+            raise PromcseError(f"model {name!r} produces NaN or infinite embeddings; its prompt or head is damaged")
+    for name, (index, encoder_name) in indexes.items():
+        dim = registry.get(encoder_name).dim
+        if len(index) and index.dim != dim:
+            raise PromcseError(f"index holds {index.dim}-dimensional vectors but its model {encoder_name!r} gives "
+                               f"{dim}", path=dirs.get(name))
+        # every stored vector scored once (up to 200k: a few ms; FAISS/numpy keep NaN scores out of a short top-k)
+        probe = index.search_vectors(np.full((1, dim), dim ** -0.5, dtype=np.float32), top_k=min(len(index), 200_000))
+        if any(not np.isfinite(hit.score) for hits in probe for hit in hits) or sum(map(len, probe)) < min(len(index), 200_000):
+            raise PromcseError("index returns non-finite scores (NaN vectors?); rebuild it", path=dirs.get(name))
 
 
 class BackgroundServer:
@@ -109,7 +136,8 @@ class BackgroundServer:
 
 
 def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.0.1", api_key: str | None = None,
-                         insecure: bool = False, engine: EngineConfig | None = None) -> None:
+                         insecure: bool = False, engine: EngineConfig | None = None,
+                         limits: Limits | None = None) -> None:
     """Check :func:`run_server`'s options (cheap: call it before loading models).
 
     Raises:
@@ -122,6 +150,8 @@ def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.
         raise PromcseError(f"--graceful-timeout must be at least 0 seconds, got {graceful_timeout}")
     if engine is not None:
         engine.check()
+    if limits is not None and min(limits.max_texts, limits.max_chars, limits.max_body_bytes, limits.max_top_k) < 1:
+        raise PromcseError(f"request limits must all be at least 1, got {limits}")
     if not is_loopback(host) and not api_key and not insecure:
         raise PromcseError(f"--host {host} is reachable from other machines: set --api-key (or ${API_KEY_ENV}) "
                            f"so that requests need 'Authorization: Bearer KEY', or pass --insecure")
@@ -149,7 +179,7 @@ def run_server(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
     import uvicorn
 
     options = options or ServeOptions()
-    check_server_options(port, graceful_timeout, host, options.api_key, options.insecure, options.engine)
+    check_server_options(port, graceful_timeout, host, options.api_key, options.insecure, options.engine, limits)
     indexes = indexes or {}
     if is_loopback(host) and options.allowed_hosts is None:  # DNS rebinding: only loopback names reach us
         options = ServeOptions(**{**options.__dict__, "allowed_hosts": ("127.0.0.1", "localhost", "[::1]", "::1")})

@@ -85,6 +85,9 @@ def check_texts(texts: list[str], limits: Limits, field: str) -> None:
         raise ApiError(413, f"'{field}' has {len(texts)} texts; the limit is {limits.max_texts} per request",
                        param=field, code="too_many_texts")
     for i, text in enumerate(texts):
+        if text.startswith("\ufeff"):  # a byte-order mark is encoding residue, not text to embed
+            raise ApiError(422, f"'{field}[{i}]' starts with a byte-order mark (U+FEFF); send the text without it",
+                           param=field, code="byte_order_mark")
         if len(text) > limits.max_chars:
             raise ApiError(413, f"'{field}[{i}]' has {len(text)} characters; the limit is {limits.max_chars}",
                            param=field, code="text_too_long")
@@ -313,7 +316,7 @@ def _install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(PromcseError)
     async def promcse_error(request: Any, exc: PromcseError) -> JSONResponse:
-        return answer(request, 422, str(exc))
+        return answer(request, 422, exc.message)  # the message only: never a server file-system path
 
     @app.exception_handler(Exception)  # a bug, never bad input: same JSON shape; uvicorn logs the traceback
     async def internal_error(request: Any, exc: Exception) -> JSONResponse:

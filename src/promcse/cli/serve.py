@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from promcse.batching import EngineConfig
-from promcse.cli.common import add_common
+from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.launch import api_key_from, check_server_options, load_server, parse_named, run_server
 from promcse.serve import Limits, ServeOptions
 
@@ -41,11 +41,11 @@ def register(subparsers: Any) -> None:
                    help="model to serve (repeatable; checkpoints on one backbone share it in memory)")
     p.add_argument("--index", action="append", metavar="NAME=DIR", help="index directory to serve (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port (default: 8000)")
     add_common(p, batch_size=False, progress=False)
-    p.add_argument("--max-texts", type=int, default=Limits.max_texts, help="texts per request (default: %(default)s)")
-    p.add_argument("--max-chars", type=int, default=Limits.max_chars, help="characters per text (default: %(default)s)")
-    p.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
+    p.add_argument("--max-texts", type=POSITIVE_INT, default=Limits.max_texts, help="texts per request (default: %(default)s)")
+    p.add_argument("--max-chars", type=POSITIVE_INT, default=Limits.max_chars, help="characters per text (default: %(default)s)")
+    p.add_argument("--graceful-timeout", type=bounded(int, 0, 3600), default=30, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, wait this long for requests in flight before cancelling them "
                         "(default: %(default)s)")
     _add_engine_options(p)
@@ -58,13 +58,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", choices=["on", "off"], default="on",
                    help="on: batch texts of all requests and prompts into shared forward passes; off: one request "
                         "per forward pass (default: %(default)s)")
-    p.add_argument("--max-batch-tokens", type=int, default=defaults.max_batch_tokens,
+    p.add_argument("--max-batch-tokens", type=POSITIVE_INT, default=defaults.max_batch_tokens,
                    help="padded tokens (rows x longest row) per forward pass (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+    p.add_argument("--max-wait-ms", type=bounded(float, 0, 10_000), default=defaults.max_wait_ms,
                    help="how long to wait for more requests before running a partial batch (default: %(default)s)")
-    p.add_argument("--max-queue-tokens", type=int, default=defaults.max_queue_tokens,
+    p.add_argument("--max-queue-tokens", type=POSITIVE_INT, default=defaults.max_queue_tokens,
                    help="tokens allowed to wait; beyond it requests get 503 + Retry-After (default: %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--request-timeout", type=bounded(float, 0.001, 86_400), default=30.0, metavar="SECONDS",
                    help="longest a request waits for its embeddings before a 504 (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route (default: "
                                      "$PROMCSE_API_KEY; none)")

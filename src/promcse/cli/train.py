@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from promcse.cli.common import add_common
+from promcse.cli.common import NON_NEGATIVE_INT, add_common
 from promcse.errors import PromcseError
 
 QUICKSTART_CONFIG = "quickstart.yaml"
@@ -87,10 +87,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", help="YAML config (see configs/); defaults apply to missing keys")
     p.add_argument("--train-file", help="override data.train_file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--max-steps", type=NON_NEGATIVE_INT, help="override train.max_steps")
     p.add_argument("--data-dir", help="eval data dir for STS-B dev (default: $PROMCSE_DATA_DIR or bundled)")
     p.add_argument("--output", help="output directory (the checkpoint is saved here)")
-    p.add_argument("--save-every", type=int, help="save a resumable training state every N steps (train.save_every)")
+    p.add_argument("--save-every", type=NON_NEGATIVE_INT, help="save a resumable training state every N steps (train.save_every)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest saved state")
     add_common(p, device=False, batch_size=False, progress_help="hide the progress bar")
     p.set_defaults(func=cmd_train)
