@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from promcse.checkpoint import load_checkpoint
 from promcse.config import load_config
-from promcse.train import batch_order, train
+from promcse.data import batch_order
+from promcse.train import train
 
 
 def tiny_config(tiny_bert: Path, data: dict[str, Path], *extra: str):
@@ -131,3 +133,27 @@ def test_encode_warns_once_about_truncated_texts(tiny_bert: Path) -> None:
     encoder = make(tiny_bert)
     with pytest.warns(UserWarning, match="1 of 2 texts reached the"):
         encoder.encode(["a man", "a man " * 80])
+
+
+def test_second_run_into_the_same_directory_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from promcse.errors import PromcseError
+    from promcse.files import directory_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom promcse.files import directory_lock\n"
+                               f"with directory_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PromcseError, match=rf"already writing here \(pid {holder.pid}\)"):
+            with directory_lock(out, "promcse train"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with directory_lock(out):  # released when its holder died
+        pass

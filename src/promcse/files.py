@@ -8,11 +8,14 @@ Checkpoints, training states, indexes and exports all go through here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from promcse.errors import PromcseError
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -70,3 +73,34 @@ def atomic_directory(final: str | Path, fill: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path, what: str = "promcse") -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (file ``.promcse.lock`` with the owner's pid) while inside.
+
+    Two runs writing into one directory would interleave their files; the second is refused at once.
+    The lock is an ``flock``: the kernel drops it when the process dies, so a crash never leaves it stale.
+
+    Raises:
+        PromcseError: When another process holds it.
+    """
+    import fcntl
+
+    path = Path(directory) / ".promcse.lock"
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise PromcseError(f"{what} is already writing here (pid {owner}); wait for it or use another "
+                               f"directory", path=directory) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -7,6 +7,7 @@ the model loads and before the first step. The step itself is :mod:`promcse.step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
@@ -24,6 +25,7 @@ from promcse.data import TrainExamples, batch_order, read_training_file, resolve
 from promcse.distributed import DistContext, broadcast_parameters, describe_scale, fit_batches, setup, teardown
 from promcse.encode import encode_texts
 from promcse.errors import PromcseError
+from promcse.files import directory_lock
 from promcse.loop import TrainingRun, TrainResult, run_loop
 from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
 from promcse.objective import Objective, build_objective
@@ -106,12 +108,13 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
         if resume and dist.world_size > 1:
             raise PromcseError("--resume supports single-process runs; restart multi-process runs from the checkpoint")
         out = prepare_output(output_dir) if dist.is_main else Path(output_dir)
-        if resume:
-            latest_state(out)  # fail before loading anything when there is nothing to resume
-        objective = build_objective(config.loss)
-        examples = load_examples(config.data, objective, config.train.batch_size)
-        run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress)
-        return run_loop(run, _starting_state(run, config, resume))
+        with directory_lock(out, "promcse train") if dist.is_main else contextlib.nullcontext():
+            if resume:
+                latest_state(out)  # fail before loading anything when there is nothing to resume
+            objective = build_objective(config.loss)
+            examples = load_examples(config.data, objective, config.train.batch_size)
+            run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress)
+            return run_loop(run, _starting_state(run, config, resume))
     finally:
         teardown(dist)
 
