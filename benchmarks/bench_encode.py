@@ -6,9 +6,17 @@ on the same texts ``--repeats`` times, the runs interleaved, and the median is r
 seeded sample (``--sample 0``: all) of the 37,700 sentences of the 7 STS test sets under
 ``<data>/tsv/original``. The last line printed is the JSON headline.
 
+With onnxruntime installed (``pip install -e .[onnx]``; ``--no-onnx`` skips it) it also times promcse's ONNX
+exports of the same model, fp32 and int8 (dynamic quantisation), on the same texts, batch size and thread
+count (ONNX Runtime gets ``intra_op_num_threads`` = torch's thread count), against sentence-transformers fp32;
+and a graph holding ``--prompts`` (8) *random* deep prompts (N(0, 0.02), ``--prompt-length`` 16, unshifted)
+fed a random prompt per text, against the one-prompt graph of the first of those prompts. It prints the
+ratios, the accuracy (max |delta| of fp32 and the worst cosine of int8, both to sentence-transformers) and
+the graph file sizes. The exports go to a temporary directory, removed at the end.
+
 Usage:
     python benchmarks/bench_encode.py [--data-dir DIR] [--sample 2000] [--batch-size 64] [--repeats 3]
-        [--threads N] [--with-prototype]
+        [--threads N] [--with-prototype] [--no-onnx] [--prompts 8] [--prompt-length 16]
 
 The data directory defaults to ``$PROMCSE_DATA_DIR``, then ``../shared/data/eval``.
 """
@@ -16,10 +24,12 @@ The data directory defaults to ``$PROMCSE_DATA_DIR``, then ``../shared/data/eval
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -93,6 +103,95 @@ def interleaved(fns: dict[str, Callable[[], np.ndarray]],
             outputs)
 
 
+def random_prompt_encoders(base: Any, count: int, length: int) -> list[Any]:
+    """``count`` encoders sharing ``base``'s backbone, each with a fresh random prompt (no head, mean pooling)."""
+    from promcse.model import EncoderSpec, build_encoder
+    from promcse.prompt import PromptSpec
+
+    shape = base.spec.shape
+    torch.manual_seed(0)
+    spec = EncoderSpec(base.spec.backbone, shape, mode="prompt", pooler="avg", head="none",
+                       prompt=PromptSpec.for_backbone(shape, length, shift_positions=False))
+    return [build_encoder(spec, base.backbone, base.tokenizer).eval() for _ in range(count)]
+
+
+def onnx_exports(ours: Any, root: Path, prompts: int, length: int, threads: int) -> dict[str, Any]:
+    """Export fp32, int8, a one-prompt and a ``prompts``-prompt graph into ``root``; open each (timed)."""
+    from promcse.onnx_graph import export_encoders
+    from promcse.onnx_runtime import OnnxEncoder
+
+    prompted = random_prompt_encoders(ours, prompts, length)
+    names = [f"random-{k}" for k in range(prompts)]
+    jobs = {"fp32": ([ours], ["minilm"], "none"), "int8": ([ours], ["minilm"], "int8"),
+            "one_prompt": (prompted[:1], names[:1], "none"), "multi_prompt": (prompted, names, "none")}
+    opened: dict[str, Any] = {}
+    for key, (encoders, labels, quantize) in jobs.items():
+        start = time.perf_counter()
+        out = export_encoders(encoders, labels, root / key, quantize=quantize)
+        opened[key] = OnnxEncoder(out, threads=threads)
+        size = (out / opened[key].meta["file"]).stat().st_size / 2**20
+        print(f"export {key:<12} {time.perf_counter() - start:6.1f}s  graph {size:7.1f} MiB ({len(encoders)} prompt(s))")
+    return opened
+
+
+ONNX_FP32, ONNX_INT8, ONE_PROMPT = "promcse onnx fp32", "promcse onnx int8", "onnx 1-prompt graph"
+
+
+def onnx_fns(graphs: dict[str, Any], texts: list[str], bs: int) -> dict[str, Callable[[], np.ndarray]]:
+    """The ONNX runs to time with the others; the multi-prompt graph gets a random prompt per text."""
+    names = graphs["multi_prompt"].names
+    mixed = [names[i] for i in np.random.default_rng(0).integers(0, len(names), len(texts))]
+    for graph in graphs.values():
+        graph.encode(texts[:256], batch_size=bs)  # warm-up
+    return {ONNX_FP32: lambda: graphs["fp32"].encode(texts, batch_size=bs),
+            ONNX_INT8: lambda: graphs["int8"].encode(texts, batch_size=bs),
+            ONE_PROMPT: lambda: graphs["one_prompt"].encode(texts, batch_size=bs),
+            f"onnx {len(names)}-prompt graph (mixed)": lambda: graphs["multi_prompt"].encode(
+                texts, batch_size=bs, prompt=mixed)}
+
+
+def onnx_headline(graphs: dict[str, Any], wall: dict[str, float], cpu: dict[str, float],
+                  outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Ratios (wall and CPU time) to sentence-transformers and of the multi- to the one-prompt graph, accuracy
+    to sentence-transformers, and the graph file sizes."""
+    peer, reference = "sentence-transformers", outputs["sentence-transformers"]
+    multi = f"onnx {len(graphs['multi_prompt'].names)}-prompt graph (mixed)"
+    sizes = {key: round((g.directory / g.meta["file"]).stat().st_size / 2**20, 2) for key, g in graphs.items()}
+    result = {"onnx_fp32_speedup": round(wall[peer] / wall[ONNX_FP32], 3),
+              "onnx_int8_speedup": round(wall[peer] / wall[ONNX_INT8], 3),
+              "onnx_fp32_cpu_time_speedup": round(cpu[peer] / cpu[ONNX_FP32], 3),
+              "onnx_int8_cpu_time_speedup": round(cpu[peer] / cpu[ONNX_INT8], 3),
+              "onnx_fp32_max_abs_diff": float(np.abs(outputs[ONNX_FP32] - reference).max()),
+              "onnx_int8_min_cosine": float((outputs[ONNX_INT8] * reference).sum(1).min()),
+              "multi_prompt_vs_one_prompt": round(wall[ONE_PROMPT] / wall[multi], 3),
+              "multi_prompt_vs_one_prompt_cpu": round(cpu[ONE_PROMPT] / cpu[multi], 3),
+              "onnx_file_mib": sizes, "onnx_prompts": len(graphs["multi_prompt"].names)}
+    return result
+
+
+def onnx_summary(result: dict[str, Any]) -> str:
+    """The ONNX ratios in one line."""
+    return (f"vs sentence-transformers fp32 (wall / CPU time): onnx fp32 {result['onnx_fp32_speedup']}x / "
+            f"{result['onnx_fp32_cpu_time_speedup']}x, onnx int8 {result['onnx_int8_speedup']}x / "
+            f"{result['onnx_int8_cpu_time_speedup']}x (worst cosine {result['onnx_int8_min_cosine']:.4f}); "
+            f"{result['onnx_prompts']}-prompt graph (mixed) vs 1-prompt graph: "
+            f"{result['multi_prompt_vs_one_prompt']}x / {result['multi_prompt_vs_one_prompt_cpu']}x; "
+            f"graph MiB {result['onnx_file_mib']}")
+
+
+def onnx_graphs(args: argparse.Namespace, ours: Any, root: Path) -> dict[str, Any]:
+    """The ONNX exports to time, or {} with ``--no-onnx`` or without onnxruntime (said so)."""
+    if args.no_onnx:
+        return {}
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("onnxruntime not installed: ONNX measurements skipped (pip install -e .[onnx])")
+        return {}
+    if args.device != "cpu":
+        print("ONNX measurements run on the CPU only: skipped for --device", args.device)
+        return {}
+    return onnx_exports(ours, root, args.prompts, args.prompt_length, torch.get_num_threads())
+
+
 def main() -> None:
     """Run the comparison and print per-library numbers, then the JSON headline."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,6 +203,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 gives stable numbers on a busy machine")
     parser.add_argument("--with-prototype", action="store_true", help="also time the token-sorted prototype")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurements")
+    parser.add_argument("--prompts", type=int, default=8, help="random prompts in the multi-prompt graph")
+    parser.add_argument("--prompt-length", type=int, default=16, help="length of each random prompt")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,12 +230,19 @@ def main() -> None:
     warm = texts[:256]  # warm-up (first-call allocations, lazy inits)
     ours.encode(warm, batch_size=bs)
     peer.encode(warm, batch_size=bs)
-    seconds, cpu, outputs = interleaved(fns, args.repeats)
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        graphs = onnx_graphs(args, ours, Path(tmp))
+        if graphs:
+            fns.update(onnx_fns(graphs, texts, bs))
+        seconds, cpu, outputs = interleaved(fns, args.repeats)
+        onnx_results = onnx_headline(graphs, seconds, cpu, outputs) if graphs else {}
     print(f"texts={len(texts)} batch_size={bs} device={args.device} threads={torch.get_num_threads()} "
           f"load average={os.getloadavg()[0]:.1f}")
     for name, sec in seconds.items():
         print(f"{name:<32} {len(texts) / sec:8.1f} sentences/s (median of {args.repeats}: {sec:.2f}s wall, "
               f"{cpu[name]:.2f}s CPU)")
+    if onnx_results:
+        print(onnx_summary(onnx_results))
     reference = outputs["sentence-transformers"]
     headline: dict[str, Any] = {
         "speedup_vs_sentence_transformers": round(seconds["sentence-transformers"] / seconds["promcse"], 3),
@@ -145,6 +254,7 @@ def main() -> None:
         headline["prototype_speedup"] = round(seconds["sentence-transformers"] / seconds[proto], 3)
         headline["prototype_cpu_time_speedup"] = round(cpu["sentence-transformers"] / cpu[proto], 3)
         headline["prototype_max_abs_diff"] = float(np.abs(outputs[proto] - reference).max())
+    headline.update(onnx_results)
     print(json.dumps(headline))
 
 

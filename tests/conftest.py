@@ -17,12 +17,18 @@ WORDS = (
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def word_tokenizer(vocab: list[str]) -> BertTokenizerFast:
+    """A WordPiece tokenizer over ``vocab``. Built from the dict: transformers 5 ignores ``vocab_file=`` here
+    (every word would become [UNK])."""
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+
+
 def write_tiny_bert(directory: Path, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0) -> Path:
     """Save a tiny random BERT + word-level WordPiece tokenizer to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab = SPECIALS + WORDS + [".", ",", "'", "!", "?"]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer = word_tokenizer(vocab)
     tokenizer.save_pretrained(str(directory))
     torch.manual_seed(seed)
     config = BertConfig(
@@ -42,7 +48,8 @@ def write_tiny_roberta(directory: Path, bert_dir: Path) -> Path:
         max_position_embeddings=66, pad_token_id=1, type_vocab_size=1,
     )
     RobertaModel(config, add_pooling_layer=False).save_pretrained(str(directory))
-    BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt")).save_pretrained(str(directory))
+    vocab = (bert_dir / "vocab.txt").read_text(encoding="utf-8").split()
+    word_tokenizer(vocab).save_pretrained(str(directory))
     return directory
 
 
@@ -171,7 +178,7 @@ def write_tiny_family(directory: Path, model_type: str, seed: int = 0) -> Path:
         specials[0], specials[1] = specials[1], specials[0]  # [UNK] at 0, [PAD] at 1 (RoBERTa-style pad id)
     vocab = specials + WORDS + [".", ",", "'", "!", "?"]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
+    word_tokenizer(vocab).save_pretrained(str(directory))
     torch.manual_seed(seed)
     AutoModel.from_config(config(len(vocab))).save_pretrained(str(directory))
     return directory

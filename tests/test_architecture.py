@@ -17,13 +17,15 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "promcse"
 
 STAGES: tuple[str, ...] = (
-    "errors", "files", "data", "config",                                    # inputs
+    "errors", "files", "schema", "data", "config",                          # inputs
     "backbone", "prompt", "pooling", "model", "encode", "multiprompt",      # the encoder and encoding
-    "checkpoint", "released", "loading",                                    # what a model reference means
+    "checkpoint", "released", "onnx_graph", "onnx_runtime", "loading",      # what a model reference means
     "losses", "tiled", "objective",                                         # objectives on embeddings
     "distributed", "gradcache", "step", "resume", "loop", "train",          # training
     "sts", "cxc", "plots",                                                  # evaluation
-    "search", "registry", "serve", "export",                                # serving and interop
+    "shards", "corpus", "index_kinds",                                      # corpus scale: vectors on disk
+    "search", "registry", "batching", "metrics", "guards", "serve", "openai_api", "launch",  # serving
+    "export", "onnx_export",                                                # interop
     "cli",                                                                  # the command line, last
 )
 
@@ -85,6 +87,7 @@ LAZY_LATER: dict[tuple[str, str], str] = {
     ("model", "encode"): "SentenceEncoder.encode/similarity are conveniences over promcse.encode",
     ("train", "sts"): "the STS-B dev scorer used for model selection",
     ("sts", "cxc"): "evaluate(..., cxc=...) scores Crisscrossed Captions too",
+    ("serve", "openai_api"): "create_app adds the OpenAI routes, which are built on the app's context",
 }
 
 

@@ -119,7 +119,7 @@ def test_threshold_top_k_and_bad_arguments(encoder, corpus: list[str]) -> None:
     with pytest.raises(PromcseError):
         index.add("a single string")
     with pytest.raises(PromcseError, match="unknown index kind"):
-        Index(encoder, kind="hnsw")
+        Index(encoder, kind="annoy")
     assert Index(encoder, kind="flat").search(["q"], top_k=3) == [[]]
 
 

@@ -88,6 +88,13 @@ def read_text(path: str | Path) -> str:
     return text.removeprefix("\ufeff")
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """Lines of a JSONL text split on ``\n`` only (``str.splitlines`` also splits on U+2028, U+2029, U+0085 and
+    other separators that JSON strings may hold unescaped), without the empty string after a final newline."""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] in ("", "\r") else lines
+
+
 def _lines(text: str) -> list[str]:
     """Split text into lines, accepting LF and CRLF, without a trailing empty line."""
     return text.replace("\r\n", "\n").split("\n") if text else []

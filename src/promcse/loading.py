@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, overload
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -23,6 +24,7 @@ from promcse.backbone import MINILM, load_backbone, resolve_backbone, resolve_de
 from promcse.checkpoint import is_checkpoint, load_checkpoint, read_spec
 from promcse.errors import PromcseError
 from promcse.model import SentenceEncoder, build_encoder, default_spec
+from promcse.onnx_runtime import BACKENDS, OnnxEncoder, is_onnx_export, load_onnx
 from promcse.released import is_released, load_released
 
 BackboneSource = Callable[[str], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
@@ -57,8 +59,14 @@ def kind_of(model_ref: str, pooler: str | None = None, pre_seq_len: int | None =
     return "backbone"
 
 
+@overload
+def load(model: str | Path, device: str = ..., pooler: str | None = ..., pre_seq_len: int | None = ...,
+         backbones: BackboneSource | None = ..., backend: Literal["torch"] = ...) -> SentenceEncoder: ...
+@overload
+def load(model: str | Path, device: str = ..., pooler: str | None = ..., pre_seq_len: int | None = ...,
+         backbones: BackboneSource | None = ..., *, backend: str) -> SentenceEncoder | OnnxEncoder: ...
 def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre_seq_len: int | None = None,
-         backbones: BackboneSource | None = None) -> SentenceEncoder:
+         backbones: BackboneSource | None = None, backend: str = "torch") -> SentenceEncoder | OnnxEncoder:
     """Load an encoder from any model reference (see the module docstring), in eval mode on ``device``.
 
     Args:
@@ -69,11 +77,15 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre
         backbones: Where frozen backbones come from (default: load a fresh copy); the registry passes its
             cache so that prompts over one backbone share it. Full fine-tunes and released checkpoints
             always carry their own weights.
+        backend: ``torch``, or ``onnx``: an :class:`promcse.onnx_runtime.OnnxEncoder` (CPU) of an ONNX export
+            directory, or of any other reference exported once into a cache folder.
 
     Raises:
         PromcseError: If the model cannot be found or loaded, or does not fit its backbone.
     """
     ref, source = str(model), backbones or load_backbone
+    if backend != "torch" or is_onnx_export(ref):
+        return _load_onnx(ref, device, backend, pooler, pre_seq_len)
     target = resolve_device(device)
     kind = kind_of(ref, pooler, pre_seq_len)
     if kind == "checkpoint":
@@ -89,3 +101,12 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre
         backbone, tokenizer = source(ref)
         encoder = build_encoder(default_spec(ref, backbone), backbone, tokenizer)
     return encoder.eval().to(target)
+
+
+def _load_onnx(ref: str, device: str, backend: str, pooler: str | None, pre_seq_len: int | None) -> OnnxEncoder:
+    """``load(..., backend="onnx")``; an ONNX export asked for with the torch backend is refused."""
+    if backend not in BACKENDS:
+        raise PromcseError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}", key="backend")
+    if backend == "torch":
+        raise PromcseError("an ONNX export: load it with backend 'onnx' (--backend onnx)", path=ref)
+    return load_onnx(ref, lambda r: load(r, device="cpu", pooler=pooler, pre_seq_len=pre_seq_len), device=device)

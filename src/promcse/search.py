@@ -1,15 +1,23 @@
 """Semantic search: an inner-product index over L2-normalised sentence embeddings.
 
-Backends (all return cosine similarities, since vectors are normalised):
+Kinds (all return cosine similarities, since vectors are normalised; the FAISS ones are described in
+:mod:`promcse.index_kinds`):
 
 - ``flat``: FAISS ``IndexFlatIP``, exact.
-- ``ivf``: FAISS ``IndexIVFFlat`` with ``METRIC_INNER_PRODUCT``, approximate; trained on the first
-  batch of vectors added. ``auto`` picks it from :data:`AUTO_IVF_MIN` vectors on.
+- ``ivf``: FAISS ``IndexIVFFlat``, approximate (``nprobe`` lists per query). ``auto`` picks it from
+  :data:`AUTO_IVF_MIN` vectors on.
+- ``ivfpq``, ``hnsw``, ``int8``, ``binary``: product-quantised IVF, an HNSW graph, 8-bit scalar codes and
+  sign-bit codes; the compressed ones (``ivfpq``, ``int8``, ``binary``) rescore their ``rescore`` best
+  candidates exactly from the stored vectors.
 - ``numpy``: an exact matrix product, used when faiss is not importable (same results as ``flat``).
 
-An index directory holds ``meta.json`` (format, backend, encoder reference), ``texts.jsonl`` (one JSON
-object per line) and ``index.faiss`` or ``vectors.npy``. Nothing is pickled: FAISS's own binary format and
-``numpy.load(allow_pickle=False)``.
+Kinds that need training (``ivf``, ``ivfpq``, ``int8``) are trained by :meth:`Index.train`, or on the
+first batch added. :func:`build_from_vectors` builds from an encode's shard directory one shard at a time,
+training on a sample, so the compressed kinds never hold all vectors in memory.
+
+An index directory holds ``meta.json`` (format, backend, settings, encoder reference), ``texts.jsonl`` (one
+JSON object per line) and ``index.faiss`` or ``vectors.npy`` (plus ``store.npy`` for a compressed index
+built from texts). Nothing is pickled: FAISS's own binary format and ``numpy.load(allow_pickle=False)``.
 """
 
 from __future__ import annotations
@@ -17,24 +25,29 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from promcse import index_kinds, shards
 from promcse.errors import PromcseError
+from promcse.index_kinds import (COMPRESSED, DEFAULT_RESCORE, IVF_POINTS_PER_LIST, NEEDS_TRAINING,  # noqa: F401
+                                 KindParams, MemoryStore, ShardStore, default_nlist, load_npy, numpy_top_k,
+                                 read_records)
 
 FORMAT = "promcse-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: flat, ivf and numpy (still written as 1 for those); 2: the other kinds
 META_FILE = "meta.json"
 TEXTS_FILE = "texts.jsonl"
 FAISS_FILE = "index.faiss"
 NUMPY_FILE = "vectors.npy"
-KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "numpy")
+KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "ivfpq", "hnsw", "int8", "binary", "numpy")
 AUTO_IVF_MIN = 100_000  # below this an exact flat scan is fast enough (< ~10 ms/query on one core at D=384)
-IVF_POINTS_PER_LIST = 39  # FAISS warns when k-means gets fewer training points than 39 per centroid
+DEFAULT_TRAIN_SIZE = 100_000  # vectors sampled to train IVF/PQ/int8 when building from shards
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +68,25 @@ def import_faiss() -> ModuleType | None:
         return None
 
 
-def default_nlist(count: int) -> int:
-    """IVF list count: ~4·sqrt(N), capped so each list gets at least 39 training points."""
-    return max(1, min(int(4 * math.sqrt(count)), count // IVF_POINTS_PER_LIST))
-
-
 class Index:
     """Inner-product index of texts embedded by one encoder.
 
     Args:
         encoder: The encoder (anything with ``encode(texts, batch_size=, normalize=, show_progress=)``), or a
-            model reference to load with :func:`promcse.load`.
+            model reference to load with :func:`promcse.load` (None: vectors only, see :meth:`add_vectors`).
         model_ref: The reference saved in ``meta.json`` so :meth:`load` can find the encoder again (default:
             ``encoder`` when it is a string).
-        kind: ``auto``, ``flat``, ``ivf`` or ``numpy`` (see the module docstring).
-        nlist: IVF lists (default :func:`default_nlist` of the first batch).
-        nprobe: IVF lists probed per query.
+        kind: One of :data:`KINDS` (see the module docstring).
+        nlist, nprobe, pq_m, pq_bits, hnsw_m, ef_search: FAISS settings (:class:`~promcse.index_kinds.KindParams`).
+        rescore: Candidates rescored exactly per query for the compressed kinds (default:
+            :data:`~promcse.index_kinds.DEFAULT_RESCORE`; 0: the codes' own scores).
         batch_size: Texts per encoder forward pass.
         device: Device for a model loaded from a reference.
     """
 
     def __init__(self, encoder: Any, *, model_ref: str | None = None, kind: str = "auto", nlist: int | None = None,
-                 nprobe: int = 16, batch_size: int = 64, device: str = "auto") -> None:
+                 nprobe: int = 16, batch_size: int = 64, device: str = "auto", pq_m: int | None = None,
+                 pq_bits: int | None = None, hnsw_m: int = 32, ef_search: int = 64, rescore: int | None = None) -> None:
         if kind not in KINDS:
             raise PromcseError(f"unknown index kind '{kind}'; choose one of {', '.join(KINDS)}")
         if isinstance(encoder, (str, Path)):
@@ -87,34 +97,46 @@ class Index:
         self.encoder = encoder
         self.model_ref = _portable_ref(model_ref)
         self.kind = kind
-        self.nlist = nlist
-        self.nprobe = nprobe
+        self.params = KindParams(nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_bits=pq_bits, hnsw_m=hnsw_m,
+                                 ef_search=ef_search)
+        self.rescore = rescore
         self.batch_size = batch_size
         self.texts: list[str] = []
+        self.keys: list[Any] | None = None  # the corpus ids of an index built from shards
         self._faiss = import_faiss()
         self._index: Any = None  # faiss index once the backend is fixed
         self._vectors: np.ndarray | None = None  # numpy backend
+        self._store: MemoryStore | ShardStore | None = None  # full vectors, for rescoring compressed kinds
+        self._dim: int | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     @property
+    def nlist(self) -> int | None:
+        """IVF lists (resolved once trained)."""
+        return self.params.nlist
+
+    @property
+    def nprobe(self) -> int:
+        """IVF lists probed per query by default."""
+        return self.params.nprobe
+
+    @property
     def backend(self) -> str | None:
-        """The resolved backend (``flat``, ``ivf`` or ``numpy``); None before the first :meth:`add`."""
+        """The resolved backend; None before the first :meth:`add`."""
         return None if self.kind == "auto" else self.kind
 
     @property
     def dim(self) -> int | None:
         """Vector size, once known."""
-        if self._vectors is not None:
-            return int(self._vectors.shape[1])
-        return None if self._index is None else int(self._index.d)
+        return int(self._vectors.shape[1]) if self._vectors is not None else self._dim
 
     def add(self, texts: list[str], show_progress: bool = False) -> None:
         """Embed and add texts; ids continue from the current size.
 
         Raises:
-            PromcseError: If ``texts`` is a bare string or IVF has too few vectors to train.
+            PromcseError: If ``texts`` is a bare string or a trained kind has too few vectors to train.
         """
         if isinstance(texts, str):
             raise PromcseError("Index.add expects a list of texts, not a single string")
@@ -123,60 +145,64 @@ class Index:
         vectors = self._embed(list(texts), show_progress)
         self.add_vectors(list(texts), vectors)
 
-    def add_vectors(self, texts: list[str], vectors: np.ndarray) -> None:
-        """Add precomputed, L2-normalised (N, D) float vectors with their texts."""
+    def resolve_kind(self, count: int) -> str:
+        """Fix the backend: numpy without faiss; under ``auto``, IVF from :data:`AUTO_IVF_MIN` vectors on."""
+        if self._faiss is None:
+            if self.kind not in ("auto", "flat", "numpy"):
+                log.warning("faiss is not installed: using the exact numpy index instead of %s", self.kind)
+            self.kind = "numpy"
+        elif self.kind == "auto":
+            self.kind = "ivf" if count >= AUTO_IVF_MIN else "flat"
+        return self.kind
+
+    def train(self, sample: np.ndarray, count: int | None = None) -> None:
+        """Create the FAISS index, trained on ``sample`` where the kind needs it (``count``: the expected size,
+        for ``auto``). Called on the first :meth:`add_vectors` when not called before."""
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if self.resolve_kind(count or len(sample)) == "numpy" or self._index is not None:
+            return
+        self._dim = int(sample.shape[1])
+        self._index = index_kinds.new_index(self._faiss, self.kind, self._dim, self.params, sample)
+        if self.kind in COMPRESSED and self._store is None:
+            self._store = MemoryStore()
+
+    def add_vectors(self, texts: list[str], vectors: np.ndarray, keys: list[Any] | None = None) -> None:
+        """Add precomputed, L2-normalised (N, D) float vectors with their texts (and corpus ids)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
             raise PromcseError(f"expected ({len(texts)}, D) vectors, got shape {vectors.shape}")
         if self.dim is not None and vectors.shape[1] != self.dim:
             raise PromcseError(f"vectors have dimension {vectors.shape[1]}, the index has {self.dim}")
-        if self.kind == "auto" or (self.kind != "numpy" and self._faiss is None):
-            self.kind = self._resolve_kind(len(texts))
+        if self._index is None and self.kind != "numpy":
+            self.train(vectors)
         if self.kind == "numpy":
             self._vectors = vectors if self._vectors is None else np.concatenate([self._vectors, vectors])
         else:
-            if self._index is None:
-                self._index = self._new_faiss(vectors)
-            self._index.add(vectors)
+            index_kinds.add(self._index, self.kind, vectors)
+            if self._store is not None:
+                self._store.append(vectors)
+        if keys is not None:
+            self.keys = (self.keys or list(range(len(self.texts)))) + list(keys)
+        elif self.keys is not None:
+            self.keys.extend(range(len(self.texts), len(self.texts) + len(texts)))
         self.texts.extend(texts)
-
-    def _resolve_kind(self, count: int) -> str:
-        """Pick the backend: numpy without faiss; IVF for large first batches under ``auto``."""
-        if self._faiss is None:
-            if self.kind == "ivf":
-                log.warning("faiss is not installed: using the exact numpy index instead of IVF")
-            return "numpy"
-        if self.kind == "auto":
-            return "ivf" if count >= AUTO_IVF_MIN else "flat"
-        return self.kind
-
-    def _new_faiss(self, train: np.ndarray) -> Any:
-        """A flat index, or an IVF index trained on ``train``."""
-        faiss, dim = self._faiss, train.shape[1]
-        if self.kind == "flat":
-            return faiss.IndexFlatIP(dim)
-        nlist = self.nlist or default_nlist(len(train))
-        if len(train) < nlist:
-            raise PromcseError(f"IVF with {nlist} lists needs at least {nlist} vectors in the first batch, "
-                               f"got {len(train)}; use --kind flat or a smaller nlist")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(train)
-        index.nprobe = min(self.nprobe, nlist)
-        self.nlist = nlist
-        return index
 
     def _embed(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         """Normalised float32 embeddings."""
+        if self.encoder is None:
+            raise PromcseError("this index has no encoder: load it with one, or search with vectors")
         vectors = self.encoder.encode(texts, batch_size=self.batch_size, normalize=True, show_progress=show_progress)
         return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
 
-    def search(self, queries: list[str] | str, top_k: int = 10, threshold: float | None = None) -> list[list[Hit]]:
+    def search(self, queries: list[str] | str, top_k: int = 10, threshold: float | None = None,
+               **settings: int | None) -> list[list[Hit]]:
         """The ``top_k`` most similar indexed texts per query, best first, at or above ``threshold``.
 
         Args:
             queries: Query texts (a single string is treated as one query).
             top_k: Results per query (at most the index size).
             threshold: Minimum cosine similarity to report.
+            settings: ``nprobe``, ``ef_search`` or ``rescore`` for this call (see :meth:`search_vectors`).
 
         Returns:
             One list of :class:`Hit` per query.
@@ -187,42 +213,66 @@ class Index:
             raise PromcseError(f"top_k must be at least 1, got {top_k}")
         if not queries:
             return []
-        return self.search_vectors(self._embed(list(queries)), top_k, threshold)
+        return self.search_vectors(self._embed(list(queries)), top_k, threshold, **settings)
 
-    def search_vectors(self, queries: np.ndarray, top_k: int = 10, threshold: float | None = None) -> list[list[Hit]]:
-        """Like :meth:`search` for precomputed normalised (Q, D) query vectors."""
+    def search_vectors(self, queries: np.ndarray, top_k: int = 10, threshold: float | None = None, *,
+                       nprobe: int | None = None, ef_search: int | None = None,
+                       rescore: int | None = None) -> list[list[Hit]]:
+        """Like :meth:`search` for precomputed normalised (Q, D) query vectors.
+
+        Args:
+            nprobe: IVF lists to probe (``ivf``, ``ivfpq``; default: the index's).
+            ef_search: HNSW candidate list (default: the index's).
+            rescore: Candidates to rescore exactly (compressed kinds; 0: none; default: the index's).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(top_k, len(self.texts))
         if k == 0:
             return [[] for _ in range(len(queries))]
+        wanted = self.default_rescore() if rescore is None else rescore
         if self.kind == "numpy":
-            scores, ids = _numpy_top_k(self._vectors, queries, k)  # type: ignore[arg-type]
+            scores, ids = numpy_top_k(self._vectors, queries, k)  # type: ignore[arg-type]
+        elif self._store is not None and wanted > 0:
+            fetch = min(max(wanted, k), len(self.texts))
+            _, candidates = index_kinds.search(self._faiss, self._index, self.kind, queries, fetch, self.dim,
+                                               nprobe=nprobe, ef_search=ef_search)
+            scores, ids = index_kinds.rescore(self._store, queries, candidates, k)
         else:
-            scores, ids = self._index.search(queries, k)
+            scores, ids = index_kinds.search(self._faiss, self._index, self.kind, queries, k, self.dim,
+                                             nprobe=nprobe, ef_search=ef_search)
         return [
             [Hit(self.texts[i], float(s), int(i)) for s, i in zip(row_s, row_i)
              if i >= 0 and (threshold is None or s >= threshold)]
             for row_s, row_i in zip(scores, ids)
         ]
 
+    def default_rescore(self) -> int:
+        """Candidates rescored per query when a search does not say."""
+        return DEFAULT_RESCORE.get(self.kind, 0) if self.rescore is None else self.rescore
+
     def save(self, directory: str | Path) -> Path:
         """Write the index to ``directory`` (created if needed); returns it."""
         from promcse.checkpoint import versions
-        from promcse.files import atomic_write_text
+        from promcse.files import atomic_write, atomic_write_text
 
-        if self.kind == "auto":
+        if self.kind == "auto" or (self._index is None and self._vectors is None):
             raise PromcseError("cannot save an empty index: add texts first")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if self.kind == "numpy":
             np.save(out / NUMPY_FILE, self._vectors, allow_pickle=False)
         else:
-            self._faiss.write_index(self._index, str(out / FAISS_FILE))  # type: ignore[union-attr]
-        lines = (json.dumps({"id": i, "text": t}, ensure_ascii=False) for i, t in enumerate(self.texts))
+            atomic_write(out / FAISS_FILE,
+                         lambda tmp: index_kinds.write_index(self._faiss, self._index, self.kind, tmp))
+        keys = self.keys
+        lines = (json.dumps({"id": i, "text": t} if keys is None else {"id": i, "text": t, "key": keys[i]},
+                            ensure_ascii=False) for i, t in enumerate(self.texts))
         atomic_write_text(out / TEXTS_FILE, "".join(line + "\n" for line in lines))
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": self.kind, "model": self.model_ref,
-                "count": len(self.texts), "dim": self.dim, "normalized": True, "metric": "inner_product",
-                "nlist": self.nlist, "nprobe": self.nprobe, "versions": versions()}
+        store = None if self._store is None else self._store.describe(out)
+        meta = {"format": FORMAT, "format_version": 1 if self.kind in ("flat", "ivf", "numpy") else FORMAT_VERSION,
+                "backend": self.kind, "model": self.model_ref, "count": len(self.texts), "dim": self.dim,
+                "normalized": True, "metric": "inner_product", **asdict(self.params), "rescore": self.rescore,
+                "store": store, "versions": versions()}
         atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
         return out
 
@@ -241,21 +291,71 @@ class Index:
             from promcse.loading import load
 
             encoder = load(str(meta["model"]), device=device)
+        settings = {k: meta[k] for k in ("nlist", "pq_m", "pq_bits", "hnsw_m", "ef_search", "rescore") if k in meta}
         index = cls(encoder, model_ref=meta.get("model"), kind=str(meta["backend"]),
-                    nlist=meta.get("nlist"), nprobe=int(meta.get("nprobe") or 16))
-        index.texts = read_texts(root / TEXTS_FILE)
+                    nprobe=int(meta.get("nprobe") or 16), **settings)
+        index.texts, index.keys = read_records(root / TEXTS_FILE)
         if meta["backend"] == "numpy":
-            index._vectors = _load_npy(root / NUMPY_FILE)
+            index._vectors = load_npy(root / NUMPY_FILE)
         else:
             if index._faiss is None:
                 raise PromcseError("this index was built with FAISS: pip install faiss-cpu to load it", path=root)
-            index._index = index._faiss.read_index(str(root / FAISS_FILE))
-            if meta["backend"] == "ivf":
-                index._index.nprobe = index.nprobe
+            index._index = index_kinds.read_index(index._faiss, index.kind, root / FAISS_FILE, index.params)
+            index._dim = int(meta["dim"]) if index.kind == "binary" else int(index._index.d)
+        if meta.get("store"):
+            index._store = index_kinds.open_store(meta["store"], root)
         stored = len(index._vectors) if index._vectors is not None else int(index._index.ntotal)
         if stored != len(index.texts):
             raise PromcseError(f"index holds {stored} vectors but {len(index.texts)} texts", path=root)
         return index
+
+
+def build_from_vectors(root: str | Path, *, kind: str = "auto", model_ref: str | None = None,
+                       train_size: int = DEFAULT_TRAIN_SIZE, seed: int = 0, show_progress: bool = False,
+                       **settings: Any) -> Index:
+    """An index over an encode's shard directory (``promcse encode --output DIR``), added shard by shard.
+
+    Kinds that need training are trained on ``train_size`` vectors sampled across the shards; each shard is
+    then loaded, added and dropped before the next, and the compressed kinds rescore from the shard files
+    (memory-mapped), so they never hold more than one shard of float vectors plus the sample.
+
+    Args:
+        root: The shard directory (a finished, whole encode).
+        kind: One of :data:`KINDS`.
+        model_ref: The encoder reference to record (default: the manifest's).
+        train_size: Training sample size (at most the corpus).
+        seed: Seed of the sample.
+        show_progress: Show a tqdm bar over the shards.
+        settings: :class:`Index` keyword settings (``nlist``, ``nprobe``, ``pq_m``, ``rescore``, ...).
+    """
+    manifest = shards.require_complete(root)
+    index = Index(None, model_ref=model_ref or manifest["model"], kind=kind, **settings)
+    if index.resolve_kind(int(manifest["total_rows"])) in NEEDS_TRAINING:
+        index.train(training_sample(root, manifest, train_size, seed))
+    if index.kind in COMPRESSED:
+        index._store = ShardStore(root)
+    for entry in tqdm(manifest["shards"], desc="index", unit="shard", disable=not show_progress):
+        vectors = shards.read_vectors(root, entry)
+        rows = shards.read_rows(root, entry)
+        index.add_vectors([str(r.get("text", r["id"])) for r in rows], vectors, keys=[r["id"] for r in rows])
+        del vectors, rows  # one shard at a time
+    return index
+
+
+def training_sample(root: str | Path, manifest: dict[str, Any], size: int, seed: int = 0) -> np.ndarray:
+    """``size`` vectors drawn uniformly without replacement across the shards, read one shard at a time."""
+    total = int(manifest["total_rows"])
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    parts = []
+    for entry in manifest["shards"]:
+        start, stop = entry["start"], entry["start"] + entry["rows"]
+        local = picked[(picked >= start) & (picked < stop)] - start
+        if len(local):
+            vectors = shards.read_vectors(root, entry)
+            parts.append(vectors[local])
+            del vectors
+    return np.concatenate(parts)
 
 
 def _portable_ref(model_ref: str | None) -> str | None:
@@ -264,17 +364,6 @@ def _portable_ref(model_ref: str | None) -> str | None:
         return None
     path = Path(model_ref)
     return str(path.resolve()) if path.exists() else model_ref
-
-
-def _numpy_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product, best first (ties by lower id, like FAISS's flat index)."""
-    scores = queries @ vectors.T
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
-        np.arange(scores.shape[1]), (len(queries), 1))
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)
-    ids = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(scores, ids, axis=1), ids
 
 
 def read_meta(root: Path) -> dict[str, Any]:
@@ -290,36 +379,11 @@ def read_meta(root: Path) -> dict[str, Any]:
         raise PromcseError("not a promcse index (wrong format field)", path=path)
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise PromcseError("index written by a newer promcse; upgrade to load it", path=path)
-    if meta.get("backend") not in ("flat", "ivf", "numpy"):
+    if meta.get("backend") not in KINDS or meta.get("backend") == "auto":
         raise PromcseError(f"unknown index backend {meta.get('backend')!r}", path=path)
     return meta
 
 
 def read_texts(path: Path) -> list[str]:
     """Texts from ``texts.jsonl`` in id order."""
-    texts: list[str] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise PromcseError(f"cannot read texts: {err.strerror}", path=path) from None
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-            text, rid = record["text"], record["id"]
-        except (ValueError, KeyError, TypeError):
-            raise PromcseError("malformed line: expected {\"id\": int, \"text\": str}", path=path, line=number) from None
-        if rid != len(texts) or not isinstance(text, str):
-            raise PromcseError(f"expected id {len(texts)} with a string text", path=path, line=number)
-        texts.append(text)
-    return texts
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    """Load the numpy backend's vectors without unpickling."""
-    try:
-        vectors = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise PromcseError(f"cannot read vectors: {err}", path=path) from None
-    if vectors.ndim != 2:
-        raise PromcseError(f"vectors must be 2-D, got shape {vectors.shape}", path=path)
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    return read_records(path)[0]

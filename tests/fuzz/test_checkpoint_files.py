@@ -135,3 +135,20 @@ def test_random_byte_damage(good: Path, shared_backbone, tmp_path: Path, data: s
     shutil.copytree(good, ckpt, dirs_exist_ok=True)
     (ckpt / "prompt.safetensors").write_bytes(bytes(raw[:cut]))
     load_or_refuse(ckpt, shared_backbone, "prompt.safetensors")
+
+
+@settings(max_examples=fuzz_examples(), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
+                      .filter(lambda t: t.strip()), min_size=1, max_size=6))
+def test_index_texts_survive_a_save_and_load(tmp_path: Path, texts: list[str]) -> None:
+    """Arbitrary Unicode (U+2028, U+2029, U+0085, NUL, ...) round-trips through an index folder."""
+    import numpy as np
+
+    from promcse.search import Index
+
+    texts = texts + ["line\u2028sep", "para\u2029sep", "nel\x85x", "cr\rlf\r\n"]
+    index = Index(None, kind="numpy", model_ref="none")
+    vectors = np.eye(len(texts), 8, dtype=np.float32) + 0.01
+    index.add_vectors(texts, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    index.save(tmp_path / "idx")
+    assert Index.load(tmp_path / "idx", encoder=object()).texts == texts

@@ -21,7 +21,7 @@ from promcse.launch import BackgroundServer, load_server  # noqa: E402
 from promcse.search import Index  # noqa: E402
 from promcse.serve import Limits, ServeOptions, create_app  # noqa: E402
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                            max_leaves=12)
 FIELDS = {"/embed": ["texts", "model", "normalize"], "/similarity": ["a", "b", "model"],

@@ -1,34 +1,94 @@
-"""``promcse encode``."""
+"""``promcse encode``: texts to one ``.npy`` file, or a corpus to a resumable shard directory."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from promcse.cli.common import add_common
+from promcse.cli.common import POSITIVE_INT, add_common
+from promcse.errors import PromcseError
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
-    """Encode one text per line into a .npy matrix."""
+def _encode_single_file(args: argparse.Namespace) -> int:
+    """``--output FILE.npy``: one text per line into one matrix (the original behaviour)."""
     import numpy as np
 
     from promcse.data import read_sentences
     from promcse.loading import load
 
     texts = read_sentences(args.input).anchor
-    encoder = load(args.model, device=args.device)
+    encoder = load(args.model, device=args.device, backend=args.backend)
     vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize, show_progress=True)
     np.save(args.output, vectors)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}")
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from promcse.shards import merge
+
+    manifest = merge(args.merge, args.output)
+    print(f"merged {len(args.merge)} part(s): {manifest['num_shards']} shards, {manifest['total_rows']} rows "
+          f"in {args.output}")
+    return 0
+
+
+def _encode_corpus(args: argparse.Namespace) -> int:
+    from promcse.corpus import EncodeJob, encode_corpus, parse_part
+    from promcse.loading import load
+
+    if args.backend != "torch":
+        raise PromcseError("--backend onnx writes one .npy file only; shard directories use the torch backend")
+    part = parse_part(args.shard) if args.shard else (0, 1)
+    job = EncodeJob(input=Path(args.input), output=Path(args.output), shard_size=args.shard_size, dtype=args.dtype,
+                    normalize=not args.no_normalize, batch_size=args.batch_size, part=part,
+                    text_field=args.text_field, id_field=args.id_field, full_hash=args.full_hash,
+                    with_texts=not args.no_texts, show_progress=not args.no_progress)
+    encoder = load(args.model, device=args.device)
+    manifest = encode_corpus(encoder, job, args.model)
+    mine = manifest["shards"]
+    print(f"{len(mine)} shard(s), {sum(e['rows'] for e in mine)} of {manifest['total_rows']} rows "
+          f"({manifest['dtype']}, dim {manifest['dim']}) in {args.output}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Dispatch: ``--merge``, a ``.npy`` output (one file) or a shard directory."""
+    if args.merge:
+        if args.input or args.shard:
+            raise PromcseError("--merge joins finished parts: give only the part directories and --output")
+        return _merge(args)
+    if not args.model or not args.input:
+        raise PromcseError("encode needs --model and --input (or --merge DIR ... to join parts)")
+    if str(args.output).endswith(".npy"):
+        return _encode_single_file(args)
+    return _encode_corpus(args)
+
+
 def register(subparsers: Any) -> None:
     """Add ``encode`` to the ``promcse`` command line."""
-    p = subparsers.add_parser("encode", help="encode texts (one per line) to a .npy file")
-    p.add_argument("--model", required=True, help="MODEL")
-    p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
-    p.add_argument("--output", required=True, help="output .npy file")
+    p = subparsers.add_parser(
+        "encode", help="encode texts to a .npy file, or a corpus to a resumable shard directory",
+        description="With --output FILE.npy: one text per line into one matrix. With --output DIR: stream a "
+        ".txt/.jsonl/.parquet file or directory into fixed-size shards plus manifest.json; re-run the same "
+        "command after an interruption to finish it.")
+    p.add_argument("--model", help="MODEL")
+    p.add_argument("--input", help="a .txt (one text per line), .jsonl or .parquet file, or a directory of them")
+    p.add_argument("--output", required=True, help="output .npy file, or shard directory")
     p.add_argument("--no-normalize", action="store_true", help="keep raw vectors (default: L2-normalised)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="torch, or onnx: ONNX Runtime on the CPU (an ONNX export, or any model exported once "
+                   "into a cache folder; .npy output only) (default: torch)")
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=100_000, help="rows per shard (default: 100000)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="stored vector type; int8 stores a per-vector scale in shard-*.scales.npy (default: fp32)")
+    p.add_argument("--text-field", default="text", help="jsonl key / parquet column of the text (default: text)")
+    p.add_argument("--id-field", help="jsonl key / parquet column of the id (default: the row number)")
+    p.add_argument("--shard", metavar="i/N", help="encode only shards i, i+N, ... (a job array's task i of N)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="join the finished part directories into --output")
+    p.add_argument("--full-hash", action="store_true",
+                   help="fingerprint inputs by their full sha256 (default: size, mtime, sha256 of the first MiB)")
+    p.add_argument("--no-texts", action="store_true", help="store only ids next to the vectors, not the texts")
     add_common(p)
     p.set_defaults(func=cmd_encode)

@@ -18,7 +18,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
     results = []
     for model in args.model:
-        encoder = load(model, device=args.device)
+        encoder = load(model, device=args.device, backend=args.backend)
         result = evaluate(
             lambda texts: encoder.encode(texts, batch_size=args.batch_size, show_progress=not args.no_progress),
             tasks, args.data_dir, text=args.text, tsv_files=args.tsv or (), cxc=args.cxc,
@@ -49,5 +49,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cxc", help="Crisscrossed Captions STS file (official CSV + captions JSON, or PromCSE CSV)")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--plot", help="write a comparison PNG here")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="torch, or onnx: ONNX Runtime on the CPU (an ONNX export, or any model exported once "
+                   "into a cache folder) (default: torch)")
     add_common(p)
     p.set_defaults(func=cmd_eval)

@@ -10,6 +10,12 @@ from promcse.export import FORMATS, export_sentence_transformers, read_eval_resu
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``promcse export``."""
+    from promcse.errors import PromcseError
+
+    if args.format == "onnx":
+        return _export_onnx(args)
+    if args.also or args.quantize != "none":
+        raise PromcseError("--also and --quantize apply to --format onnx only", key="--format")
     eval_results = read_eval_results(args.eval_json) if args.eval_json else None
     out = export_sentence_transformers(args.model, args.output, copy_backbone=args.copy_backbone,
                                        eval_results=eval_results)
@@ -17,11 +23,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    """``promcse export --format onnx``: one graph for --model and every --also prompt."""
+    from promcse.onnx_export import export_onnx
+
+    out = export_onnx([args.model, *(args.also or [])], args.output, quantize=args.quantize)
+    print(f"exported to {out}; load with promcse.load({str(out)!r}, backend='onnx') or --backend onnx")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``export`` to the ``promcse`` command line."""
-    p = subparsers.add_parser("export", help="export a model for sentence-transformers")
-    p.add_argument("--format", choices=FORMATS, default="sentence-transformers", help="target (default: %(default)s)")
-    p.add_argument("--model", required=True, help="MODEL (checkpoint dir, HF name or path, or 'minilm')")
+    p = subparsers.add_parser("export", help="export a model for sentence-transformers or ONNX Runtime")
+    p.add_argument("--format", choices=FORMATS + ("onnx",), default="sentence-transformers",
+                   help="target (default: %(default)s)")
+    p.add_argument("--model", required=True, help="MODEL (checkpoint dir, HF name or path, or 'minilm'); "
+                   "with --format onnx also NAME=MODEL")
+    p.add_argument("--also", action="append", metavar="[NAME=]MODEL",
+                   help="onnx: another prompt over the same backbone, in the same graph (repeatable)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="onnx: int8 dynamic quantisation of the weights (default: %(default)s, fp32)")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--copy-backbone", action="store_true",
                    help="copy the backbone into the export (self-contained; default: reference it)")

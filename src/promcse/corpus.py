@@ -1,0 +1,300 @@
+"""Streaming corpus encoding: ``promcse encode --input FILE|DIR --output DIR`` (the files: :mod:`promcse.shards`).
+
+The input is read as a stream of rows, one shard (``shard_size`` rows) at a time, so memory is bounded by
+the shard size, not the corpus. Formats, by extension (a directory: every such file under it, sorted by
+relative path):
+
+- ``.txt``: one text per line (strict UTF-8, BOM and CRLF accepted, surrounding whitespace stripped);
+- ``.jsonl``: one JSON object per line, the text in ``text_field``, an optional id in ``id_field``
+  (blank lines are skipped);
+- ``.parquet``: columns ``text_field`` (and ``id_field``), read in record batches; needs ``pyarrow``
+  (``pip install 'promcse[parquet]'``); errors name the row as the line.
+
+Ids are the ``id_field`` values, else the row's position in the whole corpus (0-based). An empty text, a
+line that is not JSON, or a missing field is a :class:`~promcse.errors.PromcseError` naming file and line.
+
+Resuming: a re-run with the same settings skips every shard the manifest lists whose checksums match,
+and re-encodes the rest (encoding is deterministic, so the result is byte-identical to an uninterrupted
+run). With ``part=(i, N)`` only shards ``i, i+N, i+2N, ...`` are encoded (every part still reads the
+whole stream, to know where its shards start); :func:`promcse.shards.merge` joins the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from promcse.encode import encode_texts
+from promcse.errors import PromcseError
+from promcse.loading import reference_key
+from promcse.model import SentenceEncoder
+from promcse.shards import (FORMAT, FORMAT_VERSION, MANIFEST, SAME_RUN, canonical_dtype, read_manifest,
+                            verify_shard, write_manifest, write_shard)
+
+SUFFIXES: dict[str, str] = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+HEAD_BYTES = 1 << 20  # the quick fingerprint hashes the first MiB of each file
+PARQUET_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """What to encode and how (``promcse encode``'s options).
+
+    Attributes:
+        input: A ``.txt``/``.jsonl``/``.parquet`` file, or a directory of them.
+        output: The shard directory (created; resumed when it holds a manifest of the same run).
+        shard_size: Rows per shard (the last one may be shorter).
+        dtype: Stored vector type: ``float32``, ``float16`` or ``int8`` (per-vector scales).
+        normalize: L2-normalise the vectors.
+        batch_size: Texts per forward pass.
+        part: ``(i, N)``: encode only shards ``i, i+N, ...``.
+        text_field: The text's key (jsonl) or column (parquet).
+        id_field: The id's key or column (default: the row number).
+        full_hash: Fingerprint each input file by its full sha256 (default: size, mtime and the first MiB).
+        with_texts: Store each row's text next to its id (for ``index build --from-vectors``).
+        max_length: Truncate at this many tokens.
+        show_progress: Show a tqdm bar over rows.
+    """
+
+    input: Path
+    output: Path
+    shard_size: int = 100_000
+    dtype: str = "float32"
+    normalize: bool = True
+    batch_size: int = 64
+    part: tuple[int, int] = (0, 1)
+    text_field: str = "text"
+    id_field: str | None = None
+    full_hash: bool = False
+    with_texts: bool = True
+    max_length: int | None = None
+    show_progress: bool = False
+
+
+def parse_part(value: str) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``; the index is 0-based."""
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise PromcseError(f"--shard expects i/N such as 0/4, got {value!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise PromcseError(f"--shard {value}: need 0 <= i < N")
+    return index, count
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """The input files: ``path`` itself, or every known file under a directory (hidden ones skipped)."""
+    root = Path(path)
+    if root.is_file():
+        if root.suffix.lower() not in SUFFIXES:
+            raise PromcseError(f"unknown corpus file type: use {', '.join(SUFFIXES)}", path=root)
+        return [root]
+    if not root.is_dir():
+        raise PromcseError("file not found", path=root)
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise PromcseError(f"no {', '.join(SUFFIXES)} files in the directory", path=root)
+    return files
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a strict UTF-8 file, streamed; a first-line BOM is dropped."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise PromcseError(f"not valid UTF-8: byte 0x{raw[err.start]:02x}", path=path, line=number) from None
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _txt_rows(path: Path) -> Iterator[tuple[Any, str]]:
+    for number, line in _decoded_lines(path):
+        if not line.strip():
+            raise PromcseError("empty or whitespace-only text", path=path, line=number)
+        yield None, line.strip()
+
+
+def _check_text(value: Any, path: Path, line: int, field: str) -> str:
+    if not isinstance(value, str):
+        raise PromcseError(f"missing or non-text '{field}'", path=path, line=line, column=field)
+    if not value.strip():
+        raise PromcseError("empty or whitespace-only text", path=path, line=line, column=field)
+    return value.strip()
+
+
+def _check_id(value: Any, path: Path, line: int, field: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PromcseError(f"missing id '{field}' (ids are strings or integers)", path=path, line=line, column=field)
+    return value
+
+
+def _jsonl_rows(path: Path, text_field: str, id_field: str | None) -> Iterator[tuple[Any, str]]:
+    for number, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            raise PromcseError(f"invalid JSON: {err.msg}", path=path, line=number, column=err.colno) from None
+        if not isinstance(obj, dict):
+            raise PromcseError("each line must be a JSON object", path=path, line=number)
+        rid = _check_id(obj.get(id_field), path, number, id_field) if id_field else None
+        yield rid, _check_text(obj.get(text_field), path, number, text_field)
+
+
+def _parquet_rows(path: Path, text_field: str, id_field: str | None) -> Iterator[tuple[Any, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PromcseError("reading .parquet needs pyarrow: pip install 'promcse[parquet]'", path=path) from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises its own ArrowInvalid/OSError types
+        raise PromcseError(f"cannot read parquet: {err}", path=path) from None
+    columns = [text_field] + ([id_field] if id_field else [])
+    missing = [c for c in columns if c not in table.schema_arrow.names]
+    if missing:
+        raise PromcseError(f"missing column(s) {', '.join(missing)}; found {', '.join(table.schema_arrow.names)}",
+                           path=path)
+    number = 0
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+        texts = batch.column(text_field).to_pylist()
+        ids = batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
+        for rid, text in zip(ids, texts):
+            number += 1  # parquet rows are reported as lines, 1-based
+            yield (_check_id(rid, path, number, id_field) if id_field else None,
+                   _check_text(text, path, number, text_field))
+
+
+def iter_corpus(path: str | Path, text_field: str = "text", id_field: str | None = None) -> Iterator[tuple[Any, str]]:
+    """Stream ``(id, text)`` over every input file in order (ids default to the 0-based row number)."""
+    row = 0
+    for file in corpus_files(path):
+        kind = SUFFIXES[file.suffix.lower()]
+        rows = (_txt_rows(file) if kind == "txt" else _jsonl_rows(file, text_field, id_field) if kind == "jsonl"
+                else _parquet_rows(file, text_field, id_field))
+        for rid, text in rows:
+            yield (row if rid is None else rid), text
+            row += 1
+
+
+def _file_hash(path: Path, full: bool) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if full:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            digest.update(handle.read(HEAD_BYTES))
+    return digest.hexdigest()
+
+
+def fingerprint(path: str | Path, *, full: bool = False, text_field: str = "text",
+                id_field: str | None = None) -> dict[str, Any]:
+    """What identifies the input: per file its name (relative to a directory), size, mtime and sha256
+    (of the first MiB, or of all of it with ``full``), plus the fields read. Absolute paths are left out,
+    so parts run on machines that mount the corpus elsewhere still agree."""
+    root = Path(path)
+    files = corpus_files(root)
+    entries = [{"name": (f.relative_to(root).as_posix() if root.is_dir() else f.name), "size": f.stat().st_size,
+                "mtime_ns": f.stat().st_mtime_ns, "sha256": _file_hash(f, full)} for f in files]
+    return {"files": entries, "hash": "full" if full else "first MiB", "text_field": text_field,
+            "id_field": id_field}
+
+
+def new_manifest(job: EncodeJob, model_ref: str, dim: int) -> dict[str, Any]:
+    """The manifest of a run that has encoded nothing yet."""
+    index, count = job.part
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": reference_key(model_ref), "dim": dim,
+            "dtype": canonical_dtype(job.dtype), "normalize": job.normalize, "shard_size": job.shard_size,
+            "with_texts": job.with_texts,
+            "input": fingerprint(job.input, full=job.full_hash, text_field=job.text_field, id_field=job.id_field),
+            "part": None if count == 1 else {"index": index, "count": count},
+            "complete": False, "total_rows": None, "num_shards": None, "shards": []}
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Drop what a killed writer left half-written (``atomic_write``'s temporary names)."""
+    for path in out.iterdir():
+        if path.name.startswith((".shard-", f".{MANIFEST}.")) and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
+def resume_state(job: EncodeJob, model_ref: str, dim: int) -> tuple[dict[str, Any], set[int]]:
+    """The manifest to continue and the shards already done (listed and verified by checksum).
+
+    Raises:
+        PromcseError: The directory holds an encode with other settings or of another input.
+    """
+    out = job.output
+    if out.exists() and not out.is_dir():
+        raise PromcseError("--output must be a directory (or end in .npy for one file)", path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(out)
+    fresh = new_manifest(job, model_ref, dim)
+    if not (out / MANIFEST).exists():
+        return fresh, set()
+    existing = read_manifest(out)
+    differ = [k for k in SAME_RUN + ("part",) if existing.get(k) != fresh.get(k)]
+    if differ:
+        raise PromcseError(f"holds an encode with other settings ({', '.join(differ)} differ): use another "
+                           "--output, or delete it to start over", path=out)
+    kept = [entry for entry in existing["shards"] if verify_shard(out, entry)]
+    if len(kept) < len(existing["shards"]):
+        existing["complete"] = False  # a listed shard failed its checksum: encode it again
+    existing["shards"] = kept
+    return existing, {entry["index"] for entry in kept}
+
+
+def _encode_shard(encoder: SentenceEncoder, job: EncodeJob, manifest: dict[str, Any], index: int, start: int,
+                  chunk: list[tuple[Any, str]]) -> None:
+    """Encode one shard, write its files, then the manifest that lists it."""
+    texts = [text for _, text in chunk]
+    vectors = encode_texts(encoder, texts, batch_size=job.batch_size, normalize=job.normalize,
+                           max_length=job.max_length)
+    entry = write_shard(job.output, index, start, vectors, [rid for rid, _ in chunk],
+                        texts if job.with_texts else None, manifest["dtype"])
+    manifest["shards"].append(entry)
+    write_manifest(job.output, manifest)
+
+
+def encode_corpus(encoder: SentenceEncoder, job: EncodeJob, model_ref: str) -> dict[str, Any]:
+    """Encode ``job.input`` into ``job.output`` shard by shard (resuming); returns the final manifest.
+
+    Args:
+        encoder: The loaded encoder.
+        job: Input, output and settings.
+        model_ref: The reference ``encoder`` was loaded from (recorded in the manifest).
+
+    Raises:
+        PromcseError: Bad rows (file and line named), an empty corpus, or an output of another run.
+    """
+    if job.shard_size < 1:
+        raise PromcseError(f"--shard-size must be at least 1, got {job.shard_size}")
+    manifest, done = resume_state(job, model_ref, encoder.dim)
+    if manifest["complete"]:
+        return manifest
+    mine, count = job.part
+    rows = iter_corpus(job.input, job.text_field, job.id_field)
+    index = start = 0
+    with tqdm(desc="encode", unit="rows", disable=not job.show_progress) as bar:
+        while chunk := list(islice(rows, job.shard_size)):
+            if index % count == mine and index not in done:
+                _encode_shard(encoder, job, manifest, index, start, chunk)
+            bar.update(len(chunk))
+            start, index = start + len(chunk), index + 1
+    if start == 0:
+        raise PromcseError("no texts in the input", path=job.input)
+    manifest.update(complete=True, total_rows=start, num_shards=index)
+    write_manifest(job.output, manifest)
+    return manifest

@@ -1,0 +1,288 @@
+"""Encoding with ONNX Runtime: :class:`OnnxEncoder` over an export of :mod:`promcse.onnx_graph`.
+
+``promcse.load(M, backend="onnx")`` lands here (:func:`load_onnx`): an export directory is opened as it is;
+any other model reference (checkpoint, ``minilm``, HF name or path) is exported once into a cache folder,
+``$PROMCSE_CACHE_DIR/onnx/<hash>`` (default ``~/.cache/promcse/onnx/<hash>``, or under ``$XDG_CACHE_HOME``),
+keyed by the reference, the size and modification time of its files (and of its backbone's), the
+quantisation and the library versions, so that a changed checkpoint is exported again.
+
+:class:`OnnxEncoder` has the encoder API the rest of promcse uses (``encode``, ``similarity``, ``dim``,
+``max_length``, ``tokenizer``): texts are tokenized once, sorted by token count, padded per batch and run
+through the graph; in a multi-prompt export each text may name its own prompt, and one batch mixes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from promcse.errors import PromcseError
+
+META_FILE = "promcse_onnx.json"  # promcse.onnx_graph.META_FILE (not imported: that module pulls in torch)
+FORMAT = "promcse-onnx"
+FORMAT_VERSION = 1
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    """True if ``path`` is a directory written by :func:`promcse.onnx_graph.export_encoders`."""
+    meta = Path(path) / META_FILE
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``promcse_onnx.json``.
+
+    Raises:
+        PromcseError: Missing, unreadable, or written by a newer promcse.
+    """
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PromcseError(f"not an ONNX export of promcse ({err})", path=path) from None
+    if meta.get("format") != FORMAT:
+        raise PromcseError("not an ONNX export of promcse", path=path)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise PromcseError("ONNX export written by a newer promcse; upgrade to load it", path=path)
+    return meta
+
+
+def _runtime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise PromcseError("the ONNX backend needs onnxruntime: pip install 'promcse[onnx]'") from None
+    return onnxruntime
+
+
+def check_device(device: str) -> None:
+    """The ONNX backend runs on the CPU: ``auto`` or ``cpu`` only.
+
+    Raises:
+        PromcseError: Any other device.
+    """
+    if device not in ("auto", "cpu"):
+        raise PromcseError(f"the ONNX backend runs on the CPU; device '{device}' is not available to it "
+                           "(use --device cpu, or the torch backend)", key="device")
+
+
+def make_session(graph: Path, threads: int = 0, device: str = "auto") -> Any:
+    """An ONNX Runtime CPU session (``threads`` intra-op threads; 0: ONNX Runtime's default, one per core)."""
+    check_device(device)
+    ort = _runtime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEncoder:
+    """Sentence encoder over an ONNX export (one graph, one or several prompts).
+
+    Args:
+        directory: The export directory.
+        prompt: The prompt used when ``encode`` names none (default: the first, id 0).
+        threads: ONNX Runtime intra-op threads (0: its default).
+        device: ``auto`` or ``cpu``.
+
+    Raises:
+        PromcseError: Not an export, an unknown prompt, onnxruntime missing, or a non-CPU device.
+    """
+
+    def __init__(self, directory: str | Path, prompt: str | None = None, threads: int = 0,
+                 device: str = "auto") -> None:
+        from transformers import AutoTokenizer
+
+        self.directory = Path(directory)
+        self.meta = read_meta(self.directory)
+        self.prompts: dict[str, dict[str, Any]] = {p["name"]: p for p in self.meta["prompts"]}
+        self.prompt = self._check_prompt(prompt or self.meta["prompts"][0]["name"])
+        self.session = make_session(self.directory / self.meta["file"], threads, device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.directory))
+
+    def _check_prompt(self, name: str) -> str:
+        if name not in self.prompts:
+            raise PromcseError(f"unknown prompt '{name}'; this ONNX export has: {', '.join(self.prompts)}",
+                               path=self.directory, key="prompt")
+        return name
+
+    @property
+    def names(self) -> list[str]:
+        """Prompt names in prompt-id order."""
+        return list(self.prompts)
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return int(self.meta["dim"])
+
+    @property
+    def max_length(self) -> int:
+        """Longest real-token input of the default prompt (the position limit less its shift)."""
+        return int(self.prompts[self.prompt]["max_length"])
+
+    @property
+    def token_inputs(self) -> list[str]:
+        """The graph's token inputs (``input_ids``, ``attention_mask``, maybe ``token_type_ids``)."""
+        return [name for name in self.meta["inputs"] if name != "prompt_id"]
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``int8``."""
+        return str(self.meta["precision"])
+
+    def prompt_ids(self, prompt: str | Sequence[str] | None, count: int) -> np.ndarray:
+        """(count,) int64 prompt ids: one prompt for every text, or one name per text."""
+        if prompt is None or isinstance(prompt, str):
+            return np.full(count, self.prompts[self._check_prompt(prompt or self.prompt)]["id"], dtype=np.int64)
+        if len(prompt) != count:
+            raise PromcseError(f"{count} texts but {len(prompt)} prompt names", key="prompt")
+        return np.asarray([self.prompts[self._check_prompt(p)]["id"] for p in prompt], dtype=np.int64)
+
+    def _tokenize(self, texts: Sequence[str], ids: np.ndarray, max_length: int | None) -> dict[str, list[list[int]]]:
+        """Tokenize every text under its own prompt's position limit (truncations counted and reported)."""
+        limits = {p["id"]: p["max_length"] for p in self.prompts.values()}
+        merged: dict[str, list[list[int]]] = {}
+        cut = 0
+        for k in np.unique(ids).tolist():
+            rows = np.flatnonzero(ids == k)
+            limit = min(max_length or limits[k], limits[k])
+            tokens = self.tokenizer([texts[i] for i in rows], truncation=True, max_length=limit, padding=False)
+            cut += sum(len(t) >= limit for t in tokens["input_ids"])
+            for key in self.token_inputs:
+                column = merged.setdefault(key, [[] for _ in texts])
+                values = tokens[key] if key in tokens else [[0] * len(t) for t in tokens["input_ids"]]
+                for i, value in zip(rows.tolist(), values):
+                    column[i] = value
+        if cut:
+            warnings.warn(f"{cut} of {len(texts)} texts reached their token limit and were truncated", stacklevel=3)
+        return merged
+
+    def _run(self, tokens: dict[str, list[list[int]]], rows: np.ndarray, ids: np.ndarray, output: str) -> np.ndarray:
+        """One padded batch through the graph."""
+        features = {key: [values[i] for i in rows] for key, values in tokens.items()}
+        batch = self.tokenizer.pad(features, padding=True, return_tensors="np")
+        feed = {key: np.asarray(batch[key], dtype=np.int64) for key in tokens}
+        if self.meta["multi_prompt"]:
+            feed["prompt_id"] = ids[rows]
+        return self.session.run([output], feed)[0]
+
+    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True,
+               prompt: str | Sequence[str] | None = None, show_progress: bool = False,
+               max_length: int | None = None) -> np.ndarray:
+        """Encode texts into an (N, D) float32 array in input order.
+
+        Args:
+            texts: Input texts.
+            batch_size: Texts per graph run.
+            normalize: L2-normalise the vectors (the graph's ``normalized_embedding`` output).
+            prompt: A prompt name for all texts, or one per text (default: :attr:`prompt`).
+            show_progress: Show a tqdm bar.
+            max_length: Truncate at this many tokens (default: each prompt's position limit).
+        """
+        from tqdm.auto import tqdm
+
+        from promcse.encode import token_length_order
+
+        if isinstance(texts, str):
+            raise PromcseError("encode expects a list of texts, not a single string")
+        ids = self.prompt_ids(prompt, len(texts))
+        result = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return result
+        tokens = self._tokenize(list(texts), ids, max_length)
+        order = token_length_order(tokens)
+        norm = self.meta["normalization"]
+        output = norm["output"] if normalize else norm["raw_output"]
+        for start in tqdm(range(0, len(texts), batch_size), disable=not show_progress, desc="encode", unit="batch"):
+            rows = order[start : start + batch_size]
+            result[rows] = self._run(tokens, rows, ids, output)
+        return result
+
+    def similarity(self, a: list[str], b: list[str], batch_size: int = 64,
+                   prompt: str | Sequence[str] | None = None) -> np.ndarray:
+        """Cosine similarity matrix (len(a), len(b)) of two lists of texts, float32."""
+        from promcse.encode import cosine_matrix
+
+        va = self.encode(a, batch_size=batch_size, normalize=False, prompt=prompt)
+        vb = self.encode(b, batch_size=batch_size, normalize=False, prompt=prompt)
+        return cosine_matrix(va, vb).astype(np.float32)
+
+
+def cache_root() -> Path:
+    """``$PROMCSE_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/promcse/onnx``, else ``~/.cache/promcse/onnx``."""
+    if os.environ.get("PROMCSE_CACHE_DIR"):
+        return Path(os.environ["PROMCSE_CACHE_DIR"]) / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "promcse" / "onnx"
+
+
+def _file_facts(path: Path) -> list[Any]:
+    """(name, size, mtime_ns) of every file under a directory (a file: itself; a hub name: nothing)."""
+    if path.is_file():
+        stat = path.stat()
+        return [[path.name, stat.st_size, stat.st_mtime_ns]]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def cache_key(model_ref: str, quantize: str = "none") -> str:
+    """Hash naming the cached export of ``model_ref`` (see the module docstring)."""
+    import torch
+    import transformers
+
+    from promcse import __version__
+    from promcse.backbone import resolve_backbone
+    from promcse.checkpoint import is_checkpoint, read_spec
+
+    path = Path(resolve_backbone(model_ref))
+    parts: dict[str, Any] = {"ref": str(path.resolve()) if path.exists() else model_ref, "files": _file_facts(path),
+                             "quantize": quantize, "format_version": FORMAT_VERSION, "promcse": __version__,
+                             "torch": torch.__version__, "transformers": transformers.__version__}
+    if is_checkpoint(path):
+        backbone = Path(resolve_backbone(read_spec(path).backbone))
+        parts["backbone"] = [str(backbone.resolve()) if backbone.exists() else str(backbone), _file_facts(backbone)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:24]
+
+
+def load_onnx(model_ref: str, load_torch: Callable[[str], Any], quantize: str = "none", device: str = "auto",
+              threads: int = 0) -> OnnxEncoder:
+    """An :class:`OnnxEncoder` for any model reference: an export as it is, anything else exported once and cached.
+
+    Args:
+        model_ref: An ONNX export directory, or what :func:`promcse.load` accepts.
+        load_torch: Loads the torch encoder of a reference on the CPU (for the one-time export).
+        quantize: ``none`` or ``int8`` for the cached export.
+        device: ``auto`` or ``cpu``.
+        threads: ONNX Runtime intra-op threads (0: its default).
+    """
+    if is_onnx_export(model_ref):
+        return OnnxEncoder(model_ref, threads=threads, device=device)
+    check_device(device)  # fail before a slow load and export
+    _runtime()
+    target = cache_root() / cache_key(model_ref, quantize)
+    if not is_onnx_export(target):
+        from promcse.onnx_graph import export_encoders
+
+        name = Path(model_ref).name or model_ref
+        try:
+            export_encoders([load_torch(model_ref)], [name], target, quantize=quantize, sources=[model_ref])
+        except OSError:
+            if not is_onnx_export(target):  # another process may have finished the same export first
+                raise
+    return OnnxEncoder(target, threads=threads, device=device)
