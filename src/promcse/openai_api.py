@@ -17,7 +17,7 @@ import numpy as np
 
 from promcse.encode import unit_rows
 from promcse.guards import ApiError
-from promcse.serve import ServeContext, check_texts
+from promcse.serve import ServeContext, check_texts, fast_json
 
 
 def _schema() -> type:
@@ -59,7 +59,7 @@ def add_openai_routes(app: Any, ctx: ServeContext) -> None:
     EmbeddingsRequest = _schema()
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:  # type: ignore[valid-type]
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         if not texts:
             raise ApiError(400, "input must not be empty", param="input", code="invalid_value")
@@ -69,8 +69,8 @@ def add_openai_routes(app: Any, ctx: ServeContext) -> None:
         tokens = sum(ctx.registry.token_counts(texts, name))
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return fast_json({"object": "list", "data": data, "model": name,
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:

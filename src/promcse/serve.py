@@ -232,6 +232,14 @@ def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
     return app
 
 
+def fast_json(content: dict[str, Any]) -> Any:
+    """A JSON response built with ``json.dumps`` directly: FastAPI's ``jsonable_encoder`` walks every float of
+    an embedding list in Python, a cost per request that grows with the number of texts."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(content)
+
+
 async def _on(worker: Executor, work: Callable[[], Any]) -> Any:
     """Run model work on the app's model thread: serialised anyway, and one thread keeps one malloc arena."""
     return await asyncio.get_running_loop().run_in_executor(worker, work)
@@ -244,13 +252,13 @@ def _add_model_routes(app: Any, ctx: ServeContext) -> None:
     EmbedRequest, SimilarityRequest, _ = _schemas()
 
     @app.post("/embed")
-    async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def embed(body: EmbedRequest, request: Request) -> Any:  # type: ignore[valid-type]
         check_texts(body.texts, ctx.limits, "texts")
         name = ctx.model_name(request, body.model)
         vectors = await ctx.embed(request, body.texts, name)
         vectors = unit_rows(vectors) if body.normalize else vectors
-        return {"embeddings": np.asarray(vectors, dtype=np.float32).tolist(), "dim": int(vectors.shape[1]),
-                "model": name}
+        return fast_json({"embeddings": np.asarray(vectors, dtype=np.float32).tolist(), "dim": int(vectors.shape[1]),
+                          "model": name})
 
     @app.post("/similarity")
     async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
