@@ -164,7 +164,9 @@ def test_sigint_with_a_stalled_client_returns_0_after_the_graceful_timeout(
         done.set()
         never.set()
     assert status == 0
-    assert report["returned"] - report["signalled"] < 10  # 1 s grace, then the stalled request is cancelled
+    # 1 s grace, then the stalled request is cancelled and the engine drained; the bound is generous because a
+    # loaded CI box once took longer than 10 s here (the safety net above fires at 20 s)
+    assert report["returned"] - report["signalled"] < 18, report
     report["thread"].join(timeout=30)
     response = report["outcome"].get("response")
     assert response is None or response.status_code != 200

@@ -31,6 +31,7 @@ import numpy as np
 
 from promcse.data import jsonl_lines
 from promcse.errors import PromcseError
+from promcse.schema import load_array
 from promcse.files import atomic_write
 from promcse.shards import MANIFEST, dequantize, require_complete, sha256_file
 
@@ -210,8 +211,8 @@ class ShardStore:
     def _shard(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
         if number not in self._maps:
             files = self.manifest["shards"][number]["files"]
-            codes = np.load(self.root / files["vectors"]["name"], mmap_mode="r", allow_pickle=False)
-            scales = np.load(self.root / files["scales"]["name"], allow_pickle=False) if "scales" in files else None
+            codes = load_array(self.root / files["vectors"]["name"], mmap=True)
+            scales = load_array(self.root / files["scales"]["name"]) if "scales" in files else None
             self._maps[number] = (codes, scales)
         return self._maps[number]
 
@@ -239,10 +240,7 @@ def open_store(meta: dict[str, Any], directory: Path) -> MemoryStore | ShardStor
         PromcseError: A missing store, or shards whose manifest changed since the index was built.
     """
     if meta.get("kind") == "local":
-        try:
-            return MemoryStore(np.load(directory / meta["file"], mmap_mode="r", allow_pickle=False))
-        except (OSError, ValueError) as err:
-            raise PromcseError(f"cannot read the rescoring vectors: {err}", path=directory / meta["file"]) from None
+        return MemoryStore(load_array(directory / str(meta["file"]), mmap=True))
     root = Path(meta["path"])
     store = ShardStore(root)
     if sha256_file(root / MANIFEST) != meta.get("manifest_sha256"):
@@ -299,10 +297,9 @@ def read_records(path: Path) -> tuple[list[str], list[Any] | None]:
 
 def load_npy(path: Path) -> np.ndarray:
     """Load the numpy backend's vectors without unpickling."""
-    try:
-        vectors = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise PromcseError(f"cannot read vectors: {err}", path=path) from None
-    if vectors.ndim != 2:
-        raise PromcseError(f"vectors must be 2-D, got shape {vectors.shape}", path=path)
+    vectors = load_array(path)
+    if vectors.ndim != 2 or vectors.dtype.kind != "f":
+        raise PromcseError(f"vectors must be a 2-D float array, got {vectors.dtype} {vectors.shape}", path=path)
+    if not np.isfinite(vectors).all():
+        raise PromcseError("vectors hold NaN or infinite values; rebuild the index", path=path)
     return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -49,6 +49,42 @@ def read_json_object(path: str | Path, limit: int = MAX_CONFIG_BYTES) -> dict[st
     return data
 
 
+def read_versioned(path: str | Path, fmt: str, max_version: int, what: str) -> dict[str, Any]:
+    """A JSON object whose ``format`` is ``fmt`` and whose integer ``format_version`` is at most ``max_version``.
+
+    Raises:
+        PromcseError: Missing (naming its folder), not a regular file, not JSON, another format, a newer version.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise PromcseError(f"not a promcse {what} (no {path.name})", path=path.parent)
+    data = read_json_object(path)
+    if data.get("format") != fmt:
+        raise PromcseError(f"not a promcse {what} (wrong format field)", path=path)
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PromcseError(f"expected int, got {json.dumps(version)[:40]}", path=path, key="format_version")
+    if version > max_version:
+        raise PromcseError(f"{what} written by a newer promcse; upgrade to read it", path=path)
+    return data
+
+
+def load_array(path: str | Path, mmap: bool = False) -> Any:
+    """A ``.npy`` array (never unpickled; memory-mapped if asked); a FIFO or device is refused, never read."""
+    import numpy as np
+
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise PromcseError(f"cannot read vectors: {err.strerror}", path=path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise PromcseError("not a regular file", path=path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise PromcseError(f"cannot read vectors: {err}", path=path) from None
+
+
 def _get(data: dict[str, Any], key: str, kind: type, where: str, default: Any = ..., lo: float | None = None,
          hi: float | None = None) -> Any:
     """``data[key]`` of exactly type ``kind`` within [lo, hi]; ``default`` when absent (else required)."""

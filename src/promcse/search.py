@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from promcse import index_kinds, shards
 from promcse.errors import PromcseError
+from promcse.schema import read_versioned
 from promcse.index_kinds import (COMPRESSED, DEFAULT_RESCORE, IVF_POINTS_PER_LIST, NEEDS_TRAINING,  # noqa: F401
                                  KindParams, MemoryStore, ShardStore, default_nlist, load_npy, numpy_top_k,
                                  read_records)
@@ -369,16 +370,7 @@ def _portable_ref(model_ref: str | None) -> str | None:
 def read_meta(root: Path) -> dict[str, Any]:
     """Read and check ``meta.json``."""
     path = root / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromcseError("not a promcse index directory (no meta.json)", path=root) from None
-    except (OSError, ValueError) as err:
-        raise PromcseError(f"cannot read index metadata: {err}", path=path) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PromcseError("not a promcse index (wrong format field)", path=path)
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise PromcseError("index written by a newer promcse; upgrade to load it", path=path)
+    meta = read_versioned(path, FORMAT, FORMAT_VERSION, "index directory")
     if meta.get("backend") not in KINDS or meta.get("backend") == "auto":
         raise PromcseError(f"unknown index backend {meta.get('backend')!r}", path=path)
     return meta

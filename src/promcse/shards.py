@@ -30,6 +30,7 @@ import numpy as np
 
 from promcse.data import jsonl_lines
 from promcse.errors import PromcseError
+from promcse.schema import load_array, read_versioned
 from promcse.files import atomic_write, atomic_write_text
 
 FORMAT = "promcse-vectors"
@@ -123,18 +124,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     Raises:
         PromcseError: No manifest, unreadable JSON, or not a promcse vector directory.
     """
-    path = Path(root) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromcseError("not a promcse vector directory (no manifest.json)", path=root) from None
-    except (OSError, ValueError) as err:
-        raise PromcseError(f"cannot read the manifest: {err}", path=path) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PromcseError("not a promcse vector manifest (wrong format field)", path=path)
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise PromcseError("written by a newer promcse; upgrade to read it", path=path)
-    return manifest
+    return read_versioned(Path(root) / MANIFEST, FORMAT, FORMAT_VERSION, "vector directory")
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
@@ -163,10 +153,7 @@ def require_complete(root: str | Path) -> dict[str, Any]:
 
 
 def _load(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise PromcseError(f"cannot read vectors: {err}", path=path) from None
+    return load_array(path)
 
 
 def read_vectors(root: str | Path, entry: dict[str, Any]) -> np.ndarray:
