@@ -206,8 +206,9 @@ class BatchEngine:
                 self._finish(job, err)
             return
         rows, tokens = len(batch), max(j.lengths[r] for j, r in batch) * len(batch)
-        self.stats.batches, self.stats.rows, self.stats.tokens = self.stats.batches + 1, self.stats.rows + rows, \
-            self.stats.tokens + tokens
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.tokens += tokens
         self.stats.last_rows, self.stats.last_tokens = rows, tokens
         if callable(self.on_batch):
             self.on_batch(rows, tokens, time.perf_counter() - start)

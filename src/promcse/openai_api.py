@@ -65,8 +65,8 @@ def add_openai_routes(app: Any, ctx: ServeContext) -> None:
             raise ApiError(400, "input must not be empty", param="input", code="invalid_value")
         check_texts(texts, ctx.limits, "input")
         name = ctx.model_name(request, body.model)
-        vectors = shorten(await ctx.embed(request, texts, name), body.dimensions)
-        tokens = sum(ctx.registry.token_counts(texts, name))
+        raw, tokens = await ctx.embed_counted(request, texts, name)
+        vectors = shorten(raw, body.dimensions)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
         return fast_json({"object": "list", "data": data, "model": name,

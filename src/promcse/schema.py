@@ -24,16 +24,23 @@ MAX_PROMPT_ELEMENTS = 2**28  # 1 GiB of fp32 prefix: far above any real prompt (
 SAFETENSORS_DTYPES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}  # the floating types a prompt may use
 
 
-def read_regular_file(path: str | Path, limit: int) -> bytes:
-    """Bytes of a regular file of at most ``limit`` bytes (a FIFO, device or directory is refused, never read)."""
+def regular_size(path: str | Path, what: str = "read") -> int:
+    """Size of ``path``, which must be a regular file: a FIFO, device or directory is refused, never opened
+    (reading a FIFO would block forever)."""
     try:
         info = os.stat(path)
     except OSError as err:
-        raise PromcseError(f"cannot read: {err.strerror}", path=path) from None
+        raise PromcseError(f"cannot {what}: {err.strerror}", path=path) from None
     if not stat.S_ISREG(info.st_mode):
         raise PromcseError("not a regular file", path=path)
-    if info.st_size > limit:
-        raise PromcseError(f"file is {info.st_size} bytes; at most {limit} expected", path=path)
+    return info.st_size
+
+
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """Bytes of a regular file of at most ``limit`` bytes (see :func:`regular_size`)."""
+    size = regular_size(path)
+    if size > limit:
+        raise PromcseError(f"file is {size} bytes; at most {limit} expected", path=path)
     with open(path, "rb") as handle:
         return handle.read(limit + 1)
 
@@ -73,12 +80,7 @@ def load_array(path: str | Path, mmap: bool = False) -> Any:
     """A ``.npy`` array (never unpickled; memory-mapped if asked); a FIFO or device is refused, never read."""
     import numpy as np
 
-    try:
-        info = os.stat(path)
-    except OSError as err:
-        raise PromcseError(f"cannot read vectors: {err.strerror}", path=path) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise PromcseError("not a regular file", path=path)
+    regular_size(path, "read vectors")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -173,16 +175,11 @@ def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]
         PromcseError: Not a regular file, truncated, a header that is not JSON or claims shapes, offsets or
             dtypes that the file cannot hold.
     """
-    try:
-        info = os.stat(path)
-    except OSError as err:
-        raise PromcseError(f"cannot read: {err.strerror}", path=path) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise PromcseError("not a regular file", path=path)
+    size = regular_size(path)
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if length < 2 or length > min(MAX_HEADER_BYTES, info.st_size - 8):
+        if length < 2 or length > min(MAX_HEADER_BYTES, size - 8):
             raise PromcseError("not a safetensors file (bad or truncated header)", path=path)
         raw = handle.read(length)
     try:
@@ -191,7 +188,7 @@ def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]
         raise PromcseError("not a safetensors file (header is not JSON)", path=path) from None
     if not isinstance(header, dict):
         raise PromcseError("not a safetensors file (header is not an object)", path=path)
-    data_bytes = info.st_size - 8 - length
+    data_bytes = size - 8 - length
     return {name: _tensor_entry(path, name, entry, data_bytes) for name, entry in header.items() if name != "__metadata__"}
 
 

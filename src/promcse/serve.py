@@ -149,14 +149,21 @@ class ServeContext:
 
     async def embed(self, request: Any, texts: list[str], model: str) -> np.ndarray:
         """Raw (N, D) float32 vectors of ``texts`` under ``model``, through the engine or the model thread."""
+        return (await self.embed_counted(request, texts, model))[0]
+
+    async def embed_counted(self, request: Any, texts: list[str], model: str) -> tuple[np.ndarray, int]:
+        """:meth:`embed` and the number of tokens the texts took (the engine counts them once, on submit)."""
         if self.engine is None:
-            return await _on(self.worker, lambda: np.asarray(self.registry.encode(texts, model, normalize=False)))
+            def work() -> tuple[np.ndarray, int]:
+                vectors = np.asarray(self.registry.encode(texts, model, normalize=False))
+                return vectors, sum(self.registry.token_counts(texts, model))
+            return await _on(self.worker, work)
         try:
             job = self.engine.submit(texts, model)
         except QueueFull as full:
             raise ApiError(503, f"server busy ({full}); retry shortly", code="overloaded",
                            headers={"Retry-After": "1"}) from None
-        return await _wait(job, request, self.options.request_timeout_s)
+        return await _wait(job, request, self.options.request_timeout_s), job.tokens
 
     def close(self) -> None:
         """Drain the engine and stop the model threads."""
