@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from promcse.data import read_pairs, read_sentences, read_sts_tsv, read_training_file
+from promcse.data import batch_views, read_pairs, read_sentences, read_sts_tsv, read_training_file
 from promcse.errors import PromcseError
 
 
@@ -89,3 +90,18 @@ def test_readers_parse_or_raise_promcse_error_on_arbitrary_bytes(tmp_path_factor
             reader(path)
         except PromcseError:
             pass
+
+
+def test_numbered_hard_negative_columns_become_views(tmp_path):
+    path = tmp_path / "mined.csv"
+    path.write_text("sent0,sent1,hard_neg_1,hard_neg_2\na,b,c,d\ne,f,g,h\n", encoding="utf-8")
+    ex = read_training_file(path, require_hard_negatives=True)
+    assert ex.negatives == (["c", "g"], ["d", "h"]) and ex.negative == ["c", "g"]
+    assert batch_views(ex, np.array([1, 0])) == [["e", "a"], ["f", "b"], ["g", "c"], ["h", "d"]]
+
+
+def test_a_gap_in_numbered_negatives_is_named(tmp_path):
+    path = tmp_path / "gap.csv"
+    path.write_text("sent0,sent1,hard_neg_1,hard_neg_3\na,b,c,d\n", encoding="utf-8")
+    with pytest.raises(PromcseError, match="hard_neg_2 is missing"):
+        read_training_file(path)

@@ -22,17 +22,19 @@ from test_gradcache import examples, flat_grads, make_encoder, rel_err, settings
 
 ROWS = 8  # global batch; 4 rows per process
 COUNTED = ("all_reduce", "reduce_scatter", "scatter")  # collectives whose calls a step counts
-SCENARIOS: dict[str, tuple[bool, tuple[str, ...]]] = {
-    "unsup": (False, ()),
-    "sup": (True, ()),
-    "sup_gc3": (True, ("train.grad_cache_chunk=3",)),
-    "sup_gc5": (True, ("train.grad_cache_chunk=5",)),
-    "sup_gc_tiled": (True, ("train.grad_cache_chunk=4", "loss.tile_size=3")),
-    "full_gc": (True, ("train.grad_cache_chunk=4", "model.mode=full", "model.prompt_length=0")),
+SCENARIOS: dict[str, tuple[int, tuple[str, ...]]] = {  # name -> (hard negatives per row, overrides)
+    "unsup": (0, ()),
+    "sup": (1, ()),
+    "sup_k2": (2, ()),
+    "sup_k2_tiled": (2, ("loss.tile_size=3",)),
+    "sup_gc3": (1, ("train.grad_cache_chunk=3",)),
+    "sup_gc5": (1, ("train.grad_cache_chunk=5",)),
+    "sup_gc_tiled": (1, ("train.grad_cache_chunk=4", "loss.tile_size=3")),
+    "full_gc": (1, ("train.grad_cache_chunk=4", "model.mode=full", "model.prompt_length=0")),
 }
 
 
-def one_step(tiny_bert: Path, supervised: bool, extra: tuple[str, ...]) -> dict[str, object]:
+def one_step(tiny_bert: Path, negatives: int, extra: tuple[str, ...]) -> dict[str, object]:
     """Loss terms, gradients and collective counts of one train_step over rows 0..ROWS-1, dropout off.
 
     Counts the collectives of the backward side: ``all_reduce`` (parameter gradients) and those the
@@ -41,6 +43,7 @@ def one_step(tiny_bert: Path, supervised: bool, extra: tuple[str, ...]) -> dict[
     """
     from test_gradcache import run_step
 
+    supervised = negatives > 0
     config = settings(tiny_bert, supervised, *extra)
     encoder = make_encoder(tiny_bert, config, dropout=False)
     opt = torch.optim.SGD(encoder.trainable_parameters(), lr=0.0)
@@ -58,7 +61,10 @@ def one_step(tiny_bert: Path, supervised: bool, extra: tuple[str, ...]) -> dict[
         setattr(dist, name, counting(name))
     try:
         ex = examples(supervised)
-        ex = type(ex)(ex.anchor[:ROWS], ex.positive and ex.positive[:ROWS], ex.negative and ex.negative[:ROWS], "t")
+        negs = tuple(n[:ROWS] for n in ex.negatives)
+        if negatives == 2:  # a second block: the same negatives in another order, so each row gets a new one
+            negs = (negs[0], negs[0][::-1])
+        ex = type(ex)(ex.anchor[:ROWS], ex.positive and ex.positive[:ROWS], negs, "t")
         terms = run_step(encoder, config, ex, np.arange(ROWS), opt, sched)
     finally:
         for name, original in originals.items():

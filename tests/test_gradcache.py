@@ -51,8 +51,8 @@ def make_encoder(tiny_bert: Path, config: RunConfig, dropout: bool = True) -> Se
 def examples(supervised: bool) -> TrainExamples:
     s = make_sentences(3 * ROWS, seed=7)
     if supervised:
-        return TrainExamples(s[:ROWS], s[ROWS:2 * ROWS], s[2 * ROWS:], "test")
-    return TrainExamples(s[:ROWS], None, None, "test")
+        return TrainExamples(s[:ROWS], s[ROWS:2 * ROWS], (s[2 * ROWS:],), "test")
+    return TrainExamples(s[:ROWS], None, (), "test")
 
 
 def settings(tiny_bert: Path, supervised: bool, *extra: str) -> RunConfig:

@@ -270,3 +270,56 @@ def test_objective_terms_follow_the_config():
 def test_bad_shapes_raise_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+# ---------------------------------------------------------------- several hard negatives per row
+
+
+def _ref_multi(a, p, negs, tau, w, margin, offset):
+    """Loop references for k negative columns per row: every negative of every row is a candidate;
+    the bonus w goes to row i's own k negatives (row offset + i of each block)."""
+    nt, eh = 0.0, 0.0
+    for i in range(len(a)):
+        own = offset + i
+        denom = sum(torch.exp(_cos(a[i], p[j]) / tau) for j in range(len(p)))
+        cands = [_cos(a[i], p[j]) for j in range(len(p)) if j != own]
+        for n in negs:
+            for j in range(len(n)):
+                denom = denom + torch.exp(_cos(a[i], n[j]) / tau + (w if j == own else 0.0))
+                cands.append(_cos(a[i], n[j]))
+        nt = nt - torch.log(torch.exp(_cos(a[i], p[own]) / tau) / denom)
+        best = cands[0]
+        for c in cands[1:]:
+            if c.item() > best.item():
+                best = c
+        eh = eh + torch.clamp(margin - _cos(a[i], p[own]) + best, min=0.0)
+    return nt / len(a), eh / len(a)
+
+
+@pytest.mark.parametrize("b,m,k,w,offset", [(4, 4, 2, 0.0, 0), (4, 4, 3, 1.5, 0), (3, 6, 2, -0.5, 2)])
+@pytest.mark.parametrize("tile_size", [0, 2])
+def test_several_hard_negatives_match_loop_reference(b, m, k, w, offset, tile_size):
+    g = torch.Generator().manual_seed(b * 10 + k)
+    mk = lambda r: torch.randn(r, D, generator=g, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    a, p, negs = mk(b), mk(m), [mk(m) for _ in range(k)]
+    objective = build_objective(LossConfig(name="nt_xent_eh", eh_weight=3.0, eh_margin=0.5, temperature=0.3,
+                                           hard_negative_weight=w, tile_size=tile_size))
+    out = objective([a, p, *negs], offset)
+    ref_nt, ref_eh = _ref_multi(a, p, negs, 0.3, w, 0.5, offset)
+    assert ref_eh.item() > 0  # the hinge is active, so its gradient is checked too
+    ref = ref_nt + 3.0 * ref_eh
+    if tile_size == 0:
+        torch.testing.assert_close(out["nt_xent"], ref_nt, rtol=1e-10, atol=1e-12)
+        _assert_close_with_grads(out["loss"], ref, [a, p, *negs])
+        return
+    # The tiled form accumulates in fp32: compare values and gradients at fp32 precision.
+    torch.testing.assert_close(out["nt_xent"].double(), ref_nt, rtol=1e-5, atol=1e-6)
+    for gf, gr in zip(_grads(out["loss"], [a, p, *negs]), _grads(ref, [a, p, *negs])):
+        torch.testing.assert_close(gf.double(), gr, rtol=1e-4, atol=1e-5)
+
+
+def test_negative_blocks_must_match_the_positives():
+    with pytest.raises(ValueError, match="k blocks"):
+        similarity_matrix(torch.randn(4, D), torch.randn(4, D), torch.randn(6, D))
+    sim = similarity_matrix(torch.randn(2, D), torch.randn(2, D), torch.randn(6, D))
+    assert sim.shape == (2, 8)

@@ -119,7 +119,7 @@ def test_truncation_is_counted_and_reported(tiny_bert: Path) -> None:
     from promcse.train import report_truncation
 
     _, tokenizer = load_backbone(str(tiny_bert))
-    examples = TrainExamples(["a man", "a man " * 40, "the dog " * 3], None, None, "x")
+    examples = TrainExamples(["a man", "a man " * 40, "the dog " * 3], None, (), "x")
     note = report_truncation(tokenizer, examples, max_length=8)
     assert note is not None and "1 of 3 training texts" in note
     assert report_truncation(tokenizer, examples, max_length=200) is None

@@ -50,22 +50,33 @@ class TrainExamples:
     Attributes:
         anchor: Anchor sentences.
         positive: Positive sentences (None: the anchor itself, seen through a second dropout mask).
-        negative: Hard negatives, aligned row by row with ``anchor`` (None when absent).
+        negatives: Hard-negative columns (``hard_neg``, then ``hard_neg_1..k``), each aligned row by row
+            with ``anchor``; empty when the data has none.
         source: File they came from, for messages.
     """
 
     anchor: list[str]
     positive: list[str] | None
-    negative: list[str] | None
+    negatives: tuple[list[str], ...]
     source: str
 
     def __len__(self) -> int:
         return len(self.anchor)
 
     @property
+    def negative(self) -> list[str] | None:
+        """The first hard-negative column (None when absent)."""
+        return self.negatives[0] if self.negatives else None
+
+    @property
     def has_hard_negatives(self) -> bool:
-        """True when every anchor has a paired hard negative."""
-        return self.negative is not None
+        """True when every anchor has at least one paired hard negative."""
+        return bool(self.negatives)
+
+    def texts(self) -> list[str]:
+        """Every text of every view, in column order (with repeats)."""
+        views = [self.anchor, self.positive or [], *self.negatives]
+        return [text for view in views for text in view]
 
 
 def read_text(path: str | Path) -> str:
@@ -116,7 +127,7 @@ def read_sentences(path: str | Path) -> TrainExamples:
         sentences.append(line.strip())
     if not sentences:
         raise PromcseError("no sentences: the file is empty", path=path)
-    return TrainExamples(anchor=sentences, positive=None, negative=None, source=str(path))
+    return TrainExamples(anchor=sentences, positive=None, negatives=(), source=str(path))
 
 
 def _rows_from_delimited(path: str | Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -177,8 +188,24 @@ def _field(path: str | Path, number: int, row: dict[str, object], column: str) -
     return value.strip()
 
 
+def negative_columns(path: str | Path, header: list[str]) -> list[str]:
+    """The hard-negative columns of a header: ``hard_neg`` if present, then ``hard_neg_1, hard_neg_2, ...``.
+
+    Raises:
+        PromcseError: Numbered columns with a gap (e.g. ``hard_neg_1, hard_neg_3``).
+    """
+    numbered = sorted(int(c[len(HARD_NEG_COLUMN) + 1:]) for c in header
+                      if c.startswith(HARD_NEG_COLUMN + "_") and c[len(HARD_NEG_COLUMN) + 1:].isdigit())
+    if numbered != list(range(1, len(numbered) + 1)):
+        missing = min(set(range(1, max(numbered) + 1)) - set(numbered))
+        raise PromcseError(f"hard-negative columns must be numbered hard_neg_1..hard_neg_k without gaps; "
+                           f"{HARD_NEG_COLUMN}_{missing} is missing", path=path, line=1)
+    plain = [HARD_NEG_COLUMN] if HARD_NEG_COLUMN in header else []
+    return plain + [f"{HARD_NEG_COLUMN}_{n}" for n in numbered]
+
+
 def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> TrainExamples:
-    """Read supervised training pairs/triplets with named columns ``sent0, sent1[, hard_neg]``.
+    """Read supervised training pairs/triplets with named columns ``sent0, sent1[, hard_neg][, hard_neg_1..k]``.
 
     The format follows the extension: ``.csv`` (quoted CSV), ``.tsv`` (tab-separated, no quoting),
     ``.jsonl``/``.json`` (one object per line). Columns are found by name, never by position.
@@ -202,18 +229,20 @@ def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> Tra
             dict_rows.append((number, dict(zip(header, fields))))
     else:
         raise PromcseError("unknown training file type: use .txt, .csv, .tsv or .jsonl", path=path)
-    needed = PAIR_COLUMNS + ((HARD_NEG_COLUMN,) if require_hard_negatives else ())
-    _require_columns(path, header, needed)
-    with_neg = HARD_NEG_COLUMN in header
-    anchor, positive, negative = [], [], []
+    _require_columns(path, header, PAIR_COLUMNS)
+    neg_columns = negative_columns(path, header)
+    if require_hard_negatives and not neg_columns:
+        _require_columns(path, header, PAIR_COLUMNS + (HARD_NEG_COLUMN,))
+    anchor, positive = [], []
+    negatives: tuple[list[str], ...] = tuple([] for _ in neg_columns)
     for number, row in dict_rows:
         anchor.append(_field(path, number, row, "sent0"))
         positive.append(_field(path, number, row, "sent1"))
-        if with_neg:
-            negative.append(_field(path, number, row, HARD_NEG_COLUMN))
+        for column, values in zip(neg_columns, negatives):
+            values.append(_field(path, number, row, column))
     if not anchor:
         raise PromcseError("no training rows: the file has only a header", path=path)
-    return TrainExamples(anchor, positive, negative if with_neg else None, source=str(path))
+    return TrainExamples(anchor, positive, negatives, source=str(path))
 
 
 def read_training_file(path: str | Path, *, require_hard_negatives: bool = False) -> TrainExamples:
@@ -258,13 +287,10 @@ def batch_order(n_rows: int, batch_size: int, epochs: int, seed: int) -> list[np
 
 
 def batch_views(examples: TrainExamples, rows: np.ndarray) -> list[list[str]]:
-    """The views of a batch: [anchor, positive(, negative)]; unsupervised positives are the anchors."""
+    """The views of a batch: [anchor, positive, negative_1, ..., negative_k]; unsupervised positives are the anchors."""
     anchor = [examples.anchor[i] for i in rows]
     positive = anchor if examples.positive is None else [examples.positive[i] for i in rows]
-    views = [anchor, positive]
-    if examples.negative is not None:
-        views.append([examples.negative[i] for i in rows])
-    return views
+    return [anchor, positive] + [[column[i] for i in rows] for column in examples.negatives]
 
 
 def _parse_score(path: str | Path, number: int, value: str) -> float | None:

@@ -141,25 +141,26 @@ def _gather_rows(local: Tensor) -> Tensor:
 def gather_columns(views: list[Tensor], ctx: DistContext) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """Local anchors; positives and hard negatives of all ranks (with gradients); the label offset.
 
-    Positives and negatives travel in one collective, stacked per rank, so global negative j stays
-    paired with global positive j (the hard-negative bonus and the hinge rely on it).
+    Positives and negatives travel in one collective, stacked per rank, so global negative j of every
+    block stays paired with global positive j (the hard-negative bonus and the hinge rely on it).
 
     Args:
-        views: ``[anchor, positive(, negative)]``, each ``(b, D)`` on this rank.
+        views: ``[anchor, positive, negative_1, ..., negative_k]`` (k >= 0), each ``(b, D)`` on this rank.
         ctx: The job context.
 
     Returns:
-        ``(anchor (b, D), positive (W*b, D), negative (W*b, D) or None, offset = rank * b)``.
+        ``(anchor (b, D), positive (W*b, D), negative (k*W*b, D) in k blocks or None, offset = rank * b)``.
     """
-    anchor, negative = views[0], views[2] if len(views) > 2 else None
+    anchor = views[0]
     if ctx.world_size == 1:
+        negative = torch.cat(views[2:]) if len(views) > 2 else None
         return anchor, views[1], negative, 0
     local = anchor.shape[0]
-    stacked = torch.cat(views[1:])  # (k*b, D): positives, then negatives (k = 1 or 2)
+    stacked = torch.cat(views[1:])  # ((1+k)*b, D): positives, then each block of negatives
     gathered = _gather_rows(stacked).view(ctx.world_size, len(views) - 1, local, -1)
-    positive = gathered[:, 0].reshape(ctx.world_size * local, -1)
-    negative = gathered[:, 1].reshape(ctx.world_size * local, -1) if negative is not None else None
-    return anchor, positive, negative, ctx.rank * local
+    columns = gathered.transpose(0, 1).reshape(len(views) - 1, ctx.world_size * local, -1)
+    negative = columns[1:].reshape(-1, columns.shape[-1]) if len(views) > 2 else None
+    return anchor, columns[0], negative, ctx.rank * local
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], terms: dict[str, Tensor], ctx: DistContext) -> dict[str, Tensor]:

@@ -2,8 +2,9 @@
 
 Every loss is built from one cosine-similarity matrix (L2-normalise, then one matmul of the anchors
 against ``[positives; hard negatives]``), shared by NT-Xent and the energy-based hinge; no ``(B, B, D)``
-tensor is formed. ``sim`` is ``(B, M)`` or ``(B, 2M)``: positive columns ``0..M-1``, then hard negatives
-(negative ``j`` paired with positive ``j``). Anchor ``i``'s positive is column ``offset + i``; a
+tensor is formed. ``sim`` is ``(B, M)`` or ``(B, (1+k)M)``: positive columns ``0..M-1``, then k blocks of M hard
+negatives (negative ``j`` of block ``t`` paired with positive ``j``; k = 1 for triplets, k > 1 for rows with
+several mined negatives ``hard_neg_1..hard_neg_k``). Anchor ``i``'s positive is column ``offset + i``; a
 distributed loop uses ``offset > 0`` with ``M > B`` after gathering other ranks' rows.
 """
 
@@ -22,10 +23,11 @@ def similarity_matrix(anchor: Tensor, positive: Tensor, negative: Tensor | None 
     Args:
         anchor: ``(B, D)`` anchor embeddings.
         positive: ``(M, D)`` positive embeddings, ``M >= B``.
-        negative: Optional ``(M, D)`` hard-negative embeddings, row ``j`` paired with positive ``j``.
+        negative: Optional ``(kM, D)`` hard-negative embeddings in k blocks of M; row ``tM + j`` is paired
+            with positive ``j``.
 
     Returns:
-        ``(B, M)`` without negatives, ``(B, 2M)`` with them (positive columns first).
+        ``(B, M)`` without negatives, ``(B, (1+k)M)`` with them (positive columns first).
 
     Raises:
         ValueError: If the shapes do not fit together.
@@ -33,26 +35,27 @@ def similarity_matrix(anchor: Tensor, positive: Tensor, negative: Tensor | None 
     a_shape, p_shape = tuple(anchor.shape), tuple(positive.shape)
     if len(a_shape) != 2 or len(p_shape) != 2 or a_shape[1] != p_shape[1] or p_shape[0] < a_shape[0]:
         raise ValueError(f"need anchor (B, D) and positive (M, D) with M >= B, got {a_shape} and {p_shape}")
-    if negative is not None and negative.shape != positive.shape:
-        raise ValueError(f"negative shape {tuple(negative.shape)} != positive shape {p_shape}")
+    if negative is not None and (negative.dim() != 2 or negative.shape[1] != p_shape[1]
+                                 or negative.shape[0] == 0 or negative.shape[0] % p_shape[0]):
+        raise ValueError(f"negative shape {tuple(negative.shape)} is not k blocks of the positive shape {p_shape}")
     columns = positive if negative is None else torch.cat([positive, negative], dim=0)
     return F.normalize(anchor, dim=-1) @ F.normalize(columns, dim=-1).T
 
 
-def _layout(sim: Tensor, offset: int, num_positives: int | None) -> tuple[int, int, bool]:
-    """Return ``(B, M, has_negatives)`` for a similarity matrix, validating the offset."""
+def _layout(sim: Tensor, offset: int, num_positives: int | None) -> tuple[int, int, int]:
+    """Return ``(B, M, k)`` for a similarity matrix (k blocks of hard negatives), validating the offset."""
     if sim.dim() != 2:
         raise ValueError(f"sim must be 2-D, got shape {tuple(sim.shape)}")
     rows, cols = sim.shape
     if num_positives is None:
-        if cols not in (rows, 2 * rows):  # only the unambiguous layouts can be inferred
-            raise ValueError(f"sim {tuple(sim.shape)} is neither (B, B) nor (B, 2B): pass num_positives")
+        if rows == 0 or cols % rows:  # only M = B can be inferred
+            raise ValueError(f"sim {tuple(sim.shape)} is not (B, (1+k)B): pass num_positives")
         num_positives = rows
-    if cols not in (num_positives, 2 * num_positives):
-        raise ValueError(f"sim has {cols} columns; expected num_positives={num_positives} or twice that")
+    if num_positives <= 0 or cols % num_positives:
+        raise ValueError(f"sim has {cols} columns; expected a multiple of num_positives={num_positives}")
     if offset < 0 or offset + rows > num_positives:
         raise ValueError(f"offset {offset} + {rows} anchors exceeds the {num_positives} positive columns")
-    return rows, num_positives, cols == 2 * num_positives
+    return rows, num_positives, cols // num_positives - 1
 
 
 def nt_xent(
@@ -66,7 +69,8 @@ def nt_xent(
         L_CL = -(1/B) sum_i log( e^{s_{i,o+i}} / (sum_j e^{s_ij} + sum_j e^{n_ij + w [j = o+i]}) )
 
     where ``o = offset`` and ``w = hard_negative_weight`` is a logit bonus on the paired hard negative
-    (as in SimCSE). PromCSE (Jiang, Zhang, Wang, EMNLP 2022 Findings) uses this loss with w = 0.
+    (as in SimCSE). With k hard negatives per row (k blocks of columns) the sum over ``j`` runs over every
+    block and the bonus goes to each of the row's own k negatives. PromCSE (Jiang, Zhang, Wang, EMNLP 2022 Findings) uses this loss with w = 0.
 
     Args:
         sim: Cosine similarities from :func:`similarity_matrix` (not divided by tau).
@@ -83,14 +87,15 @@ def nt_xent(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows, m, has_neg = _layout(sim, offset, num_positives)
+    rows, m, blocks = _layout(sim, offset, num_positives)
     logits = sim / temperature
     idx = torch.arange(rows, device=sim.device)
     if hard_negative_weight != 0.0:
-        if not has_neg:
-            raise ValueError("hard_negative_weight needs hard negatives (a (B, 2M) sim matrix)")
+        if not blocks:
+            raise ValueError("hard_negative_weight needs hard negatives (a (B, (1+k)M) sim matrix)")
         bonus = logits.new_full((rows,), hard_negative_weight)
-        logits = logits.index_put((idx, m + offset + idx), bonus, accumulate=True)
+        for block in range(1, blocks + 1):
+            logits = logits.index_put((idx, block * m + offset + idx), bonus, accumulate=True)
     return F.cross_entropy(logits, idx + offset)
 
 
@@ -177,7 +182,7 @@ def contrastive_loss(
     Args:
         anchor: ``(B, D)``.
         positive: ``(M, D)``, ``M >= B``; anchor ``i``'s positive is row ``offset + i``.
-        negative: Optional ``(M, D)`` hard negatives.
+        negative: Optional ``(kM, D)`` hard negatives (k blocks of M).
         temperature: tau for NT-Xent.
         hard_negative_weight: Logit bonus on the paired hard negative.
         eh_weight: lambda; the hinge is computed only when > 0.

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from promcse.losses import contrastive_loss
@@ -61,12 +62,13 @@ class Objective:
         return False
 
     def __call__(self, views: Sequence[Tensor], offset: int = 0) -> dict[str, Tensor]:
-        """Loss terms of ``views = [anchor (B, D), positive (M, D)(, negative (M, D))]``.
+        """Loss terms of ``views = [anchor (B, D), positive (M, D), negative_1 (M, D), ..., negative_k (M, D)]``.
 
-        ``offset`` is the row of anchor 0's positive among the positives (> 0 when the positives were
-        gathered from several processes).
+        ``k = 0`` (pairs or dropout views), 1 (triplets) or more (mined ``hard_neg_1..k``); the negatives
+        become k column blocks of one similarity matrix. ``offset`` is the row of anchor 0's positive among
+        the positives (> 0 when the positives were gathered from several processes).
         """
-        negative = views[2] if len(views) > 2 else None
+        negative = torch.cat(list(views[2:])) if len(views) > 2 else None
         kwargs = {"temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight,
                   "eh_weight": self.eh_weight, "eh_margin": self.eh_margin, "offset": offset}
         if self.tile_size > 0:

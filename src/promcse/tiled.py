@@ -54,8 +54,9 @@ def _tile(a: Tensor, c: Tensor, r: tuple[int, int], k: tuple[int, int], cfg: dic
     s = a[r[0]:r[1]] @ c[k[0]:k[1]].T
     logits = s / cfg["tau"]
     if cfg["bonus"] != 0.0:
-        rows, cols = _own_column(r[0], r[1], cfg["m"] + cfg["offset"], k[0], k[1], s.device)
-        logits[rows, cols] += cfg["bonus"]
+        for block in range(1, cfg["blocks"] + 1):
+            rows, cols = _own_column(r[0], r[1], block * cfg["m"] + cfg["offset"], k[0], k[1], s.device)
+            logits[rows, cols] += cfg["bonus"]
     cand = s
     if cfg["eh"]:
         rows, cols = _own_column(r[0], r[1], cfg["offset"], k[0], k[1], s.device)
@@ -137,8 +138,9 @@ def _check(anchor: Tensor, positive: Tensor, negative: Tensor | None, temperatur
     """Raise ``ValueError`` on the inputs the dense loss also rejects (same messages' meaning)."""
     if anchor.dim() != 2 or positive.dim() != 2 or anchor.shape[1] != positive.shape[1]:
         raise ValueError(f"need anchor (B, D) and positive (M, D), got {tuple(anchor.shape)} and {tuple(positive.shape)}")
-    if negative is not None and negative.shape != positive.shape:
-        raise ValueError(f"negative shape {tuple(negative.shape)} != positive shape {tuple(positive.shape)}")
+    if negative is not None and (negative.dim() != 2 or negative.shape[1] != positive.shape[1]
+                                 or negative.shape[0] == 0 or negative.shape[0] % positive.shape[0]):
+        raise ValueError(f"negative shape {tuple(negative.shape)} is not k blocks of the positive shape {tuple(positive.shape)}")
     if offset < 0 or offset + anchor.shape[0] > positive.shape[0]:
         raise ValueError(f"offset {offset} + {anchor.shape[0]} anchors exceeds the {positive.shape[0]} positive columns")
     if temperature <= 0 or tile_size <= 0 or eh_weight < 0:
@@ -167,7 +169,7 @@ def tiled_contrastive_loss(
     Args:
         anchor: ``(B, D)``.
         positive: ``(M, D)``, ``M >= B``; anchor ``i``'s positive is row ``offset + i``.
-        negative: Optional ``(M, D)`` hard negatives, row ``j`` paired with positive ``j``.
+        negative: Optional ``(kM, D)`` hard negatives in k blocks, row ``tM + j`` paired with positive ``j``.
         temperature: tau.
         hard_negative_weight: w, logit bonus on the paired hard negative.
         eh_weight: lambda; the hinge is computed only when > 0.
@@ -184,7 +186,8 @@ def tiled_contrastive_loss(
     _check(anchor, positive, negative, temperature, hard_negative_weight, eh_weight, offset, tile_size)
     columns = positive if negative is None else torch.cat([positive, negative], dim=0)
     cfg = {"tau": temperature, "bonus": hard_negative_weight, "margin": eh_margin, "eh": eh_weight > 0,
-           "offset": offset, "m": positive.shape[0], "tile": tile_size}
+           "offset": offset, "m": positive.shape[0], "tile": tile_size,
+           "blocks": 0 if negative is None else negative.shape[0] // positive.shape[0]}
     ce, eh = _TiledContrastive.apply(F.normalize(anchor, dim=-1), F.normalize(columns, dim=-1), cfg)
     terms = {"nt_xent": ce, "loss": ce}
     if eh_weight > 0:

@@ -60,7 +60,7 @@ def encoder_spec(model: ModelConfig, backbone: Any) -> EncoderSpec:
 
 def report_truncation(tokenizer: Any, examples: TrainExamples, max_length: int) -> str | None:
     """Count training texts longer than ``data.max_length`` tokens (they are truncated, as in the recipes)."""
-    texts = [t for view in (examples.anchor, examples.positive, examples.negative) if view for t in view]
+    texts = examples.texts()
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
     cut = sum(n > max_length for n in lengths)
     if not cut:
