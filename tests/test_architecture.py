@@ -17,15 +17,16 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "promcse"
 
 STAGES: tuple[str, ...] = (
-    "errors", "files", "schema", "data", "config",                          # inputs
+    "errors", "files", "schema", "data", "sources", "config",               # inputs
     "backbone", "prompt", "pooling", "model", "encode", "multiprompt",      # the encoder and encoding
     "checkpoint", "released", "onnx_graph", "onnx_runtime", "loading",      # what a model reference means
     "losses", "tiled", "objective",                                         # objectives on embeddings
-    "distributed", "gradcache", "step", "resume", "loop", "train",          # training
+    "distributed", "gradcache", "step", "teacher", "resume", "loop", "train",  # training
     "sts", "cxc", "plots",                                                  # evaluation
     "shards", "corpus", "index_kinds",                                      # corpus scale: vectors on disk
     "search", "registry", "batching", "metrics", "guards", "serve", "openai_api", "launch",  # serving
     "export", "onnx_export",                                                # interop
+    "mine", "mine_files",                                                   # training data mined with the Index
     "cli",                                                                  # the command line, last
 )
 

@@ -35,15 +35,26 @@ class ModelConfig:
     prompt_dropout: float = _f(0.1, "dropout on the prefix at training time")
     prompt_init_std: float = _f(0.02, "std of the N(0, std) init of the prefix table")
     shift_positions: bool = _f(True, "real tokens' positions start at P as in the reference (False: keep the backbone's positions; better for a fresh prompt)")
+    prompt_gate: bool = _f(False, "gated prefix (LLaMA-Adapter zero-init attention): the prefix gets its own softmax, scaled by tanh(g) per layer and head with g = 0 at init, so training starts exactly from the frozen backbone; needs shift_positions=false")
     pooler: str = _f("avg", "cls | cls_before_pooler | avg | avg_first_last | avg_top2")
     head: str = _f("none", "MLP head: none | train_only (unsupervised recipe) | always (supervised recipe)")
+
+
+@dataclass
+class Source:
+    """One training file of a multi-source run (``data.sources``)."""
+
+    file: str = _f("", "training file, as data.train_file")
+    weight: float = _f(1.0, "share of the steps drawn from this file (relative to the other sources)")
+    contrastive: bool = _f(True, "apply the contrastive loss to its batches (false: distillation texts only)")
 
 
 @dataclass
 class DataConfig:
     """Where training and model-selection data come from."""
 
-    train_file: str = _f("bundled:snli_triplets.csv", "training file: .txt (unsupervised) or .csv/.tsv/.jsonl with sent0,sent1[,hard_neg]; 'bundled:NAME' for packaged data")
+    train_file: str = _f("bundled:snli_triplets.csv", "training file: .txt (unsupervised) or .csv/.tsv/.jsonl with sent0,sent1[,hard_neg | hard_neg_1..k]; 'bundled:NAME' for packaged data")
+    sources: list[Source] = field(default_factory=list, metadata={"help": "several training files in one run, replacing train_file: a YAML list of {file, weight, contrastive}; each step's batch comes from one file, drawn by weight"})
     max_length: int = _f(32, "truncate training inputs at this many tokens")
     eval_data_dir: str = _f("", "eval data dir (tsv/original/...); empty: PROMCSE_DATA_DIR or the bundled STS-B dev")
 
@@ -52,11 +63,16 @@ class DataConfig:
 class LossConfig:
     """Contrastive objective."""
 
-    name: str = _f("nt_xent", "nt_xent | nt_xent_eh (PromCSE supervised: + energy-based hinge, needs hard negatives)")
+    name: str = _f("nt_xent", "nt_xent | nt_xent_eh (PromCSE supervised: + energy-based hinge, needs hard negatives) | distill (distillation alone; needs loss.distill_teacher)")
     temperature: float = _f(0.05, "softmax temperature tau")
     hard_negative_weight: float = _f(0.0, "logit bonus w on each row's own hard negative")
     eh_weight: float = _f(10.0, "lambda: weight of the energy-based hinge loss (nt_xent_eh only)")
     eh_margin: float = _f(0.2, "m: margin of the energy-based hinge loss")
+    distill_teacher: str = _f("", "teacher model for distillation (any promcse.load reference or a sentence-transformers directory); its embeddings of every training text are computed once and cached")
+    distill: str = _f("similarity", "distillation loss: similarity (KL between in-batch similarity distributions; any dimension) | contrastive (student vs the teacher's batch embeddings; same dimension)")
+    distill_weight: float = _f(1.0, "weight of the distillation term (added to the contrastive loss; loss.name=distill: alone)")
+    distill_temperature: float = _f(0.05, "temperature of the distillation loss")
+    distill_cache: str = _f("", "directory for the cached teacher embeddings (empty: <output>/teacher_cache)")
     tile_size: int = _f(0, "compute nt_xent / nt_xent_eh in tiles of this many rows x columns, never forming the B x B similarity matrix (same values and gradients; for batches of thousands); 0 = dense")
 
 
@@ -103,8 +119,29 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f"; valid: {', '.join(options)}"
 
 
+def _sources(value: Any, key: str) -> list[Source]:
+    """``data.sources``: a list of mappings (or plain file names) to :class:`Source` entries, keys checked."""
+    if not isinstance(value, list):
+        raise PromcseError("expected a list of {file, weight, contrastive} entries", key=key)
+    names = [f.name for f in dataclasses.fields(Source)]
+    hints = typing.get_type_hints(Source)
+    entries = []
+    for number, item in enumerate(value):
+        item = {"file": item} if isinstance(item, str) else item
+        where = f"{key}[{number}]"
+        if not isinstance(item, dict):
+            raise PromcseError("each source must be a mapping like {file: a.csv, weight: 1}", key=where)
+        for name in item:
+            if name not in names:
+                raise PromcseError(f"unknown key{_did_you_mean(str(name), names)}", key=f"{where}.{name}")
+        entries.append(Source(**{n: _coerce(v, hints[n], f"{where}.{n}") for n, v in item.items()}))
+    return entries
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     """Check/convert one value to a field's type (YAML already parsed scalars)."""
+    if typing.get_origin(kind) is list:
+        return _sources(value, key)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -181,9 +218,25 @@ def validate(config: RunConfig) -> None:
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
     ]
-    for ok, key, message in checks:
+    for ok, key, message in checks + _distill_and_source_checks(lo, config.data):
         if not ok:
             raise PromcseError(message, key=key)
+
+
+def _distill_and_source_checks(lo: LossConfig, data: DataConfig) -> list[tuple[bool, str, str]]:
+    """``(ok, key, message)`` rules for distillation and ``data.sources``."""
+    from promcse.objective import DISTILL_LOSSES
+
+    return [
+        (lo.distill in DISTILL_LOSSES, "loss.distill", f"must be one of {', '.join(DISTILL_LOSSES)}"),
+        (lo.distill_weight >= 0.0, "loss.distill_weight", "must be >= 0"),
+        (lo.distill_temperature > 0, "loss.distill_temperature", "must be > 0"),
+        (lo.name != "distill" or bool(lo.distill_teacher), "loss.distill_teacher", "loss.name=distill needs a teacher model"),
+        (all(src.file for src in data.sources), "data.sources", "every source needs a file"),
+        (all(src.weight > 0 for src in data.sources), "data.sources", "every weight must be > 0"),
+        (all(src.contrastive for src in data.sources) or bool(lo.distill_teacher), "data.sources",
+         "a source with contrastive: false needs loss.distill_teacher (it is trained by distillation only)"),
+    ]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -230,8 +283,9 @@ def describe() -> str:
     lines = []
     for section_name, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            lines.append(f"  {section_name}.{f.name} = {f.default!r}: {f.metadata.get('help', '')}")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            lines.append(f"  {section_name}.{f.name} = {default!r}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
-__all__ = ["RunConfig", "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "load_config", "save_config"]
+__all__ = ["RunConfig", "ModelConfig", "DataConfig", "Source", "LossConfig", "TrainConfig", "load_config", "save_config"]

@@ -73,6 +73,14 @@ class TrainExamples:
         """True when every anchor has at least one paired hard negative."""
         return bool(self.negatives)
 
+    def views(self, rows: np.ndarray) -> list[list[str]]:
+        """The views of the batch ``rows`` (:func:`batch_views`)."""
+        return batch_views(self, rows)
+
+    def is_contrastive(self, rows: np.ndarray) -> bool:
+        """Whether the batch takes the contrastive term (always, for one file)."""
+        return True
+
     def texts(self) -> list[str]:
         """Every text of every view, in column order (with repeats)."""
         views = [self.anchor, self.positive or [], *self.negatives]

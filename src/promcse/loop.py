@@ -24,13 +24,15 @@ from tqdm.auto import tqdm
 
 from promcse.checkpoint import save_checkpoint
 from promcse.config import TrainConfig
-from promcse.data import TrainExamples, batch_views
+from promcse.data import TrainExamples
 from promcse.distributed import DistContext, shard_rows
 from promcse.errors import PromcseError
 from promcse.model import SentenceEncoder
 from promcse.objective import Objective
 from promcse.resume import LoopState, save_state
+from promcse.sources import Mixture
 from promcse.step import train_step
+from promcse.teacher import TeacherCache
 
 
 class TrainingInterrupted(Exception):
@@ -80,11 +82,12 @@ class TrainingRun:
         scorer: STS-B dev scorer (main process; None = no evaluation).
         meta: Extra fields for every checkpoint's ``config.json`` (run config, row count).
         show_progress: Draw a tqdm bar (main process).
+        teacher: The teacher's cached embeddings (distillation), or None.
     """
 
     encoder: SentenceEncoder
     objective: Objective
-    examples: TrainExamples
+    examples: TrainExamples | Mixture
     batches: list[np.ndarray]
     optimizer: Any
     scheduler: Any
@@ -95,6 +98,7 @@ class TrainingRun:
     scorer: Callable[[SentenceEncoder], float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
+    teacher: TeacherCache | None = None
 
 
 @contextlib.contextmanager
@@ -128,9 +132,11 @@ def _log(handle: IO[str] | None, record: dict[str, Any]) -> None:
 
 def _step(run: TrainingRun, step: int) -> dict[str, float]:
     """Take step ``step`` (1-based) on this process's shard; stop on a non-finite loss."""
-    views = batch_views(run.examples, shard_rows(run.batches[step - 1], run.dist))
+    rows = run.batches[step - 1]
+    views = run.examples.views(shard_rows(rows, run.dist))
+    teacher = run.teacher.views(views) if run.teacher is not None else None
     terms = train_step(run.encoder, run.objective, views, run.optimizer, run.scheduler, run.train, run.max_length,
-                       run.dist)
+                       run.dist, teacher, run.examples.is_contrastive(rows))
     if not math.isfinite(terms["loss"]):
         raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
     return terms

@@ -134,6 +134,65 @@ def energy_hinge(
     return F.relu(margin - positive + hardest).mean()
 
 
+def distill_contrastive(student: Tensor, teacher: Tensor, temperature: float = 0.05) -> Tensor:
+    """Contrastive distillation (DistilCSE, Xu et al. 2023): each student embedding must pick out the
+    teacher's embedding of the same sentence among the teacher's embeddings of the batch.
+
+    With ``c_ij = cos(s_i, t_j)`` over the B texts of a batch::
+
+        L_CD = -(1/B) sum_i log( e^{c_ii / tau} / sum_j e^{c_ij / tau} )
+
+    Gradients flow only into the student (the teacher's embeddings are constants). Needs the same
+    dimension D for both; use :func:`distill_similarity` across dimensions.
+
+    Args:
+        student: ``(B, D)`` student embeddings.
+        teacher: ``(B, D)`` teacher embeddings of the same texts.
+        temperature: tau > 0.
+
+    Raises:
+        ValueError: On mismatched shapes or a non-positive temperature.
+    """
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(f"distill_contrastive needs student and teacher of one shape (B, D), got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = F.normalize(student, dim=-1) @ F.normalize(teacher.detach(), dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(student.shape[0], device=student.device))
+
+
+def distill_similarity(student_rows: Tensor, student_cols: Tensor, teacher_rows: Tensor, teacher_cols: Tensor,
+                       temperature: float = 0.05) -> Tensor:
+    """Similarity-matrix distillation: KL between the teacher's and the student's in-batch similarity
+    distributions (as in CKD-style relational distillation). Works across embedding dimensions.
+
+    With ``p^x_ij = softmax_j(cos(x_i, x_j) / tau)`` over the columns (the batch's views)::
+
+        L_SD = (1/B) sum_i sum_j p^t_ij (log p^t_ij - log p^s_ij)
+
+    Args:
+        student_rows: ``(B, D)`` student anchors.
+        student_cols: ``(N, D)`` student columns (the batch's views).
+        teacher_rows: ``(B, D')`` teacher embeddings of the anchors' texts.
+        teacher_cols: ``(N, D')`` teacher embeddings of the columns' texts.
+        temperature: tau > 0, for both distributions.
+
+    Raises:
+        ValueError: On mismatched shapes or a non-positive temperature.
+    """
+    if (student_rows.dim() != 2 or teacher_rows.dim() != 2 or student_rows.shape[0] != teacher_rows.shape[0]
+            or student_cols.shape[0] != teacher_cols.shape[0] or student_rows.shape[1] != student_cols.shape[1]
+            or teacher_rows.shape[1] != teacher_cols.shape[1]):
+        raise ValueError(f"distill_similarity: student {tuple(student_rows.shape)} x {tuple(student_cols.shape)} "
+                         f"does not match teacher {tuple(teacher_rows.shape)} x {tuple(teacher_cols.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_s = F.log_softmax(similarity_matrix(student_rows, student_cols) / temperature, dim=1)
+    log_t = F.log_softmax(similarity_matrix(teacher_rows, teacher_cols).detach() / temperature, dim=1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+
+
 def supcon(embeddings: Tensor, labels: Tensor, temperature: float = 0.05) -> Tensor:
     """Supervised contrastive loss, L_out variant (SupCon, Khosla et al., NeurIPS 2020).
 

@@ -8,7 +8,9 @@ objectives are the PromCSE objective ``L = L_CL + lambda * L_EH`` (:func:`promcs
     L_EH = (1/B) sum_i max(0, m - cos(h_i, h+_i) + max(max_{j != i} cos(h_i, h+_j), max_j cos(h_i, h-_j)))
 
 ``nt_xent`` is L_CL alone (SimCSE; unsupervised PromCSE), ``nt_xent_eh`` adds the energy-based hinge with
-weight lambda (supervised PromCSE, hard negatives required). ``loss.tile_size > 0`` computes the same
+weight lambda (supervised PromCSE, hard negatives required). With a teacher (``loss.distill_teacher``) every
+objective adds ``mu * L_D``, a distillation term on the local views (:func:`promcse.losses.distill_similarity`
+or :func:`promcse.losses.distill_contrastive`); ``distill`` is that term alone. ``loss.tile_size > 0`` computes the same
 values and gradients in tiles (:func:`promcse.tiled.tiled_contrastive_loss`): a parameter, not another loss.
 """
 
@@ -21,14 +23,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from promcse.losses import contrastive_loss
+from promcse.losses import contrastive_loss, distill_contrastive, distill_similarity
 from promcse.tiled import tiled_contrastive_loss
 
 if TYPE_CHECKING:
     from promcse.config import LossConfig
 
 # name -> whether the energy-based hinge term is part of it (and so hard negatives are required).
-OBJECTIVES: dict[str, bool] = {"nt_xent": False, "nt_xent_eh": True}
+OBJECTIVES: dict[str, bool] = {"nt_xent": False, "nt_xent_eh": True, "distill": False}
+CONTRASTIVE = frozenset({"nt_xent", "nt_xent_eh"})  # objectives with the contrastive term L_CL
+DISTILL_LOSSES = ("similarity", "contrastive")  # loss.distill choices (Objective.distill_terms)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Objective:
         eh_weight: lambda (0 for ``nt_xent``).
         eh_margin: m.
         tile_size: Tile rows/columns for the memory-bounded form; 0 = dense.
+        distill: ``""`` (no teacher), ``similarity`` or ``contrastive``.
+        distill_weight: mu, the weight of the distillation term.
+        distill_temperature: tau of the distillation loss.
     """
 
     name: str
@@ -50,6 +57,25 @@ class Objective:
     eh_weight: float = 0.0
     eh_margin: float = 0.2
     tile_size: int = 0
+    distill: str = ""
+    distill_weight: float = 1.0
+    distill_temperature: float = 0.05
+
+    @property
+    def contrastive(self) -> bool:
+        """Has the contrastive term (every objective but ``distill``)."""
+        return self.name in CONTRASTIVE
+
+    def distill_terms(self, local: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        """The distillation term on this process's views and the teacher's embeddings of the same texts.
+
+        ``similarity``: KL of in-batch similarity distributions, anchors against every view;
+        ``contrastive``: student anchors against the teacher's anchors (same dimension).
+        """
+        if self.distill == "contrastive":
+            return distill_contrastive(local[0], teacher[0], self.distill_temperature)
+        return distill_similarity(local[0], torch.cat(list(local)), teacher[0], torch.cat(list(teacher)),
+                                  self.distill_temperature)
 
     @property
     def needs_hard_negatives(self) -> bool:
@@ -80,4 +106,6 @@ def build_objective(loss: LossConfig) -> Objective:
     """The objective a ``loss`` config section describes (names checked by :func:`promcse.config.validate`)."""
     eh = OBJECTIVES[loss.name]
     return Objective(name=loss.name, temperature=loss.temperature, hard_negative_weight=loss.hard_negative_weight,
-                     eh_weight=loss.eh_weight if eh else 0.0, eh_margin=loss.eh_margin, tile_size=loss.tile_size)
+                     eh_weight=loss.eh_weight if eh else 0.0, eh_margin=loss.eh_margin, tile_size=loss.tile_size,
+                     distill=loss.distill if loss.distill_teacher else "", distill_weight=loss.distill_weight,
+                     distill_temperature=loss.distill_temperature)

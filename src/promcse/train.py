@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from promcse.backbone import load_backbone, resolve_device, shape_of
-from promcse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, save_config
+from promcse.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, save_config
 from promcse.data import TrainExamples, batch_order, read_training_file, resolve_train_file
 from promcse.distributed import DistContext, broadcast_parameters, describe_scale, fit_batches, setup, teardown
 from promcse.encode import encode_texts
@@ -31,17 +31,49 @@ from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
 from promcse.objective import Objective, build_objective
 from promcse.prompt import PromptSpec
 from promcse.resume import LoopState, latest_state, load_state
+from promcse.sources import Mixture, mixture_batch_order
+from promcse.teacher import TeacherCache, build_teacher_cache
 
 logger = logging.getLogger(__name__)
 
 
-def load_examples(data: DataConfig, objective: Objective, batch_size: int) -> TrainExamples:
-    """Read and validate the training data (before any model is loaded) for what ``objective`` needs."""
-    path = resolve_train_file(data.train_file)
-    examples = read_training_file(path, require_hard_negatives=objective.needs_hard_negatives)
+def load_examples(data: DataConfig, objective: Objective, batch_size: int) -> TrainExamples | Mixture:
+    """Read and validate the training data (before any model is loaded) for what ``objective`` needs.
+
+    With ``data.sources`` every file is read (``data.train_file`` is not used); hard negatives are then
+    required of every source only for a hard-negative bonus (EH works over the other positives without them).
+    """
+    if not data.sources:
+        return _read_source(data.train_file, objective.needs_hard_negatives, batch_size)
+    needs = objective.hard_negative_weight != 0.0
+    parts = tuple(_read_source(src.file, needs, batch_size) for src in data.sources)
+    return Mixture(parts, tuple(src.weight for src in data.sources), tuple(src.contrastive for src in data.sources))
+
+
+def _read_source(name: str, require_hard_negatives: bool, batch_size: int) -> TrainExamples:
+    path = resolve_train_file(name)
+    examples = read_training_file(path, require_hard_negatives=require_hard_negatives)
     if len(examples) < batch_size:
         raise PromcseError(f"{len(examples)} training rows are fewer than one batch ({batch_size})", path=path)
     return examples
+
+
+def load_teacher(loss: LossConfig, examples: TrainExamples | Mixture, out: Path, device: torch.device,
+                 show_progress: bool) -> TeacherCache | None:
+    """The teacher's embeddings of every training text (``loss.distill_teacher``), cached; None without one."""
+    if not loss.distill_teacher:
+        return None
+    cache = Path(loss.distill_cache) if loss.distill_cache else out / "teacher_cache"
+    return build_teacher_cache(loss.distill_teacher, examples.texts(), cache, device=str(device),
+                               show_progress=show_progress)
+
+
+def check_teacher(objective: Objective, teacher: TeacherCache | None, encoder: SentenceEncoder) -> None:
+    """Contrastive distillation compares student and teacher vectors directly: their dimensions must agree."""
+    if teacher is not None and objective.distill == "contrastive" and teacher.dim != encoder.dim:
+        raise PromcseError(f"contrastive distillation needs the teacher's dimension ({teacher.dim}) to equal the "
+                           f"student's ({encoder.dim}); use loss.distill=similarity across dimensions",
+                           key="loss.distill")
 
 
 def encoder_spec(model: ModelConfig, backbone: Any) -> EncoderSpec:
@@ -113,13 +145,16 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
                 latest_state(out)  # fail before loading anything when there is nothing to resume
             objective = build_objective(config.loss)
             examples = load_examples(config.data, objective, config.train.batch_size)
+            teacher = load_teacher(config.loss, examples, out, device, show_progress and dist.is_main)
             run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress)
+            check_teacher(objective, teacher, run.encoder)
+            run.teacher = teacher
             return run_loop(run, _starting_state(run, config, resume))
     finally:
         teardown(dist)
 
 
-def _build_run(config: RunConfig, objective: Objective, examples: TrainExamples, encoder: SentenceEncoder | None,
+def _build_run(config: RunConfig, objective: Objective, examples: TrainExamples | Mixture, encoder: SentenceEncoder | None,
                device: torch.device, dist: DistContext, out: Path, show_progress: bool) -> TrainingRun:
     """Seed, build (or take) the encoder, the step order and the optimizer."""
     t = config.train
@@ -131,7 +166,10 @@ def _build_run(config: RunConfig, objective: Objective, examples: TrainExamples,
     if dist.world_size > 1:
         broadcast_parameters(encoder.trainable_parameters(), dist)
         torch.manual_seed(t.seed + dist.rank)  # same start, but different dropout per rank
-    batches = batch_order(len(examples), t.batch_size, t.epochs, t.seed)
+    if isinstance(examples, Mixture):
+        batches = mixture_batch_order(examples, t.batch_size, t.epochs, t.seed)
+    else:
+        batches = batch_order(len(examples), t.batch_size, t.epochs, t.seed)
     batches = fit_batches(batches[: t.max_steps or None], dist.world_size)
     optimizer, scheduler = make_optimizer(encoder, t, len(batches))
     announce_scale(t, examples, dist, show_progress)
@@ -156,7 +194,7 @@ def _starting_state(run: TrainingRun, config: RunConfig, resume: bool) -> LoopSt
     return None
 
 
-def announce_scale(train: TrainConfig, examples: TrainExamples, dist: DistContext, show_progress: bool) -> None:
+def announce_scale(train: TrainConfig, examples: TrainExamples | Mixture, dist: DistContext, show_progress: bool) -> None:
     """Log (rank 0) the global batch and the effective number of negatives per anchor."""
     if not dist.is_main:
         return

@@ -1,0 +1,114 @@
+"""The miner's files (:mod:`promcse.mine`): the ``--corpus`` reader, the atomic writer and the report.
+
+A corpus file is ``.txt`` (one sentence a line), or ``.csv``/``.tsv``/``.jsonl`` with a ``text`` column, else
+every training column (``sent0``, ``sent1``, ``hard_neg``, ``hard_neg_N``). The mined rows are written as
+quoted CSV or JSON Lines through :func:`promcse.files.atomic_write_text`, readable by
+:func:`promcse.data.read_training_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from promcse.data import jsonl_lines, read_sentences, read_table, read_text
+from promcse.errors import PromcseError
+from promcse.files import atomic_write_text
+from promcse.mine import MinedResult
+
+_SENTENCE_COLUMN = re.compile(r"^(sent0|sent1|hard_neg|hard_neg_\d+)$")
+
+
+def _sentence_columns(path: str | Path, columns: list[str], line: int) -> list[str]:
+    """``text`` if present, else the training columns (``sent0``, ``sent1``, ``hard_neg``, ``hard_neg_N``)."""
+    found = ["text"] if "text" in columns else [c for c in columns if _SENTENCE_COLUMN.match(c)]
+    if not found:
+        raise PromcseError(f"no sentence column: expected 'text' or sent0/sent1/hard_neg; found "
+                           f"{', '.join(columns) or 'none'}", path=path, line=line)
+    return found
+
+
+def _cell(path: str | Path, line: int, row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if not isinstance(value, str) or not value.strip():
+        raise PromcseError("missing, empty or non-text sentence", path=path, line=line, column=column)
+    return value.strip()
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Corpus sentences from ``.txt`` (one a line), ``.csv``/``.tsv`` or ``.jsonl`` (a ``text`` column, else
+    every ``sent0``/``sent1``/``hard_neg``/``hard_neg_N`` column), distinct, in first-seen order.
+
+    Raises:
+        PromcseError: Unknown type, no sentence column, an empty cell, invalid JSON, or no sentences
+            (file, line and column named).
+    """
+    suffix = Path(path).suffix.lower()
+    texts: list[str] = []
+    if suffix == ".txt":
+        texts = read_sentences(path).anchor
+    elif suffix in (".csv", ".tsv"):
+        header, rows = read_table(path)
+        columns = _sentence_columns(path, header, 1)
+        texts = [_cell(path, line, row, c) for line, row in rows for c in columns]
+    elif suffix in (".jsonl", ".json"):
+        for line, raw in enumerate(jsonl_lines(read_text(path)), start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise PromcseError(f"invalid JSON: {err.msg}", path=path, line=line, column=err.colno) from None
+            if not isinstance(obj, dict):
+                raise PromcseError("each line must be a JSON object", path=path, line=line)
+            texts += [_cell(path, line, obj, c) for c in _sentence_columns(path, sorted(obj), line)]
+    else:
+        raise PromcseError("unknown corpus file type: use .txt, .csv, .tsv or .jsonl", path=path)
+    if not texts:
+        raise PromcseError("no sentences in the corpus file", path=path)
+    return list(dict.fromkeys(texts))
+
+
+def write_mined(result: MinedResult, path: str | Path) -> Path:
+    """Write the rows atomically as ``.csv`` (quoted) or ``.jsonl``; returns the path.
+
+    Raises:
+        PromcseError: No rows to write (the counts say why), or another output type.
+    """
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise PromcseError("--output must end in .csv or .jsonl", path=out)
+    if not len(result):
+        s = result.stats
+        raise PromcseError(f"no row got {result.config.per_anchor} negative(s): all {s.rows_in} rows were "
+                           f"dropped ({s.in_range} candidates in range, {s.dropped_margin + s.dropped_max_score} "
+                           f"filtered); widen --range, lower --per-anchor, loosen the filter or add a --corpus",
+                           path=out)
+    atomic_write_text(out, result.to_csv() if suffix == ".csv" else result.to_jsonl())
+    return out
+
+
+def format_report(result: MinedResult, output: str | Path | None = None) -> str:
+    """A readable summary: rows in and out, what each filter dropped, and mean positive vs negative scores."""
+    s, c = result.stats, result.config
+    rows = [("rows in", f"{s.rows_in:,}  ({s.anchors:,} distinct anchors, corpus of {s.corpus:,} sentences)"),
+            ("rows out", f"{s.rows_out:,}"),
+            ("skipped: the anchor or its positive", f"{s.skipped:,}"),
+            (f"candidates at ranks {c.range_min}-{c.range_max}", f"{s.in_range:,}")]
+    if c.margin is not None:
+        rows.append((f"  dropped by --margin {c.margin:g}", f"{s.dropped_margin:,}  (score > positive - {c.margin:g})"))
+    if c.max_score is not None:
+        rows.append((f"  dropped by --max-score {c.max_score:g}",
+                     f"{s.dropped_max_score:,}  (score > {c.max_score:g} x positive)"))
+    rows.append((f"rows dropped: fewer than {c.per_anchor} negative(s)", f"{s.rows_short:,}"))
+    positive = "1 (each sentence is its own positive)" if result.unsupervised else f"{s.positive_mean:.4f}"
+    rows.append(("mean cosine of positives", positive))
+    rows.append(("mean cosine of chosen negatives", f"{s.negative_mean:.4f}"))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"mined hard negatives ({c.describe()})", *(f"  {label:<{width}}  {value}" for label, value in rows)]
+    if output is not None:
+        lines.append(f"wrote {s.rows_out:,} rows to {output} ({','.join(result.columns)})")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""The teacher of a distillation run: its embeddings of every training text, computed once and cached.
+
+A teacher is any model :func:`promcse.load` reads (a promcse checkpoint, ``minilm``, a Hugging Face or
+sentence-transformers directory such as all-mpnet-base-v2). Before the first step its unit-length
+embeddings of the run's distinct texts are computed (with a progress bar) and stored as
+``<key>.npy`` + ``<key>.json`` in the cache directory; ``key`` is a sha256 of the teacher's identity (its
+resolved reference and, for a directory, every file's name, size and modification time) and the texts, so
+another seed or another run on the same data reuses them and any change recomputes. The loop then looks up
+the rows of each batch: the teacher never runs during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from promcse.errors import PromcseError
+from promcse.files import atomic_write, atomic_write_text, sha256_file
+from promcse.loading import load, reference_key
+from promcse.schema import load_array, read_versioned
+
+FORMAT = "promcse-teacher-cache"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    """Teacher embeddings of a run's texts.
+
+    Attributes:
+        reference: The teacher's model reference, as configured.
+        rows: Text to row of ``vectors``.
+        vectors: ``(N, D')`` float32 unit rows.
+    """
+
+    reference: str
+    rows: dict[str, int]
+    vectors: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        """The teacher's embedding dimension D'."""
+        return int(self.vectors.shape[1])
+
+    def views(self, views: list[list[str]]) -> list[torch.Tensor]:
+        """The teacher's embeddings of each view's texts, ``(B, D')`` per view."""
+        return [self.vectors[torch.tensor([self.rows[text] for text in view])] for view in views]
+
+
+def teacher_identity(reference: str) -> list[object]:
+    """What the cache key depends on: the resolved reference and, for a directory, its files' stats."""
+    key = reference_key(reference)
+    path = Path(key)
+    if not path.exists():
+        return [key]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [key] + [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
+                    for p in files]
+
+
+def cache_key(reference: str, texts: list[str]) -> str:
+    """Hex sha256 of the teacher's identity and the texts (in order)."""
+    digest = hashlib.sha256(json.dumps(teacher_identity(reference)).encode("utf-8"))
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def _read_cached(directory: Path, key: str, count: int) -> np.ndarray | None:
+    """The cached vectors for ``key``, or None when absent; a damaged cache is named, never used."""
+    meta_path, npy_path = directory / f"{key[:32]}.json", directory / f"{key[:32]}.npy"
+    if not meta_path.exists():
+        return None
+    meta = read_versioned(meta_path, FORMAT, VERSION, "teacher cache")
+    if meta.get("key") != key or meta.get("rows") != count or not npy_path.is_file() \
+            or meta.get("sha256") != sha256_file(npy_path):
+        raise PromcseError("teacher cache does not match its record (a changed or partial file); delete it to "
+                           "recompute", path=npy_path)
+    vectors = load_array(npy_path)
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != count \
+            or not np.isfinite(vectors).all():
+        raise PromcseError("teacher cache holds no finite float32 (rows, dim) array; delete it", path=npy_path)
+    return vectors
+
+
+def _write_cache(directory: Path, key: str, reference: str, vectors: np.ndarray) -> None:
+    """Vectors first, then the record naming their checksum (so a record always describes whole vectors)."""
+    npy_path = directory / f"{key[:32]}.npy"
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle, not a path: np.save would append ".npy" to the temporary name
+            np.save(handle, vectors, allow_pickle=False)
+
+    atomic_write(npy_path, save)
+    meta = {"format": FORMAT, "version": VERSION, "key": key, "teacher": reference, "rows": int(vectors.shape[0]),
+            "dim": int(vectors.shape[1]), "sha256": sha256_file(npy_path)}
+    atomic_write_text(directory / f"{key[:32]}.json", json.dumps(meta, indent=2) + "\n")
+
+
+def build_teacher_cache(reference: str, texts: list[str], directory: str | Path, device: str = "auto",
+                        batch_size: int = 64, show_progress: bool = True) -> TeacherCache:
+    """Embeddings of the distinct ``texts`` by the teacher ``reference``, from the cache or computed now.
+
+    Raises:
+        PromcseError: The teacher cannot be loaded, or the cache is damaged.
+    """
+    distinct = list(dict.fromkeys(texts))
+    key = cache_key(reference, distinct)
+    where = Path(directory)
+    vectors = _read_cached(where, key, len(distinct))
+    if vectors is None:
+        model = load(reference, device=device)
+        if show_progress:
+            print(f"teacher {reference}: embedding {len(distinct):,} distinct training texts (cached in {where})")
+        vectors = np.ascontiguousarray(model.encode(distinct, batch_size=batch_size, normalize=True,
+                                                    show_progress=show_progress), dtype=np.float32)
+        del model
+        os.makedirs(where, exist_ok=True)
+        _write_cache(where, key, reference, vectors)
+    return TeacherCache(reference, {text: i for i, text in enumerate(distinct)}, torch.from_numpy(vectors))
