@@ -198,6 +198,8 @@ def validate(config: RunConfig) -> None:
         (m.prompt_projection_hidden >= 1, "model.prompt_projection_hidden", "must be >= 1"),
         (0.0 <= m.prompt_dropout < 1.0, "model.prompt_dropout", "must be in [0, 1)"),
         (m.prompt_init_std >= 0.0, "model.prompt_init_std", "must be >= 0"),
+        (not (m.prompt_gate and m.shift_positions), "model.shift_positions",
+         "model.prompt_gate needs shift_positions=false (a gated prompt starts as the backbone itself)"),
         (lo.name in OBJECTIVES, "loss.name", f"must be one of {', '.join(OBJECTIVES)}"),
         (lo.eh_weight >= 0.0, "loss.eh_weight", "must be >= 0"),
         (t.log_every >= 1, "train.log_every", "must be >= 1"),

@@ -107,6 +107,10 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
     if Path(source).exists() and out.resolve() == Path(source).resolve():
         raise PromcseError("the export directory must differ from the checkpoint directory", path=out)
     encoder = load(source, device="cpu")
+    if encoder.gated:
+        raise PromcseError("a gated prompt (model.prompt_gate): the sentence-transformers module does not carry its "
+                           "gated prefix attention yet; use the model through promcse", path=source,
+                           key="model.prompt_gate")
     ref = backbone_reference(encoder, source, copy_backbone)
     out.mkdir(parents=True, exist_ok=True)
     if ref.get("copied"):

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from promcse.backbone import BackboneShape, check_prompt_support, freeze, load_backbone, position_limit, shape_of
 from promcse.errors import PromcseError
 from promcse.pooling import HEAD_MODES, POOLERS, MLPHead
-from promcse.prompt import DeepPrompt, PromptSpec, run_encoder
+from promcse.prompt import DeepPrompt, PromptSpec, run_encoder, use_gated_attention
 from promcse.schema import read_encoder
 
 MODES: tuple[str, ...] = ("prompt", "full", "frozen")
@@ -43,6 +43,8 @@ class EncoderSpec:
         """JSON-able form."""
         out = asdict(self)
         out["shape"] = self.shape.to_dict()
+        if self.prompt is not None and not self.prompt.gate:
+            del out["prompt"]["gate"]  # an ungated prompt's config.json stays as it was before gates existed
         return out
 
     @classmethod
@@ -85,6 +87,9 @@ def check_spec(spec: EncoderSpec) -> None:
     """Reject impossible combinations before any weights are loaded."""
     length = spec.prompt.length if spec.prompt is not None else 0
     check_choices(spec.mode, spec.pooler, spec.head, length)
+    if spec.prompt is not None and spec.prompt.gate and spec.prompt.shift_positions:
+        raise PromcseError("a gated prompt (model.prompt_gate) keeps the backbone's positions, so that it starts as "
+                           "an exact no-op: set model.shift_positions=false", key="model.shift_positions")
 
 
 class SentenceEncoder(nn.Module):
@@ -122,6 +127,11 @@ class SentenceEncoder(nn.Module):
         shifted = self.prompt is not None and self.prompt.spec.shift_positions
         shift = self.prompt.spec.length if shifted else 0
         return position_limit(self.backbone.config) - shift
+
+    @property
+    def gated(self) -> bool:
+        """Whether the prompt is gated (``model.prompt_gate``); paths that cannot carry gates refuse such encoders."""
+        return self.prompt is not None and self.prompt.spec.gate
 
     @property
     def dim(self) -> int:
@@ -191,6 +201,8 @@ def build_encoder(
         )
     if spec.mode != "full":
         freeze(backbone)
+    if spec.prompt is not None and spec.prompt.gate:
+        use_gated_attention(backbone)  # before any forward, so that an unusable backbone is refused here
     prompt = DeepPrompt(spec.prompt) if spec.prompt is not None else None
     head = MLPHead(actual.hidden_size) if spec.head != "none" else None
     return SentenceEncoder(backbone, tokenizer, spec, prompt, head)

@@ -6,8 +6,11 @@ encoders over one backbone module have their prefix tables stacked once into a :
 slots (all P_max of them for a bare-backbone row) are masked out of attention, and its real tokens get its
 own prompt's position shift (:func:`promcse.prompt.run_encoder_rows`). Pooler and head are then applied per
 group of rows of the same model. Rows whose backbone differs (full fine-tunes, released checkpoints with
-their own weights) form their own groups. Every row's embedding equals what its model's own ``encode``
-gives (tests/test_multiprompt.py, max |delta| <= 1e-5).
+their own weights) form their own groups, and so do gated prompts (``model.prompt_gate``): their attention
+takes the prefix through a separate, gated softmax, so a bank holds gated or ungated prompts, never both
+(each row of a gated bank gets its own prompt's gates, 0 for a bare-backbone row). Every row's embedding
+equals what its model's own ``encode`` gives (tests/test_multiprompt.py, tests/test_gated_prompt.py, max
+|delta| <= 1e-5).
 
 Adapter libraries (PEFT's LoRA, Ray Serve's multiplexing) split such a batch into one sub-batch per
 adapter; nothing in transformers or PEFT batches prefixes of different prompts, hence this module.
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from promcse.encode import pad_batch, token_length_order, tokenize_all
+from promcse.errors import PromcseError
 from promcse.model import SentenceEncoder
 from promcse.prompt import run_encoder_rows
 
@@ -37,12 +41,15 @@ class PromptBank:
             encoder has a prompt.
         lengths: (K,) prompt lengths (0 for an encoder without a prompt).
         shifts: (K,) position shift of each encoder's real tokens (its length if ``shift_positions``, else 0).
+        gates: (K, L, heads) gate values (``tanh`` of the gates; 0 for an encoder without a prompt) when the
+            prompts are gated, else None.
     """
 
     encoders: tuple[SentenceEncoder, ...]
     table: Tensor | None
     lengths: Tensor
     shifts: Tensor
+    gates: Tensor | None = None
 
 
 def build_bank(encoders: Sequence[SentenceEncoder]) -> PromptBank:
@@ -62,7 +69,28 @@ def build_bank(encoders: Sequence[SentenceEncoder]) -> PromptBank:
             for k, encoder in enumerate(encoders):
                 if encoder.prompt is not None:
                     table[k, : encoder.prompt.spec.length] = encoder.prompt.table().float()
-    return PromptBank(tuple(encoders), table, lengths, shifts)
+    return PromptBank(tuple(encoders), table, lengths, shifts, _stack_gates(encoders))
+
+
+def _stack_gates(encoders: Sequence[SentenceEncoder]) -> Tensor | None:
+    """(K, L, heads) gate values of a bank of gated prompts, None for ungated ones.
+
+    Raises:
+        PromcseError: Gated and ungated prompts in one bank (their attention differs).
+    """
+    gated = [e.gated for e in encoders]
+    if not any(gated):
+        return None
+    if any(e.prompt is not None and not e.gated for e in encoders):
+        raise PromcseError("gated prompts (model.prompt_gate) and ungated ones cannot share one mixed-prompt "
+                           "forward pass: group them separately", key="model.prompt_gate")
+    shape = encoders[0].spec.shape
+    gates = torch.zeros(len(encoders), shape.num_layers, shape.num_heads, device=encoders[0].device)
+    with torch.no_grad():
+        for k, encoder in enumerate(encoders):
+            if encoder.gated:
+                gates[k] = encoder.prompt.gate_values().float()
+    return gates
 
 
 def bank_forward(bank: PromptBank, inputs: dict[str, Tensor], ids: Tensor) -> Tensor:
@@ -71,7 +99,8 @@ def bank_forward(bank: PromptBank, inputs: dict[str, Tensor], ids: Tensor) -> Te
     all_layers = any(e.needs_all_layers for e in members)
     prefix = None if bank.table is None else bank.table[ids.to(bank.table.device)]
     backbone = bank.encoders[0].backbone
-    states = run_encoder_rows(backbone, inputs, prefix, bank.lengths[ids], bank.shifts[ids], all_layers)
+    gate = None if bank.gates is None else bank.gates[ids.to(bank.gates.device)]
+    states = run_encoder_rows(backbone, inputs, prefix, bank.lengths[ids], bank.shifts[ids], all_layers, gate)
     mask = inputs["attention_mask"]
     out = torch.empty(len(ids), bank.encoders[0].dim, device=mask.device, dtype=states[-1].dtype)
     for k in torch.unique(ids).tolist():
@@ -122,7 +151,8 @@ def encode_mixed(encoders: Sequence[SentenceEncoder], texts: Sequence[str], batc
 
     Args:
         encoders: One encoder per text (in eval mode); encoders over the same backbone module are batched
-            together whatever their prompts, the others in groups of their own backbone.
+            together whatever their prompts (gated prompts apart from ungated ones), the others in groups of their
+            own backbone.
         texts: The texts.
         batch_size: Rows per forward pass.
         normalize: L2-normalise the vectors.
@@ -144,10 +174,10 @@ def encode_mixed(encoders: Sequence[SentenceEncoder], texts: Sequence[str], batc
 
 
 def _backbone_groups(encoders: Sequence[SentenceEncoder]) -> list[tuple[list[SentenceEncoder], np.ndarray]]:
-    """Distinct encoders grouped by backbone module, with the rows that use each group."""
-    groups: dict[int, tuple[list[SentenceEncoder], list[int]]] = {}
+    """Distinct encoders grouped by backbone module and gating, with the rows that use each group."""
+    groups: dict[tuple[int, bool], tuple[list[SentenceEncoder], list[int]]] = {}
     for row, encoder in enumerate(encoders):
-        members, rows = groups.setdefault(id(encoder.backbone), ([], []))
+        members, rows = groups.setdefault((id(encoder.backbone), encoder.gated), ([], []))
         if all(m is not encoder for m in members):
             members.append(encoder)
         rows.append(row)

@@ -136,7 +136,8 @@ def graph_inputs(encoder: SentenceEncoder) -> list[str]:
 
 
 def check_bank(encoders: Sequence[SentenceEncoder], names: Sequence[str]) -> None:
-    """Refuse what one graph cannot hold: no encoder, names not unique, or encoders on different backbones.
+    """Refuse what one graph cannot hold: no encoder, names not unique, gated prompts, or encoders on different
+    backbones.
 
     Raises:
         PromcseError: Naming the offending prompt.
@@ -145,6 +146,11 @@ def check_bank(encoders: Sequence[SentenceEncoder], names: Sequence[str]) -> Non
         raise PromcseError("an ONNX export needs one name per encoder, and at least one encoder")
     if len(set(names)) != len(names):
         raise PromcseError(f"prompt names must be unique in one ONNX graph: {list(names)}", key="--also")
+    gated = [name for name, encoder in zip(names, encoders) if encoder.gated]
+    if gated:
+        raise PromcseError(f"'{gated[0]}' has a gated prompt (model.prompt_gate), whose separate gated prefix "
+                           "attention the ONNX export does not carry yet: use it with the torch backend",
+                           key="model.prompt_gate")
     for name, encoder in zip(names, encoders):
         if encoder.backbone is not encoders[0].backbone:
             raise PromcseError(f"'{name}' runs on a different backbone ({encoder.spec.backbone}) than "

@@ -16,6 +16,16 @@ per-request prompt selection over one backbone thread-safe and keeps every versi
 Position shift: the reference passes the prefix as ``past_key_values``; HF BERT/RoBERTa then start
 the real tokens' position ids at P. We keep that (checkpoint compatibility): the cache we pass has
 sequence length P, so transformers applies the same shift.
+
+Gated prefix (``PromptSpec.gate``, LLaMA-Adapter's zero-init attention, Zhang et al. 2023): each layer's
+attention output becomes ``softmax(q K_real) V_real + tanh(g_l) * softmax(q K_prefix) V_prefix``, two softmaxes
+over their own keys, with one gate per layer and head initialised to 0; with unshifted positions the encoder
+then starts exactly as the frozen backbone. The separate softmax is :func:`gated_attention`, registered in
+transformers' ``AttentionInterface``: a backbone that carries a gated prompt is switched once to it
+(:func:`use_gated_attention`; calls without a gate run transformers' own SDPA function, unchanged) and the
+gate values travel as the ``prompt_gate`` argument of each forward call (transformers passes unknown keyword
+arguments through every layer to the attention function), like the prefix itself: no prompt state lives on
+the shared backbone.
 """
 
 from __future__ import annotations
@@ -25,9 +35,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from promcse.backbone import BackboneShape, reference_init_, row_position_ids, unshifted_position_ids
+from promcse.errors import PromcseError
+
+GATED_ATTENTION = "promcse_gated_sdpa"  # the AttentionInterface name of gated_attention
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ class PromptSpec:
         shift_positions: Start real tokens' position ids at P, as the reference does (needed to reproduce
             released checkpoints). False keeps the backbone's own positions: measured on all-MiniLM-L6-v2,
             STS-B dev, P=10, untrained zero prefix: 85.00 shifted vs 86.84 unshifted (no prefix: 86.72).
+        gate: Gate the prefix (see the module docstring): its own softmax, scaled by ``tanh(g)`` per layer and
+            head, ``g`` = 0 at init. Needs ``shift_positions=False``, so that the untrained prompt is an exact
+            no-op.
     """
 
     length: int
@@ -57,6 +75,7 @@ class PromptSpec:
     dropout: float = 0.1
     init_std: float = 0.02
     shift_positions: bool = True
+    gate: bool = False
 
     @classmethod
     def for_backbone(cls, shape: BackboneShape, length: int, **kwargs: float | int | bool) -> "PromptSpec":
@@ -88,6 +107,12 @@ class DeepPrompt(nn.Module):
             self.trans = None
         self.dropout = nn.Dropout(spec.dropout)
         nn.init.normal_(self.embedding.weight, mean=0.0, std=spec.init_std)
+        # (L, heads) zero-initialised gates of a gated prompt (stored as ``prompt.gate``); None otherwise
+        self.gate = nn.Parameter(torch.zeros(spec.num_layers, spec.num_heads)) if spec.gate else None
+
+    def gate_values(self) -> Tensor | None:
+        """``tanh`` of the gates, (L, heads), for :func:`gated_attention`; None for an ungated prompt."""
+        return torch.tanh(self.gate) if self.gate is not None else None
 
     def table(self) -> Tensor:
         """The (P, L*2*H) prefix before dropout."""
@@ -143,8 +168,65 @@ def _additive(keep: Tensor, length: int, dtype: torch.dtype) -> Tensor:
     return additive.masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
 
 
+def gated_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                    dropout: float = 0.0, scaling: float | None = None, prompt_gate: Tensor | None = None,
+                    **kwargs: object) -> tuple[Tensor, None]:
+    """transformers attention function (``AttentionInterface`` name :data:`GATED_ATTENTION`) of gated prompts.
+
+    Without ``prompt_gate`` this is transformers' SDPA attention, unchanged. With it, the P prefix slots lead
+    ``key``/``value`` (P = key length - query length, the cache's length) and ``attention_mask`` (B, 1, T, P+T),
+    and the output is ``softmax(q K_real) V_real + gate * softmax(q K_prefix) V_prefix``: the first term is
+    exactly the attention without a prefix. ``prompt_gate`` holds gate values (already ``tanh``-ed) as
+    (L, heads), or (B, L, heads) with a row's own; the layer's are picked by ``module.layer_idx``.
+
+    Returns:
+        (B, T, heads, head_dim) attention output and no weights, as transformers' SDPA function.
+    """
+    if prompt_gate is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    slots = key.shape[2] - query.shape[2]
+    prefix_mask = real_mask = None
+    if attention_mask is not None:
+        prefix_mask, real_mask = attention_mask[..., :slots], attention_mask[..., slots:]
+    real, _ = sdpa_attention_forward(module, query, key[:, :, slots:], value[:, :, slots:], real_mask,
+                                     dropout=dropout, scaling=scaling, **kwargs)
+    prefix, _ = sdpa_attention_forward(module, query, key[:, :, :slots], value[:, :, :slots], prefix_mask,
+                                       dropout=dropout, scaling=scaling, **kwargs)
+    gate = prompt_gate[..., module.layer_idx, :].unsqueeze(-2).unsqueeze(-1)  # (1|B, 1, heads, 1)
+    return real + gate.to(prefix.dtype) * prefix, None
+
+
+def use_gated_attention(backbone: nn.Module) -> None:
+    """Switch a backbone's attention to :func:`gated_attention` (idempotent; needed once per backbone module).
+
+    Backbone-wide, but no prompt state: calls without ``prompt_gate`` compute exactly what SDPA computed before,
+    so the other prompts sharing this backbone are unaffected.
+
+    Raises:
+        PromcseError: A backbone loaded with another attention implementation than SDPA.
+    """
+    current = backbone.config._attn_implementation
+    if current == GATED_ATTENTION:
+        return
+    if current != "sdpa":
+        raise PromcseError(f"a gated prompt (model.prompt_gate) needs the backbone's SDPA attention, not '{current}'",
+                           key="model.prompt_gate")
+    AttentionInterface.register(GATED_ATTENTION, gated_attention)
+    AttentionMaskInterface.register(GATED_ATTENTION, sdpa_mask)  # masks built for it are SDPA's
+    backbone.set_attn_implementation(GATED_ATTENTION)
+
+
+def _gate_argument(backbone: nn.Module, gate: Tensor | None, kwargs: dict[str, object]) -> None:
+    """Add ``prompt_gate`` to the forward's keyword arguments (and switch the attention) when there is a gate."""
+    if gate is not None:
+        use_gated_attention(backbone)
+        kwargs["prompt_gate"] = gate
+
+
 def run_encoder_rows(backbone: nn.Module, inputs: dict[str, Tensor], prefix: Tensor | None, visible: Tensor,
-                     shift: Tensor, output_hidden_states: bool = False) -> tuple[Tensor, ...]:
+                     shift: Tensor, output_hidden_states: bool = False,
+                     gate: Tensor | None = None) -> tuple[Tensor, ...]:
     """Run the encoder with a different prompt per row: the mixed-prompt forward.
 
     Args:
@@ -154,6 +236,8 @@ def run_encoder_rows(backbone: nn.Module, inputs: dict[str, Tensor], prefix: Ten
         visible: (B,) number of real prefix slots of each row (0 for a bare-backbone row): the rest are masked.
         shift: (B,) position shift of each row's real tokens (its P with ``shift_positions``, else 0).
         output_hidden_states: Also return every layer's output.
+        gate: (B, L, heads) gate values of each row's gated prompt (0 for rows without one), or None when no
+            prompt is gated; a gated forward's rows all take the separate prefix softmax.
 
     Returns:
         As :func:`run_encoder`: hidden states of the real tokens only.
@@ -166,6 +250,7 @@ def run_encoder_rows(backbone: nn.Module, inputs: dict[str, Tensor], prefix: Ten
                                                                           config.num_attention_heads)))
         kwargs["position_ids"] = row_position_ids(config, inputs["input_ids"], mask, shift)
         mask = rows_attention_mask(mask, visible, prefix.shape[1], prefix.dtype)
+        _gate_argument(backbone, gate, kwargs)
     accepted = forward_inputs(backbone)
     model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask" and k in accepted}
     out = backbone(**model_inputs, attention_mask=mask, **kwargs)
@@ -192,7 +277,7 @@ def run_encoder(
     Args:
         backbone: A transformers encoder (``AutoModel``).
         inputs: Tokenizer output with ``input_ids`` and ``attention_mask`` (and optional token types).
-        prompt: The deep prompt, or None for the plain encoder.
+        prompt: The deep prompt, or None for the plain encoder (a gated prompt's gates go along as ``prompt_gate``).
         output_hidden_states: Also return every layer's output.
 
     Returns:
@@ -207,6 +292,7 @@ def run_encoder(
         if not prompt.spec.shift_positions and "position_ids" not in inputs:
             kwargs["position_ids"] = unshifted_position_ids(backbone.config, inputs["input_ids"], mask)
         mask = prefixed_attention_mask(mask, prompt.spec.length, dtype)
+        _gate_argument(backbone, prompt.gate_values(), kwargs)
     accepted = forward_inputs(backbone)
     model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask" and k in accepted}
     out = backbone(**model_inputs, attention_mask=mask, **kwargs)

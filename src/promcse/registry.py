@@ -47,7 +47,8 @@ class PromptRegistry:
         self._encoders: dict[str, SentenceEncoder] = {}
         self._refs: dict[str, str] = {}
         self._backbones: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
-        self._banks: dict[int, tuple[PromptBank, dict[str, int]]] = {}  # backbone module id -> bank, name -> row
+        # (backbone module id, gated) -> bank, name -> row
+        self._banks: dict[tuple[int, bool], tuple[PromptBank, dict[str, int]]] = {}
 
     def __contains__(self, name: object) -> bool:
         return name in self._encoders
@@ -134,11 +135,11 @@ class PromptRegistry:
                                                       max_length=encoder.max_length)["input_ids"]]
 
     def bank_of(self, name: str) -> tuple[PromptBank, int]:
-        """The stacked prompts of every model sharing ``name``'s backbone (cached), and ``name``'s prompt id."""
-        backbone = self.get(name).backbone
-        key = id(backbone)
+        """The stacked prompts of every model sharing ``name``'s backbone and gating (cached), and ``name``'s prompt id."""
+        encoder = self.get(name)
+        backbone, key = encoder.backbone, (id(encoder.backbone), encoder.gated)  # gated prompts: a bank of their own
         if key not in self._banks:
-            members = [n for n, e in self._encoders.items() if e.backbone is backbone]
+            members = [n for n, e in self._encoders.items() if e.backbone is backbone and e.gated == encoder.gated]
             self._banks[key] = (build_bank([self._encoders[n] for n in members]), {n: i for i, n in enumerate(members)})
         bank, ids = self._banks[key]
         return bank, ids[name]

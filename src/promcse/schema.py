@@ -133,13 +133,17 @@ def read_prompt(data: Any, shape: dict[str, Any], where: str = "encoder.prompt")
     if not isinstance(data, dict):
         raise PromcseError("expected an object or null", key=where)
     _only(data, {"length", "num_layers", "num_heads", "hidden_size", "projection", "projection_hidden", "dropout",
-                 "init_std", "shift_positions"}, where)
+                 "init_std", "shift_positions", "gate"}, where)
     out = {"length": _get(data, "length", int, where, lo=1, hi=4096),
            "projection": _get(data, "projection", bool, where, False),
            "projection_hidden": _get(data, "projection_hidden", int, where, 512, lo=1, hi=65536),
            "dropout": _get(data, "dropout", float, where, 0.1, lo=0.0, hi=0.999),
            "init_std": _get(data, "init_std", float, where, 0.02, lo=0.0, hi=10.0),
-           "shift_positions": _get(data, "shift_positions", bool, where, True)}
+           "shift_positions": _get(data, "shift_positions", bool, where, True),
+           "gate": _get(data, "gate", bool, where, False)}
+    if out["gate"] and out["shift_positions"]:
+        raise PromcseError("a gated prompt keeps the backbone's positions: shift_positions must be false",
+                           key=f"{where}.gate")
     for key in ("num_layers", "num_heads", "hidden_size"):
         out[key] = _get(data, key, int, where, lo=1)
         if out[key] != shape[key]:

@@ -84,7 +84,7 @@ def encoder_spec(model: ModelConfig, backbone: Any) -> EncoderSpec:
         prompt = PromptSpec.for_backbone(
             shape, model.prompt_length, projection=model.prompt_projection,
             projection_hidden=model.prompt_projection_hidden, dropout=model.prompt_dropout,
-            init_std=model.prompt_init_std, shift_positions=model.shift_positions,
+            init_std=model.prompt_init_std, shift_positions=model.shift_positions, gate=model.prompt_gate,
         )
     return EncoderSpec(backbone=model.backbone, shape=shape, mode=model.mode, prompt=prompt, pooler=model.pooler,
                        head=model.head)
