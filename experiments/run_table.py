@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"
 RESULTS = ROOT / "experiments" / "results"
+TEACHER = ROOT / "experiments" / "models" / "all-mpnet-base-v2"  # experiments/fetch_mpnet.sh
 
 
 def evaluate_model(model: str, data_dir: str, cxc: str) -> dict:
@@ -51,7 +52,8 @@ def train_row(config: Path, seed: int, out: Path, train_dir: str) -> float:
     """Train one row with `promcse train`; returns wall seconds (0 if it was already trained)."""
     if (out / "config.json").is_file() and (out / "DONE").is_file():
         return float((out / "DONE").read_text() or 0)
-    env = {**os.environ, "TRAIN_DIR": train_dir}
+    env = {**os.environ, "TRAIN_DIR": train_dir, "MINED_DIR": str(ROOT / "runs" / "experiments" / "data"),
+           "TEACHER": str(TEACHER), "DISTILL_CACHE": str(ROOT / "runs" / "experiments" / "teacher_cache")}
     start = time.time()
     cmd = [sys.executable, "-m", "promcse", "train", "--config", str(config), "--set", f"train.seed={seed}",
            "--output", str(out), "--no-progress"]
@@ -68,13 +70,17 @@ def run_one(row: str, seed: int, args: argparse.Namespace) -> None:
         return
     if row == "row1_frozen":
         model, seconds = "minilm", 0.0
+    elif row == "row0_teacher_mpnet":
+        model, seconds = str(TEACHER), 0.0
     else:
         out = Path(args.runs_dir) / f"{row}-s{seed}"
         seconds = train_row(CONFIGS / f"{row}.yaml", seed, out, args.train_dir)
         model = str(out)
+    started = time.time()
     result = evaluate_model(model, args.data_dir, args.cxc)
-    payload = {"row": row, "seed": seed, "model": model, "train_seconds": round(seconds, 1), **model_facts(model), **result}
-    if model != "minilm":
+    payload = {"row": row, "seed": seed, "model": model, "train_seconds": round(seconds, 1),
+               "eval_seconds": round(time.time() - started, 1), **model_facts(model), **result}
+    if model not in ("minilm", str(TEACHER)):
         meta = json.loads((Path(model) / "config.json").read_text())
         payload["best_step"], payload["stsb_dev"] = meta.get("step"), meta.get("stsb_dev")
         payload["curve"] = [json.loads(l) for l in (Path(model) / "metrics.jsonl").read_text().splitlines()]
@@ -95,7 +101,7 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for row in args.rows.split(","):
             try:
-                run_one(row, seed if row != "row1_frozen" else 0, args)
+                run_one(row, seed if row not in ("row1_frozen", "row0_teacher_mpnet") else 0, args)
             except subprocess.CalledProcessError as err:
                 print(f"{row} seed {seed}: training failed ({err.returncode}); rerun to retry", file=sys.stderr)
 
