@@ -14,9 +14,21 @@ fed a random prompt per text, against the one-prompt graph of the first of those
 ratios, the accuracy (max |delta| of fp32 and the worst cosine of int8, both to sentence-transformers) and
 the graph file sizes. The exports go to a temporary directory, removed at the end.
 
+With ``--st-onnx-python PY`` (a side virtual environment's python with ``sentence-transformers[onnx]``; the
+main environment's sentence-transformers 6.2 cannot take that extra, see benchmarks/peer_st_onnx.py) it also
+times sentence-transformers' own ONNX int8 backend on the same model: ``backend="onnx"`` and
+``export_dynamic_quantized_onnx_model`` for this CPU's instruction set, exported once into ``--st-onnx-work``.
+The peer runs as a subprocess that stays up for the whole run, so its rounds interleave with the others and
+its time is measured inside it (wall and that process's CPU time), on the same texts, batch size and
+threads (torch and ONNX Runtime intra-op). The JSON gets ``st_onnx_int8_speedup`` (promcse ONNX int8
+texts/s over the peer's), the CPU-time ratio, the peer's worst cosine to sentence-transformers fp32 over
+all the texts (the same measure as ``onnx_int8_min_cosine``), and its ISA, file and versions. If the peer
+cannot run, the run goes on and the JSON says why (``st_onnx_unavailable``).
+
 Usage:
     python benchmarks/bench_encode.py [--data-dir DIR] [--sample 2000] [--batch-size 64] [--repeats 3]
         [--threads N] [--with-prototype] [--no-onnx] [--prompts 8] [--prompt-length 16]
+        [--st-onnx-python /tmp/stonnx/bin/python] [--st-onnx-work /tmp/promcse-st-onnx]
 
 The data directory defaults to ``$PROMCSE_DATA_DIR``, then ``../shared/data/eval``.
 """
@@ -27,10 +39,14 @@ import argparse
 import importlib.util
 import json
 import os
+import queue
 import random
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,18 +101,32 @@ def encode_token_sorted(encoder: Any, texts: list[str], batch_size: int) -> np.n
     return out.numpy()
 
 
-def interleaved(fns: dict[str, Callable[[], np.ndarray]],
+@dataclass(frozen=True)
+class Measured:
+    """A run timed in another process: its own wall and process-CPU seconds (its output stays there)."""
+
+    wall: float
+    cpu: float
+
+
+def interleaved(fns: dict[str, Callable[[], Any]],
                 repeats: int) -> tuple[dict[str, float], dict[str, float], dict[str, np.ndarray]]:
     """Median wall and process-CPU seconds per function over ``repeats`` rounds; each round runs every function
     once, in turn, so that load from other processes affects all of them alike (CPU time is the fairer
-    measure on a shared machine: it counts only this process's work)."""
+    measure on a shared machine: it counts only this process's work). A function that returns ``Measured``
+    ran elsewhere: its own timings are taken."""
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     outputs: dict[str, np.ndarray] = {}
     for _ in range(repeats):
         for name, fn in fns.items():
             start, start_cpu = time.perf_counter(), time.process_time()
-            outputs[name] = np.asarray(fn())
+            result = fn()
+            if isinstance(result, Measured):
+                wall[name].append(result.wall)
+                cpu[name].append(result.cpu)
+                continue
+            outputs[name] = np.asarray(result)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     return ({n: statistics.median(t) for n, t in wall.items()}, {n: statistics.median(t) for n, t in cpu.items()},
@@ -179,17 +209,169 @@ def onnx_summary(result: dict[str, Any]) -> str:
             f"graph MiB {result['onnx_file_mib']}")
 
 
+def onnx_skipped(args: argparse.Namespace) -> str | None:
+    """Why the ONNX measurements are skipped, or None."""
+    if args.no_onnx:
+        return "--no-onnx"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime not installed: ONNX measurements skipped (pip install -e .[onnx])"
+    if args.device != "cpu":
+        return f"ONNX measurements run on the CPU only: skipped for --device {args.device}"
+    return None
+
+
 def onnx_graphs(args: argparse.Namespace, ours: Any, root: Path) -> dict[str, Any]:
     """The ONNX exports to time, or {} with ``--no-onnx`` or without onnxruntime (said so)."""
-    if args.no_onnx:
-        return {}
-    if importlib.util.find_spec("onnxruntime") is None:
-        print("onnxruntime not installed: ONNX measurements skipped (pip install -e .[onnx])")
-        return {}
-    if args.device != "cpu":
-        print("ONNX measurements run on the CPU only: skipped for --device", args.device)
+    skipped = onnx_skipped(args)
+    if skipped is not None:
+        if not args.no_onnx:
+            print(skipped)
         return {}
     return onnx_exports(ours, root, args.prompts, args.prompt_length, torch.get_num_threads())
+
+
+ST_ONNX = "sentence-transformers onnx int8"
+PEER_MARK = "@peer "  # protocol lines of benchmarks/peer_st_onnx.py --serve
+
+
+class PeerError(RuntimeError):
+    """The side-venv peer failed; the message says why."""
+
+
+class StOnnxPeer:
+    """sentence-transformers' ONNX int8 backend in a side venv: ``benchmarks/peer_st_onnx.py --serve`` as a
+    subprocess, started once, timed one ``run`` per round. ``reason`` is set (and no more runs are sent) as
+    soon as anything fails: it never raises into the benchmark."""
+
+    def __init__(self, python: str, model: Path, texts: list[str], batch_size: int, threads: int, work: Path,
+                 root: Path, timeout: float) -> None:
+        self.reason: str | None = None
+        self.meta: dict[str, Any] = {}
+        self.timeout = timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        texts_file = root / "peer-texts.json"
+        texts_file.write_text(json.dumps(texts), encoding="utf-8")
+        self.stderr_path = root / "peer-stderr.txt"
+        self.stderr = self.stderr_path.open("w")
+        self.cmd = [python, str(Path(__file__).with_name("peer_st_onnx.py")), "--model", str(model),
+                    "--texts", str(texts_file), "--batch-size", str(batch_size), "--threads", str(threads),
+                    "--work", str(work), "--serve"]
+
+    def start(self) -> None:
+        """Launch the peer; it exports (once), loads and warms up while the caller goes on."""
+        python = self.cmd[0]
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.stderr, text=True, bufsize=1)
+        except OSError as err:
+            self.reason = f"cannot start {python}: {err}"
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _stderr_tail(self) -> str:
+        self.stderr.flush()
+        lines = [ln for ln in self.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
+        return " | ".join(lines[-3:])[-600:]
+
+    def _reply(self) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise PeerError(f"no answer within {self.timeout:.0f}s (--st-onnx-timeout)") from None
+            if line is None:
+                code = self.proc.wait(timeout=30) if self.proc is not None else None
+                raise PeerError(f"peer exited (rc={code}): {self._stderr_tail()}")
+            if line.startswith(PEER_MARK):
+                reply = json.loads(line[len(PEER_MARK):])
+                if "error" in reply:
+                    raise PeerError(str(reply["error"]))
+                return dict(reply)
+
+    def _ask(self, command: str) -> dict[str, Any] | None:
+        if self.reason is not None or self.proc is None or self.proc.stdin is None:
+            return None
+        try:
+            if command:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            return self._reply()
+        except (PeerError, OSError, ValueError, subprocess.TimeoutExpired) as err:
+            self.reason = str(err)
+            self.close()
+            return None
+
+    def ready(self) -> bool:
+        """Wait for the peer to have exported (once), loaded, checked and warmed up; False if it failed."""
+        reply = self._ask("")
+        if reply is not None:
+            self.meta = reply
+        return self.reason is None
+
+    def run(self) -> Measured:
+        """One timed encode of all the texts inside the peer (NaN if it failed)."""
+        reply = self._ask("run")
+        return Measured(reply["wall"], reply["cpu"]) if reply else Measured(float("nan"), float("nan"))
+
+    def embeddings(self, path: Path) -> np.ndarray | None:
+        """The peer's embeddings of its last run (None if it failed)."""
+        reply = self._ask(f"save {path}")
+        return np.load(path) if reply else None
+
+    def close(self) -> None:
+        """Ask the peer to quit; kill it if it does not."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                if self.proc.stdin is not None:
+                    self.proc.stdin.write("quit\n")
+                    self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+def start_st_onnx(args: argparse.Namespace, texts: list[str], root: Path) -> StOnnxPeer | None:
+    """The side-venv peer, started (it loads while promcse exports), or None without ``--st-onnx-python``."""
+    if not args.st_onnx_python:
+        return None
+    from promcse.backbone import minilm_path
+
+    peer = StOnnxPeer(args.st_onnx_python, minilm_path(), texts, args.batch_size, torch.get_num_threads(),
+                      args.st_onnx_work, root, args.st_onnx_timeout)
+    skipped = onnx_skipped(args)
+    if skipped is None:
+        peer.start()
+    else:
+        peer.reason = f"promcse's ONNX int8 is not measured ({skipped})"
+    return peer
+
+
+def st_onnx_headline(peer: StOnnxPeer, measured: bool, wall: dict[str, float], cpu: dict[str, float],
+                     outputs: dict[str, np.ndarray], root: Path) -> dict[str, Any]:
+    """promcse ONNX int8 vs the peer: texts/s and CPU-time ratios, the peer's accuracy, ISA, file, versions; or
+    ``st_onnx_unavailable`` with the reason."""
+    if not measured and peer.reason is None:
+        peer.reason = "promcse's ONNX int8 was not measured"
+    vectors = peer.embeddings(root / "peer.npy") if peer.reason is None else None
+    if peer.reason is not None or vectors is None:
+        return {"st_onnx_int8_speedup": None, "st_onnx_unavailable": peer.reason}
+    meta = peer.meta
+    return {"st_onnx_int8_speedup": round(wall[ST_ONNX] / wall[ONNX_INT8], 3),
+            "st_onnx_int8_cpu_time_speedup": round(cpu[ST_ONNX] / cpu[ONNX_INT8], 3),
+            "st_onnx_int8_min_cosine": float((vectors * outputs["sentence-transformers"]).sum(1).min()),
+            "st_onnx_int8_max_abs_diff_vs_own_fp32": meta.get("max_abs_diff_vs_fp32"),
+            "st_onnx": {key: meta.get(key) for key in ("isa", "file", "file_mib", "export_s", "threads",
+                                                       "ort_intra_op_threads", "versions")}}
 
 
 def main() -> None:
@@ -206,6 +388,12 @@ def main() -> None:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurements")
     parser.add_argument("--prompts", type=int, default=8, help="random prompts in the multi-prompt graph")
     parser.add_argument("--prompt-length", type=int, default=16, help="length of each random prompt")
+    parser.add_argument("--st-onnx-python", default=None,
+                        help="python of a side venv with sentence-transformers[onnx]: also time its ONNX int8")
+    parser.add_argument("--st-onnx-work", type=Path, default=Path("/tmp/promcse-st-onnx"),
+                        help="cache folder for the peer's ONNX exports (made once)")
+    parser.add_argument("--st-onnx-timeout", type=float, default=1800,
+                        help="seconds to wait for the peer's start (export included) and for each of its runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,18 +419,37 @@ def main() -> None:
     ours.encode(warm, batch_size=bs)
     peer.encode(warm, batch_size=bs)
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
-        graphs = onnx_graphs(args, ours, Path(tmp))
-        if graphs:
-            fns.update(onnx_fns(graphs, texts, bs))
-        seconds, cpu, outputs = interleaved(fns, args.repeats)
-        onnx_results = onnx_headline(graphs, seconds, cpu, outputs) if graphs else {}
+        st_onnx = start_st_onnx(args, texts, Path(tmp))
+        try:
+            graphs = onnx_graphs(args, ours, Path(tmp))
+            if graphs:
+                fns.update(onnx_fns(graphs, texts, bs))
+            if st_onnx is not None and graphs and st_onnx.ready():
+                fns[ST_ONNX] = st_onnx.run
+            seconds, cpu, outputs = interleaved(fns, args.repeats)
+            onnx_results = onnx_headline(graphs, seconds, cpu, outputs) if graphs else {}
+            if st_onnx is not None:
+                onnx_results.update(st_onnx_headline(st_onnx, bool(graphs), seconds, cpu, outputs, Path(tmp)))
+                if st_onnx.reason is not None:
+                    seconds.pop(ST_ONNX, None)
+        finally:
+            if st_onnx is not None:
+                st_onnx.close()
     print(f"texts={len(texts)} batch_size={bs} device={args.device} threads={torch.get_num_threads()} "
           f"load average={os.getloadavg()[0]:.1f}")
     for name, sec in seconds.items():
         print(f"{name:<32} {len(texts) / sec:8.1f} sentences/s (median of {args.repeats}: {sec:.2f}s wall, "
               f"{cpu[name]:.2f}s CPU)")
-    if onnx_results:
+    if "onnx_fp32_speedup" in onnx_results:
         print(onnx_summary(onnx_results))
+    if onnx_results.get("st_onnx_int8_speedup") is not None:
+        st = onnx_results["st_onnx"]
+        print(f"promcse onnx int8 vs {ST_ONNX} ({st['isa']}, {st['file_mib']} MiB, sentence-transformers "
+              f"{st['versions']['sentence-transformers']} in a side venv; wall / CPU time): "
+              f"{onnx_results['st_onnx_int8_speedup']}x / {onnx_results['st_onnx_int8_cpu_time_speedup']}x "
+              f"(its worst cosine {onnx_results['st_onnx_int8_min_cosine']:.4f})")
+    elif "st_onnx_unavailable" in onnx_results:
+        print(f"{ST_ONNX}: unavailable: {onnx_results['st_onnx_unavailable']}")
     reference = outputs["sentence-transformers"]
     headline: dict[str, Any] = {
         "speedup_vs_sentence_transformers": round(seconds["sentence-transformers"] / seconds["promcse"], 3),
