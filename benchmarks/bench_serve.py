@@ -17,6 +17,15 @@ an exception (connection error, timeout). ``p50_ms``/``p99_ms`` are over the goo
 is read after each round; ``rss_growth_mib`` is the last round's minus the first's.
 At the end the server gets SIGTERM and must exit 0.
 
+Memory probes (issue 15): ``--batching off`` serves one request per forward pass; ``--idle-trim off`` turns off
+the engine's ``malloc_trim`` when its queue drains; ``--server-env MALLOC_ARENA_MAX=2`` (repeatable) sets the
+server's environment. ``--tracemalloc`` runs the server under a small wrapper that, on SIGUSR1 (sent after the
+warm-up and after each round), starts ``tracemalloc`` (the first time) and dumps a snapshot plus glibc's
+``mallinfo2`` (heap bytes in use / free): the report adds ``traced_mib`` per round (Python allocations made
+since the warm-up that are still alive: growth there is a leak in Python code), ``heap_free_mib`` (bytes glibc
+holds but nothing uses: growth there with a flat traced heap is fragmentation) and the top allocation sites by
+growth from the warm-up to the last round.
+
 Hard cap: everything, setup included, stops after ``--max-seconds``; requests not sent by then are reported as
 ``unsent``. The exit status is 1 on any error, unsent request, RSS growth over ``--rss-tolerance-mib`` or a
 server exit code other than 0. The last line printed is JSON:
@@ -24,6 +33,7 @@ server exit code other than 0. The last line printed is JSON:
 
 Usage:
     python benchmarks/bench_serve.py [--requests 2000] [--clients 8] [--rounds 3] [--max-seconds 60] [--server-threads 1]
+        [--batching on|off] [--idle-trim on|off] [--server-env KEY=VALUE] [--tracemalloc]
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import queue
 import random
 import signal
@@ -60,6 +71,66 @@ BAD: list[tuple[str, Any, int]] = [  # (path, JSON payload or raw bytes, expecte
     ("/search", {"query": "q", "index": "missing"}, 404),
     ("/search", {"query": "q", "threshold": "high"}, 422),
 ]
+
+
+# Run as ``python -c TRACED serve ...`` (the promcse command line): on SIGUSR1, start tracemalloc (the first time)
+# and dump a snapshot and glibc's mallinfo2 into $BENCH_TRACE_DIR/probe-N.pickle (a temporary name, then renamed).
+TRACED = r"""
+import ctypes, os, pickle, runpy, signal, sys, tracemalloc
+where, count = os.environ["BENCH_TRACE_DIR"], [0]
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+def mallinfo():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    fn.restype = MallInfo2
+    info = fn()
+    return {name: getattr(info, name) for name, _ in MallInfo2._fields_}
+def probe(sig, frame):
+    if not tracemalloc.is_tracing():
+        tracemalloc.start(6)
+    snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    path = os.path.join(where, f"probe-{count[0]}")
+    with open(path + ".tmp", "wb") as out:
+        pickle.dump({"snapshot": snap, "mallinfo": mallinfo()}, out)
+    os.replace(path + ".tmp", path + ".pickle")
+    count[0] += 1
+signal.signal(signal.SIGUSR1, probe)
+sys.argv = ["promcse"] + sys.argv[1:]
+runpy.run_module("promcse", run_name="__main__", alter_sys=True)
+"""
+
+
+def probe_server(process: subprocess.Popen, trace_dir: Path, number: int, timeout: float = 60) -> dict[str, Any]:
+    """SIGUSR1 the traced server; wait for its ``number``-th probe file and load it."""
+    process.send_signal(signal.SIGUSR1)
+    path, until = trace_dir / f"probe-{number}.pickle", time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > until:
+            raise SystemExit(f"the traced server wrote no {path.name}")
+        time.sleep(0.1)
+    with open(path, "rb") as src:
+        return pickle.load(src)
+
+
+def probe_numbers(probe: dict[str, Any]) -> tuple[float, float | None]:
+    """(traced MiB, glibc heap free MiB) of one probe."""
+    traced = sum(stat.size for stat in probe["snapshot"].statistics("filename")) / 2**20
+    info = probe["mallinfo"]
+    return traced, (info["fordblks"] / 2**20 if info else None)
+
+
+def top_growth(first: dict[str, Any], last: dict[str, Any], count: int = 8) -> list[str]:
+    """Allocation sites (line, with the calling lines) that grew most from ``first`` to ``last``."""
+    diff = last["snapshot"].compare_to(first["snapshot"], "traceback")
+    lines = []
+    for stat in diff[:count]:
+        frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in list(stat.traceback)[:4])
+        lines.append(f"{stat.size_diff / 1024:+.1f} KiB ({stat.count_diff:+d} blocks) at {frames}")
+    return lines
 
 
 def free_port() -> int:
@@ -213,8 +284,20 @@ def main() -> int:
                              "machine whose cores are busy with other work")
     parser.add_argument("--rss-tolerance-mib", type=float, default=20.0,
                         help="RSS growth from the first to the last round that still counts as none (default: 20)")
+    parser.add_argument("--batching", choices=("on", "off"), default="on",
+                        help="the server's --batching: off = one request per forward pass (default: on)")
+    parser.add_argument("--idle-trim", choices=("on", "off"), default="on",
+                        help="the server's --idle-trim: malloc_trim when the engine's queue drains (default: on)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the server, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="tracemalloc snapshots + mallinfo2 of the server after the warm-up and each round "
+                             "(slows the server)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
+    if len(extra_env) != len(args.server_env):
+        parser.error("--server-env takes KEY=VALUE")
     if args.requests < 1 or args.clients < 1 or args.rounds < 1 or not 0 <= args.bad_fraction < 1:
         parser.error("--requests, --clients and --rounds must be positive; --bad-fraction in [0, 1)")
     began = time.monotonic()
@@ -228,10 +311,18 @@ def main() -> int:
         port, log = free_port(), root / "server.log"
         url = f"http://{HOST}:{port}"
         argv = [sys.executable, "-m", "promcse", "serve", "--model", "minilm=minilm", "--index",
-                f"docs={root / 'index'}", "--host", HOST, "--port", str(port), "--device", "cpu"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+                f"docs={root / 'index'}", "--host", HOST, "--port", str(port), "--device", "cpu",
+                "--batching", args.batching, "--idle-trim", args.idle_trim]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
+        trace_dir = root / "trace"
+        if args.tracemalloc:
+            trace_dir.mkdir()
+            argv[1:3] = ["-c", TRACED]  # then "serve", ...: the promcse command line
+            env["BENCH_TRACE_DIR"] = str(trace_dir)
         if args.server_threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.server_threads)
+        probes: list[dict[str, Any]] = []
+        rss0: float | None = None
         with open(log, "w", encoding="utf-8") as sink:  # a file, not a pipe: access logs never block the server
             process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
@@ -244,6 +335,8 @@ def main() -> int:
             warm = run_round(url, make_plan(args.warmup, 0.0, texts, rng), args.clients, deadline)
             rss0 = server.memory_info().rss / 2**20
             print(f"warm-up: {len(warm['records'])} requests, RSS {rss0:.1f} MiB")
+            if args.tracemalloc:
+                probes.append(probe_server(process, trace_dir, 0))
             records: list[tuple[str, float, bool]] = []
             failures: list[str] = []
             rss: list[float] = []
@@ -257,9 +350,14 @@ def main() -> int:
                 unsent += result["unsent"]
                 rss.append(server.memory_info().rss / 2**20)
                 done = len(result["records"])
+                traced = ""
+                if args.tracemalloc:
+                    probes.append(probe_server(process, trace_dir, number))
+                    held, free = probe_numbers(probes[-1])
+                    traced = f", traced since warm-up {held:.2f} MiB, glibc heap free {free or 0:.1f} MiB"
                 print(f"round {number}: {done} requests in {result['seconds']:.1f} s "
                       f"({done / max(result['seconds'], 1e-9):.1f} req/s), errors {len(result['failures'])}, "
-                      f"server RSS {rss[-1]:.1f} MiB; {summary_line(result['records'])}")
+                      f"server RSS {rss[-1]:.1f} MiB{traced}; {summary_line(result['records'])}")
         finally:
             exit_code = stop_server(process)
     for line in failures[:10]:
@@ -279,9 +377,16 @@ def main() -> int:
         "rss_growth_mib": round(rss[-1] - rss[0], 2) if rss else None,
         "rss_mib": [round(r, 1) for r in rss], "endpoints": endpoints, "clients": args.clients,
         "rounds": args.rounds, "warmup": args.warmup, "server_threads": args.server_threads, "unsent": unsent,
-        "server_exit": exit_code,
+        "server_exit": exit_code, "batching": args.batching, "idle_trim": args.idle_trim,
+        "server_env": extra_env, "rss_warmup_mib": round(rss0, 1) if rss0 is not None else None,
         "wall_s": round(time.monotonic() - began, 1),
     }
+    if len(probes) > 1:
+        numbers = [probe_numbers(p) for p in probes]
+        headline["traced_mib"] = [round(t, 2) for t, _ in numbers]  # [0] right after tracing started
+        headline["heap_free_mib"] = [round(f, 1) if f is not None else None for _, f in numbers]
+        for line in top_growth(probes[0], probes[-1]):
+            print(f"growth since warm-up: {line}")
     print(json.dumps(headline))
     grew = bool(rss) and rss[-1] - rss[0] > args.rss_tolerance_mib
     return 0 if not failures and not unsent and exit_code == 0 and not grew else 1

@@ -165,6 +165,11 @@ def test_load_rejects_bad_directories(encoder, corpus: list[str], tmp_path: Path
     index.add(corpus[:5])
     out = index.save(tmp_path / "i")
     (out / TEXTS_FILE).write_text('{"id": 0, "text": "a"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(PromcseError, match="truncated or changed"):  # the checksum manifest (format 3)
+        Index.load(out, encoder=encoder)
+    meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+    legacy = {k: v for k, v in meta.items() if k != "files"} | {"format_version": 1}  # no manifest to check
+    (out / META_FILE).write_text(json.dumps(legacy), encoding="utf-8")
     with pytest.raises(PromcseError, match="line 2"):
         Index.load(out, encoder=encoder)
     (out / META_FILE).write_text(json.dumps({"format": "other"}), encoding="utf-8")

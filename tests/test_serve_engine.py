@@ -177,3 +177,56 @@ def test_batching_off_keeps_the_one_request_path(registry) -> None:
         r = client.post("/embed", json={"texts": TEXTS[:3], "model": "bare", "normalize": False})
         assert client.get("/models").json()["batching"] is False
     assert np.abs(np.asarray(r.json()["embeddings"]) - registry.encode(TEXTS[:3], "bare", normalize=False)).max() <= 1e-5
+
+
+def test_engine_trims_the_heap_when_its_queue_drains(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: malloc_trim runs once the queue is empty (not while rows wait), at most every TRIM_INTERVAL_S."""
+    import promcse.batching as batching
+
+    events: list[str] = []
+    monkeypatch.setattr(batching, "malloc_trim", lambda: events.append("trim") or True)
+    monkeypatch.setattr(batching, "TRIM_INTERVAL_S", 0.0)
+    original, later = registry.encode_rows, []
+
+    def encode_rows(texts, models, batch_size=64):  # noqa: ANN001, ANN202
+        events.append("encode")
+        if not later:  # a request arrives while the first batch runs: the queue has not drained after it
+            later.append(engine.submit([TEXTS[1]], "news"))
+        return original(texts, models, batch_size)
+
+    monkeypatch.setattr(registry, "encode_rows", encode_rows)
+    engine = BatchEngine(registry, EngineConfig(max_wait_ms=0))
+    try:
+        engine.submit([TEXTS[0]], "news").future.result(timeout=30)
+        later[0].future.result(timeout=30)
+        deadline = time.monotonic() + 10
+        while "trim" not in events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events == ["encode", "encode", "trim"]
+        assert engine.stats.trims == 1
+
+        monkeypatch.setattr(batching, "TRIM_INTERVAL_S", 3600.0)  # drained again, but trimmed a moment ago
+        engine.submit([TEXTS[2]], "news").future.result(timeout=30)
+        time.sleep(0.1)
+        assert events.count("trim") == 1
+    finally:
+        engine.close()
+
+    off = BatchEngine(registry, EngineConfig(idle_trim=False, max_wait_ms=0))
+    monkeypatch.setattr(batching, "TRIM_INTERVAL_S", 0.0)
+    try:
+        off.submit([TEXTS[3]], "news").future.result(timeout=30)
+        time.sleep(0.1)
+    finally:
+        off.close()
+    assert events.count("trim") == 1 and off.stats.trims == 0
+
+
+def test_malloc_trim_is_a_safe_call_everywhere() -> None:
+    import sys
+
+    from promcse.batching import malloc_trim
+
+    assert malloc_trim() in (True, False)
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert malloc_trim() is True

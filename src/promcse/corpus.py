@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 
 from promcse.encode import encode_texts
 from promcse.errors import PromcseError
+from promcse.files import check_output_dir
 from promcse.loading import reference_key
 from promcse.model import SentenceEncoder
-from promcse.shards import (FORMAT, FORMAT_VERSION, MANIFEST, SAME_RUN, canonical_dtype, read_manifest,
+from promcse.shards import (FORMAT, FORMAT_VERSION, MANIFEST, SAME_RUN, canonical_dtype, owned_name, read_manifest,
                             verify_shard, write_manifest, write_shard)
 
 SUFFIXES: dict[str, str] = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -212,13 +213,15 @@ def fingerprint(path: str | Path, *, full: bool = False, text_field: str = "text
             "id_field": id_field}
 
 
-def new_manifest(job: EncodeJob, model_ref: str, dim: int) -> dict[str, Any]:
-    """The manifest of a run that has encoded nothing yet."""
+def new_manifest(job: EncodeJob, model_ref: str, dim: int, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a run that has encoded nothing yet; ``source`` replaces the input's :func:`fingerprint`
+    (an input that is not files, e.g. a Ray dataset)."""
     index, count = job.part
+    if source is None:
+        source = fingerprint(job.input, full=job.full_hash, text_field=job.text_field, id_field=job.id_field)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": reference_key(model_ref), "dim": dim,
             "dtype": canonical_dtype(job.dtype), "normalize": job.normalize, "shard_size": job.shard_size,
-            "with_texts": job.with_texts,
-            "input": fingerprint(job.input, full=job.full_hash, text_field=job.text_field, id_field=job.id_field),
+            "with_texts": job.with_texts, "input": source,
             "part": None if count == 1 else {"index": index, "count": count},
             "complete": False, "total_rows": None, "num_shards": None, "shards": []}
 
@@ -230,18 +233,26 @@ def _remove_temporaries(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def resume_state(job: EncodeJob, model_ref: str, dim: int) -> tuple[dict[str, Any], set[int]]:
-    """The manifest to continue and the shards already done (listed and verified by checksum).
+def check_output(output: str | Path, source: str | Path) -> Path:
+    """Refuse, before any model loads, a shard directory that cannot be written, is a file, holds other files,
+    holds the input or lies inside an input directory (see :func:`promcse.files.check_output_dir`)."""
+    if Path(output).exists() and not Path(output).is_dir():
+        raise PromcseError("--output must be a directory (or end in .npy for one file)", path=output)
+    return check_output_dir(output, ours=owned_name, inputs=[source], scanned=[source], what="vector directory")
+
+
+def resume_state(job: EncodeJob, model_ref: str, dim: int,
+                 source: dict[str, Any] | None = None) -> tuple[dict[str, Any], set[int]]:
+    """The manifest to continue and the shards already done (listed and verified by checksum); ``source`` as
+    in :func:`new_manifest`.
 
     Raises:
         PromcseError: The directory holds an encode with other settings or of another input.
     """
-    out = job.output
-    if out.exists() and not out.is_dir():
-        raise PromcseError("--output must be a directory (or end in .npy for one file)", path=out)
+    out = check_output(job.output, job.input)
     out.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(out)
-    fresh = new_manifest(job, model_ref, dim)
+    fresh = new_manifest(job, model_ref, dim, source)
     if not (out / MANIFEST).exists():
         return fresh, set()
     existing = read_manifest(out)
@@ -262,10 +273,28 @@ def _encode_shard(encoder: SentenceEncoder, job: EncodeJob, manifest: dict[str, 
     texts = [text for _, text in chunk]
     vectors = encode_texts(encoder, texts, batch_size=job.batch_size, normalize=job.normalize,
                            max_length=job.max_length)
-    entry = write_shard(job.output, index, start, vectors, [rid for rid, _ in chunk],
-                        texts if job.with_texts else None, manifest["dtype"])
+    store_shard(job, manifest, index, start, vectors, [rid for rid, _ in chunk], texts)
+
+
+def store_shard(job: EncodeJob, manifest: dict[str, Any], index: int, start: int, vectors: Any, ids: list[Any],
+                texts: list[str]) -> None:
+    """Write an encoded shard's files, then the manifest that lists it (every engine writes through here)."""
+    entry = write_shard(job.output, index, start, vectors, ids, texts if job.with_texts else None, manifest["dtype"])
     manifest["shards"].append(entry)
     write_manifest(job.output, manifest)
+
+
+def finish_manifest(job: EncodeJob, manifest: dict[str, Any], total_rows: int, num_shards: int) -> dict[str, Any]:
+    """Mark the encode complete (``total_rows`` rows in ``num_shards`` shards) and write the manifest.
+
+    Raises:
+        PromcseError: The input held no rows.
+    """
+    if total_rows == 0:
+        raise PromcseError("no texts in the input", path=job.input)
+    manifest.update(complete=True, total_rows=total_rows, num_shards=num_shards)
+    write_manifest(job.output, manifest)
+    return manifest
 
 
 def encode_corpus(encoder: SentenceEncoder, job: EncodeJob, model_ref: str) -> dict[str, Any]:
@@ -293,8 +322,4 @@ def encode_corpus(encoder: SentenceEncoder, job: EncodeJob, model_ref: str) -> d
                 _encode_shard(encoder, job, manifest, index, start, chunk)
             bar.update(len(chunk))
             start, index = start + len(chunk), index + 1
-    if start == 0:
-        raise PromcseError("no texts in the input", path=job.input)
-    manifest.update(complete=True, total_rows=start, num_shards=index)
-    write_manifest(job.output, manifest)
-    return manifest
+    return finish_manifest(job, manifest, start, index)

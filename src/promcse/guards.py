@@ -31,33 +31,55 @@ def error_body(status: int, message: str, path: str = "", param: str | None = No
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared length, or counted while streaming)."""
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared length, or counted while streaming), and
+    408 for a body not complete ``timeout_s`` seconds after its headers (a client trickling or stalling).
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    The deadline covers the body only: once it is in, the app's later ``receive()`` calls (waiting for a
+    disconnect while the model works) are passed through without one.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float | None = None) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         from fastapi.responses import JSONResponse
-        from starlette.exceptions import HTTPException
 
         declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
             message = f"request body over {self.max_bytes} bytes" if declared.isdigit() else "bad Content-Length"
             status = 413 if declared.isdigit() else 400
             return await JSONResponse(error_body(status, message), status_code=status)(scope, receive, send)
-        seen = 0
+        await self.app(scope, self._limited(receive), send)
+
+    def _limited(self, receive: Any) -> Any:
+        """``receive`` with the size limit and the body deadline."""
+        import asyncio
+
+        from starlette.exceptions import HTTPException
+
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
+        seen, done = 0, False
 
         async def limited() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:
+                return await receive()
+            try:
+                message = await (receive() if deadline is None
+                                 else asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0)))
+            except asyncio.TimeoutError:  # FastAPI re-raises HTTPExceptions from reading the body as they are
+                raise HTTPException(408, f"request body not received within {self.timeout_s:g} s",
+                                    headers={"Connection": "close"}) from None
+            done = message.get("type") != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:  # FastAPI re-raises HTTPExceptions from reading the body as they are
+            if seen > self.max_bytes:
                 raise HTTPException(413, f"request body over {self.max_bytes} bytes")
             return message
 
-        await self.app(scope, limited, send)
+        return limited
 
 
 class GuardMiddleware:

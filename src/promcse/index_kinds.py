@@ -17,6 +17,9 @@ The compressed kinds (``ivfpq``, ``int8``, ``binary``) keep a *store* of the ful
 the ``rescore`` best candidates by code are scored exactly from the store, and the best ``top_k`` of them
 returned. The store is the encode's shard directory (memory-mapped, never loaded whole) for an index
 built ``--from-vectors``, or ``store.npy`` in the index directory for one built from texts.
+
+The index directory's file names, the names it may hold (:func:`index_file`) and the check of the checksum
+manifest in ``meta.json`` (:func:`verify_files`) live here too, with the readers of its files.
 """
 
 from __future__ import annotations
@@ -32,9 +35,16 @@ import numpy as np
 from promcse.data import jsonl_lines
 from promcse.errors import PromcseError
 from promcse.schema import load_array
-from promcse.files import atomic_write
-from promcse.shards import MANIFEST, dequantize, require_complete, sha256_file
+from promcse.files import atomic_write, verify_manifest
+from promcse.shards import MANIFEST, dequantize, read_vectors, require_complete, sha256_file
 
+META_FILE = "meta.json"
+TEXTS_FILE = "texts.jsonl"
+FAISS_FILE = "index.faiss"
+NUMPY_FILE = "vectors.npy"
+# From this meta.json format_version on, "files" lists the size and sha256 of every other file of the index,
+# checked on load; older directories have no such list and load as before.
+CHECKSUMS_FROM = 3
 COMPRESSED: tuple[str, ...] = ("ivfpq", "int8", "binary")
 NEEDS_TRAINING: tuple[str, ...] = ("ivf", "ivfpq", "int8")
 DEFAULT_RESCORE: dict[str, int] = {"ivfpq": 100, "binary": 100}  # candidates rescored exactly; 0 elsewhere
@@ -303,3 +313,40 @@ def load_npy(path: Path) -> np.ndarray:
     if not np.isfinite(vectors).all():
         raise PromcseError("vectors hold NaN or infinite values; rebuild the index", path=path)
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def training_sample(root: str | Path, manifest: dict[str, Any], size: int, seed: int = 0) -> np.ndarray:
+    """``size`` vectors drawn uniformly without replacement across the shards, read one shard at a time."""
+    total = int(manifest["total_rows"])
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    parts = []
+    for entry in manifest["shards"]:
+        start, stop = entry["start"], entry["start"] + entry["rows"]
+        local = picked[(picked >= start) & (picked < stop)] - start
+        if len(local):
+            vectors = read_vectors(root, entry)
+            parts.append(vectors[local])
+            del vectors
+    return np.concatenate(parts)
+
+
+def index_file(name: str) -> bool:
+    """Names an index directory may hold (so saving over it replaces nothing else)."""
+    return name in (META_FILE, TEXTS_FILE, FAISS_FILE, NUMPY_FILE, MemoryStore.FILE) or (
+        name.startswith(".") and name.endswith(".tmp"))
+
+
+def verify_files(root: Path, meta: dict[str, Any]) -> None:
+    """Check every file a save listed in ``meta.json`` (format 3 on): present, same size, same sha256.
+
+    Raises:
+        PromcseError: Naming the file that is missing, truncated or changed.
+    """
+    if int(meta.get("format_version", 0)) < CHECKSUMS_FROM:
+        return
+    store = meta.get("store")
+    required = [TEXTS_FILE, NUMPY_FILE if meta["backend"] == "numpy" else FAISS_FILE]
+    if isinstance(store, dict) and store.get("kind") == "local":
+        required.append(str(store.get("file")))
+    verify_manifest(root, meta.get("files"), required, root / META_FILE)

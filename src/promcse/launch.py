@@ -3,6 +3,9 @@
 ``promcse serve`` is a thin caller of :func:`load_server` and :func:`run_server`; :class:`BackgroundServer`
 runs an app on a loopback port in a thread (tests, notebooks). On SIGTERM or SIGINT the server stops
 accepting connections, finishes the requests in flight (the batching engine drains its queue) and returns.
+Both run uvicorn with the same settings (:func:`uvicorn_config`): the h11 protocol with a deadline on each
+request's headers (:func:`timed_h11`), a keep-alive timeout and a connection limit; the body deadline is
+the app's (:class:`promcse.guards.BodyLimit`).
 """
 
 from __future__ import annotations
@@ -95,6 +98,93 @@ def check_served(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str
             raise PromcseError("index returns non-finite scores (NaN vectors?); rebuild it", path=dirs.get(name))
 
 
+MAX_HEAD_BYTES = 16 * 1024  # an incomplete request head h11 buffers (its own default, made explicit); beyond: 400
+
+
+def timed_h11(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's line and headers.
+
+    The clock starts when the connection opens, and for each later request at its first byte (between
+    requests, an idle connection is uvicorn's keep-alive timeout's); a request whose head is not complete by
+    then gets ``408`` and the connection is closed. uvicorn alone times out only an idle keep-alive
+    connection, and cancels that as soon as one byte arrives, so a client sending its headers a byte at a
+    time (or connecting and sending nothing) would hold its connection forever.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        head_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle and self.head_timer is not None:  # a request's head is in
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.head_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()  # the first byte of a request after the previous one: its head's deadline starts
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            self.head_timer = None
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                close_with_408(self, f"request headers not received within {header_timeout_s:g} s")
+
+    return TimedH11Protocol
+
+
+def close_with_408(protocol: Any, message: str) -> None:
+    """Answer ``408 Request Timeout`` (plain text) on an h11 connection between requests, then close it."""
+    import h11
+
+    body = message.encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
+               (b"content-length", str(len(body)).encode())]
+    try:
+        for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            protocol.transport.write(protocol.conn.send(event))
+    except h11.LocalProtocolError:  # mid-way through something else: just close
+        pass
+    protocol.transport.close()
+
+
+def uvicorn_config(app: Any, options: ServeOptions, **settings: Any) -> Any:
+    """The uvicorn settings every promcse server runs with (``promcse serve`` and :class:`BackgroundServer`)."""
+    import uvicorn
+
+    # http: h11, pinned rather than uvicorn's "auto" (httptools whenever it is installed, e.g. pulled in by
+    # ray): one parser everywhere whatever else is installed, the one the header deadline (timed_h11) and
+    # the incomplete-head cap (h11_max_incomplete_event_size) are built on; parsing is never the bottleneck here
+    # (a forward pass is). loop: asyncio rather than "auto" (uvloop when installed), for the same reason.
+    # ws: none; no route is a WebSocket, so an upgrade request is answered as plain HTTP.
+    return uvicorn.Config(app, http=timed_h11(options.header_timeout_s), loop="asyncio", ws="none",
+                          timeout_keep_alive=options.keep_alive_s, limit_concurrency=options.max_connections,
+                          h11_max_incomplete_event_size=MAX_HEAD_BYTES, **settings)
+
+
+def app_options(app: Any) -> ServeOptions:
+    """The :class:`ServeOptions` an app from :func:`create_app` was built with (defaults for another app)."""
+    context = getattr(getattr(app, "state", None), "context", None)
+    return getattr(context, "options", None) or ServeOptions()
+
+
 class BackgroundServer:
     """Run an app with uvicorn in a daemon thread on a loopback port (tests, notebooks).
 
@@ -109,7 +199,7 @@ class BackgroundServer:
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn_config(app, app_options(app), log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
@@ -157,9 +247,31 @@ def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.
                            f"so that requests need 'Authorization: Bearer KEY', or pass --insecure")
 
 
+def check_connection_options(options: ServeOptions) -> None:
+    """Refuse timeouts or a connection limit that would admit nothing or never time out.
+
+    Raises:
+        PromcseError: Naming the option.
+    """
+    for option, value in (("--header-timeout", options.header_timeout_s), ("--body-timeout", options.body_timeout_s),
+                          ("--keep-alive-timeout", options.keep_alive_s)):
+        if not 0 < value <= 86_400:
+            raise PromcseError(f"{option} must be in (0, 86400] seconds, got {value}")
+    if options.max_connections < 1:
+        raise PromcseError(f"--max-connections must be at least 1, got {options.max_connections}")
+
+
 def api_key_from(value: str | None) -> str | None:
     """The API key: the option, else the environment variable ``PROMCSE_API_KEY``, else none."""
     return value or os.environ.get(API_KEY_ENV) or None
+
+
+def host_guarded(host: str, options: ServeOptions) -> ServeOptions:
+    """``options`` for a server bound to ``host``: on loopback (unless given) only loopback ``Host`` names are
+    accepted, so a web page cannot reach the server through DNS rebinding. Used by every engine."""
+    if is_loopback(host) and options.allowed_hosts is None:
+        return ServeOptions(**{**options.__dict__, "allowed_hosts": ("127.0.0.1", "localhost", "[::1]", "::1")})
+    return options
 
 
 def run_server(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]] | None = None, *,
@@ -180,17 +292,17 @@ def run_server(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
 
     options = options or ServeOptions()
     check_server_options(port, graceful_timeout, host, options.api_key, options.insecure, options.engine, limits)
+    check_connection_options(options)
     indexes = indexes or {}
-    if is_loopback(host) and options.allowed_hosts is None:  # DNS rebinding: only loopback names reach us
-        options = ServeOptions(**{**options.__dict__, "allowed_hosts": ("127.0.0.1", "localhost", "[::1]", "::1")})
+    options = host_guarded(host, options)
     app = create_app(registry, indexes, limits, options)
     if not is_loopback(host) and not options.api_key:
         print(f"warning: listening on {host} without an API key (--insecure); put it behind a proxy")
     mode = "batching across requests" if options.engine is not None else "one request per forward pass"
     print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}] and {len(indexes)} index(es) "
           f"on {len(registry.backbones)} shared backbone(s), {mode}: http://{host}:{port}/")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                          timeout_graceful_shutdown=graceful_timeout))
+    server = uvicorn.Server(uvicorn_config(app, options, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=graceful_timeout))
     stopped_by: list[int] = []
 
     def on_signal(sig: int, frame: object) -> None:

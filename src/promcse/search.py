@@ -15,9 +15,11 @@ Kinds that need training (``ivf``, ``ivfpq``, ``int8``) are trained by :meth:`In
 first batch added. :func:`build_from_vectors` builds from an encode's shard directory one shard at a time,
 training on a sample, so the compressed kinds never hold all vectors in memory.
 
-An index directory holds ``meta.json`` (format, backend, settings, encoder reference), ``texts.jsonl`` (one
-JSON object per line) and ``index.faiss`` or ``vectors.npy`` (plus ``store.npy`` for a compressed index
-built from texts). Nothing is pickled: FAISS's own binary format and ``numpy.load(allow_pickle=False)``.
+An index directory holds ``meta.json`` (format, backend, settings, encoder reference, and the size and
+sha256 of every other file, checked on load), ``texts.jsonl`` (one JSON object per line) and ``index.faiss``
+or ``vectors.npy`` (plus ``store.npy`` for a compressed index built from texts). It is written as a whole
+(temporary directory, fsync, rename), so re-saving over an index never leaves a half-written one. Nothing
+is pickled: FAISS's own binary format and ``numpy.load(allow_pickle=False)``.
 """
 
 from __future__ import annotations
@@ -36,16 +38,13 @@ from tqdm.auto import tqdm
 from promcse import index_kinds, shards
 from promcse.errors import PromcseError
 from promcse.schema import read_versioned
-from promcse.index_kinds import (COMPRESSED, DEFAULT_RESCORE, IVF_POINTS_PER_LIST, NEEDS_TRAINING,  # noqa: F401
-                                 KindParams, MemoryStore, ShardStore, default_nlist, load_npy, numpy_top_k,
-                                 read_records)
+from promcse.index_kinds import (COMPRESSED, DEFAULT_RESCORE, FAISS_FILE, IVF_POINTS_PER_LIST,  # noqa: F401
+                                 META_FILE, NEEDS_TRAINING, NUMPY_FILE, TEXTS_FILE, KindParams, MemoryStore,
+                                 ShardStore, default_nlist, index_file, load_npy, numpy_top_k, read_records,
+                                 training_sample, verify_files)
 
 FORMAT = "promcse-index"
-FORMAT_VERSION = 2  # 1: flat, ivf and numpy (still written as 1 for those); 2: the other kinds
-META_FILE = "meta.json"
-TEXTS_FILE = "texts.jsonl"
-FAISS_FILE = "index.faiss"
-NUMPY_FILE = "vectors.npy"
+FORMAT_VERSION = 3  # 1: flat, ivf, numpy; 2: the other kinds; 3: every kind, with checksums (index_kinds)
 KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "ivfpq", "hnsw", "int8", "binary", "numpy")
 AUTO_IVF_MIN = 100_000  # below this an exact flat scan is fast enough (< ~10 ms/query on one core at D=384)
 DEFAULT_TRAIN_SIZE = 100_000  # vectors sampled to train IVF/PQ/int8 when building from shards
@@ -252,30 +251,41 @@ class Index:
         return DEFAULT_RESCORE.get(self.kind, 0) if self.rescore is None else self.rescore
 
     def save(self, directory: str | Path) -> Path:
-        """Write the index to ``directory`` (created if needed); returns it."""
-        from promcse.checkpoint import versions
-        from promcse.files import atomic_write, atomic_write_text
+        """Write the index to ``directory`` as a whole and return it (see :func:`promcse.files.atomic_directory`).
+
+        The directory is created (parents too) or replaced: an index already there stays loadable until the
+        new one is complete. A directory holding anything but index files is refused, as is one holding the
+        shard directory this index rescores from.
+        """
+        from promcse.files import atomic_directory, check_output_dir
 
         if self.kind == "auto" or (self._index is None and self._vectors is None):
             raise PromcseError("cannot save an empty index: add texts first")
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        sources = [self._store.root] if isinstance(self._store, ShardStore) else []
+        out = check_output_dir(directory, ours=index_file, inputs=sources, replaced=True, what="promcse index",
+                               label="the index directory")
+        return atomic_directory(out, self._write)
+
+    def _write(self, out: Path) -> None:
+        """Every file of the index into the (temporary) directory ``out``; ``meta.json`` last, listing the
+        size and sha256 of each of the others."""
+        from promcse.checkpoint import versions
+        from promcse.files import file_manifest
+
         if self.kind == "numpy":
             np.save(out / NUMPY_FILE, self._vectors, allow_pickle=False)
         else:
-            atomic_write(out / FAISS_FILE,
-                         lambda tmp: index_kinds.write_index(self._faiss, self._index, self.kind, tmp))
+            index_kinds.write_index(self._faiss, self._index, self.kind, out / FAISS_FILE)
         keys = self.keys
         lines = (json.dumps({"id": i, "text": t} if keys is None else {"id": i, "text": t, "key": keys[i]},
                             ensure_ascii=False) for i, t in enumerate(self.texts))
-        atomic_write_text(out / TEXTS_FILE, "".join(line + "\n" for line in lines))
+        (out / TEXTS_FILE).write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
         store = None if self._store is None else self._store.describe(out)
-        meta = {"format": FORMAT, "format_version": 1 if self.kind in ("flat", "ivf", "numpy") else FORMAT_VERSION,
-                "backend": self.kind, "model": self.model_ref, "count": len(self.texts), "dim": self.dim,
-                "normalized": True, "metric": "inner_product", **asdict(self.params), "rescore": self.rescore,
-                "store": store, "versions": versions()}
-        atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
-        return out
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": self.kind, "model": self.model_ref,
+                "count": len(self.texts), "dim": self.dim, "normalized": True, "metric": "inner_product",
+                **asdict(self.params), "rescore": self.rescore, "store": store, "versions": versions(),
+                "files": file_manifest(out, sorted(p.name for p in out.iterdir()))}
+        (out / META_FILE).write_bytes(json.dumps(meta, indent=2).encode("utf-8"))
 
     @classmethod
     def load(cls, directory: str | Path, encoder: Any = None, device: str = "auto") -> "Index":
@@ -286,6 +296,7 @@ class Index:
         """
         root = Path(directory)
         meta = read_meta(root)
+        verify_files(root, meta)
         if encoder is None:
             if not meta.get("model"):
                 raise PromcseError("the index records no model reference: pass the encoder", path=root / META_FILE)
@@ -341,22 +352,6 @@ def build_from_vectors(root: str | Path, *, kind: str = "auto", model_ref: str |
         index.add_vectors([str(r.get("text", r["id"])) for r in rows], vectors, keys=[r["id"] for r in rows])
         del vectors, rows  # one shard at a time
     return index
-
-
-def training_sample(root: str | Path, manifest: dict[str, Any], size: int, seed: int = 0) -> np.ndarray:
-    """``size`` vectors drawn uniformly without replacement across the shards, read one shard at a time."""
-    total = int(manifest["total_rows"])
-    rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(total, size=min(size, total), replace=False))
-    parts = []
-    for entry in manifest["shards"]:
-        start, stop = entry["start"], entry["start"] + entry["rows"]
-        local = picked[(picked >= start) & (picked < stop)] - start
-        if len(local):
-            vectors = shards.read_vectors(root, entry)
-            parts.append(vectors[local])
-            del vectors
-    return np.concatenate(parts)
 
 
 def _portable_ref(model_ref: str | None) -> str | None:

@@ -70,6 +70,11 @@ class ServeOptions:
         api_key: Bearer token every route but ``/`` and ``/health`` needs (None: no authentication).
         insecure: Allow a non-loopback bind without an API key.
         allowed_hosts: ``Host`` header names accepted (None: any).
+        header_timeout_s: Longest a connection may take to send a request's line and headers (from its
+            opening, or from the first byte of a later request); then 408 and the connection is closed.
+        body_timeout_s: Longest a request may take to send its whole body once its headers are in (408).
+        keep_alive_s: How long an idle keep-alive connection stays open between requests.
+        max_connections: Open connections (or requests in progress) beyond which requests get 503.
     """
 
     engine: EngineConfig | None = field(default_factory=EngineConfig)
@@ -77,6 +82,10 @@ class ServeOptions:
     api_key: str | None = None
     insecure: bool = False
     allowed_hosts: tuple[str, ...] | None = None
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 1000
 
 
 def check_texts(texts: list[str], limits: Limits, field: str) -> None:
@@ -204,7 +213,7 @@ def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
 
     ctx = ServeContext(registry, indexes or {}, limits or Limits(), options or ServeOptions())
     app = FastAPI(title="promcse", version=_version(), docs_url="/docs", redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=ctx.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=ctx.limits.max_body_bytes, timeout_s=ctx.options.body_timeout_s)
     app.add_middleware(GuardMiddleware, api_key=ctx.options.api_key, allowed_hosts=ctx.options.allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.state.context, app.state.close = ctx, ctx.close

@@ -31,7 +31,7 @@ import numpy as np
 from promcse.data import jsonl_lines
 from promcse.errors import PromcseError
 from promcse.schema import load_array, read_versioned
-from promcse.files import atomic_write, atomic_write_text
+from promcse.files import atomic_write, atomic_write_text, check_output_dir, sha256_file  # noqa: F401
 
 FORMAT = "promcse-vectors"
 FORMAT_VERSION = 1
@@ -68,13 +68,10 @@ def dequantize(stored: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
     return out * np.asarray(scales, dtype=np.float32)[:, None] if scales is not None else out
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def owned_name(name: str) -> bool:
+    """Whether a file name in a vector directory is one this module writes (or a temporary of one), so an
+    existing directory holding only such names may be written into (resumed, merged into)."""
+    return name == MANIFEST or name.startswith(("shard-", ".shard-", f".{MANIFEST}."))
 
 
 def shard_name(index: int) -> str:
@@ -236,7 +233,7 @@ def merge(dirs: list[str | Path], output: str | Path) -> dict[str, Any]:
     manifests = [read_manifest(r) for r in roots]
     _check_parts(roots, manifests)
     shards = _collect(roots, manifests)
-    out = Path(output)
+    out = check_output_dir(output, ours=owned_name, what="vector directory")
     out.mkdir(parents=True, exist_ok=True)
     for root, entry in shards:
         if not verify_shard(root, entry):

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from promcse.cli.common import POSITIVE_INT, add_common
+from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
 
 
@@ -15,13 +15,20 @@ def _encode_single_file(args: argparse.Namespace) -> int:
     import numpy as np
 
     from promcse.data import read_sentences
+    from promcse.files import atomic_write, check_output_file
     from promcse.loading import load
 
+    output = check_output_file(args.output, inputs=[args.input])  # before any work: nothing lost to a bad path
     texts = read_sentences(args.input).anchor
     encoder = load(args.model, device=args.device, backend=args.backend)
     vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize, show_progress=True)
-    np.save(args.output, vectors)
-    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.save would append .npy to a temporary name
+            np.save(handle, vectors, allow_pickle=False)
+
+    atomic_write(output, write)  # complete under its final name, or not there at all
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings ({vectors.dtype}) to file {output}")
     return 0
 
 
@@ -30,27 +37,42 @@ def _merge(args: argparse.Namespace) -> int:
 
     manifest = merge(args.merge, args.output)
     print(f"merged {len(args.merge)} part(s): {manifest['num_shards']} shards, {manifest['total_rows']} rows "
-          f"in {args.output}")
+          f"({manifest['dtype']}, dim {manifest['dim']}) in directory {args.output}")
     return 0
 
 
 def _encode_corpus(args: argparse.Namespace) -> int:
-    from promcse.corpus import EncodeJob, encode_corpus, parse_part
+    from promcse.corpus import EncodeJob, check_output, encode_corpus, parse_part
     from promcse.loading import load
 
     if args.backend != "torch":
         raise PromcseError("--backend onnx writes one .npy file only; shard directories use the torch backend")
+    check_output(args.output, args.input)  # before the model loads
     part = parse_part(args.shard) if args.shard else (0, 1)
     job = EncodeJob(input=Path(args.input), output=Path(args.output), shard_size=args.shard_size, dtype=args.dtype,
                     normalize=not args.no_normalize, batch_size=args.batch_size, part=part,
                     text_field=args.text_field, id_field=args.id_field, full_hash=args.full_hash,
                     with_texts=not args.no_texts, show_progress=not args.no_progress)
-    encoder = load(args.model, device=args.device)
-    manifest = encode_corpus(encoder, job, args.model)
+    if args.engine == "ray":
+        manifest = _encode_on_ray(args, job)
+    else:
+        if args.workers is not None or args.cpus_per_worker is not None or args.address:
+            raise PromcseError("--workers, --cpus-per-worker and --address need --engine ray")
+        manifest = encode_corpus(load(args.model, device=args.device), job, args.model)
     mine = manifest["shards"]
-    print(f"{len(mine)} shard(s), {sum(e['rows'] for e in mine)} of {manifest['total_rows']} rows "
-          f"({manifest['dtype']}, dim {manifest['dim']}) in {args.output}")
+    print(f"wrote {len(mine)} shard(s), {sum(e['rows'] for e in mine)} of {manifest['total_rows']} rows "
+          f"({manifest['dtype']}, dim {manifest['dim']}) to directory {args.output}")
     return 0
+
+
+def _encode_on_ray(args: argparse.Namespace, job: Any) -> dict[str, Any]:
+    """``--engine ray``: the same encode on a pool of Ray actors (promcse.ray_encode)."""
+    from promcse.ray_encode import RayEncodeConfig, encode_files
+
+    device = "cpu" if args.device == "auto" else args.device  # a worker sees only the GPUs Ray gave it
+    config = RayEncodeConfig(workers=args.workers or 2, cpus_per_worker=args.cpus_per_worker or 1.0,
+                             gpus_per_worker=1.0 if device == "cuda" else 0.0, device=device, address=args.address)
+    return encode_files(job, args.model, config)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -62,6 +84,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if not args.model or not args.input:
         raise PromcseError("encode needs --model and --input (or --merge DIR ... to join parts)")
     if str(args.output).endswith(".npy"):
+        if args.engine == "ray":
+            raise PromcseError("--engine ray writes a shard directory: give --output DIR, not a .npy file")
         return _encode_single_file(args)
     return _encode_corpus(args)
 
@@ -91,4 +115,18 @@ def register(subparsers: Any) -> None:
                    help="fingerprint inputs by their full sha256 (default: size, mtime, sha256 of the first MiB)")
     p.add_argument("--no-texts", action="store_true", help="store only ids next to the vectors, not the texts")
     add_common(p)
+    _add_ray_options(p)
     p.set_defaults(func=cmd_encode)
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    """``--engine ray``: the shard-directory encode on a pool of Ray actors (the [ray] extra)."""
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: --workers Ray actors, one model each, same shards and manifest "
+                        "(pip install 'promcse[ray]') (default: %(default)s)")
+    p.add_argument("--workers", type=bounded(int, 1, 4096), help="with --engine ray: actors (default: 2)")
+    p.add_argument("--cpus-per-worker", type=bounded(float, 0.01, 1024),
+                   help="with --engine ray: CPUs Ray reserves per actor, also its torch threads; --device cuda "
+                        "gives each actor one GPU (default: 1)")
+    p.add_argument("--address", help="with --engine ray: a running Ray cluster (auto, or HEAD:6379; default: start "
+                                     "Ray on this machine)")

@@ -7,7 +7,8 @@ from typing import Any
 
 from promcse.cli.common import NON_NEGATIVE_INT, POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
-from promcse.search import AUTO_IVF_MIN, DEFAULT_TRAIN_SIZE, KINDS, Index
+from promcse.files import check_output_dir
+from promcse.search import AUTO_IVF_MIN, DEFAULT_TRAIN_SIZE, KINDS, Index, index_file
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -20,6 +21,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     """``promcse index build``: embed a text file (one text per line), or index an encode's shards, and save."""
     if (args.input is None) == (args.from_vectors is None):
         raise PromcseError("index build needs exactly one of --input (texts) and --from-vectors (an encode's DIR)")
+    check_output_dir(args.output, ours=index_file, inputs=[args.input or args.from_vectors], replaced=True,
+                     what="promcse index")  # before any work: nothing lost to a bad path
     if args.from_vectors is not None:
         from promcse.search import build_from_vectors
 
@@ -37,7 +40,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index.add(texts, show_progress=not args.no_progress)
         source = "texts"
     out = index.save(args.output)
-    print(f"indexed {len(index)} {source} ({index.kind}, dim {index.dim}) in {out}")
+    print(f"indexed {len(index)} {source} ({index.kind}, dim {index.dim}) into directory {out}")
     return 0
 
 

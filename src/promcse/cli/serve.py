@@ -1,4 +1,5 @@
-"""``promcse serve``: a thin caller of :func:`promcse.launch.run_server`."""
+"""``promcse serve``: a thin caller of :func:`promcse.launch.run_server` (``--engine ray``:
+:func:`promcse.ray_serve.serve_on_ray`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from promcse.batching import EngineConfig
 from promcse.cli.common import POSITIVE_INT, add_common, bounded
+from promcse.errors import PromcseError
 from promcse.launch import api_key_from, check_server_options, load_server, parse_named, run_server
 from promcse.serve import Limits, ServeOptions
 
@@ -14,9 +16,11 @@ from promcse.serve import Limits, ServeOptions
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     """Batching, timeout and authentication options from the command line."""
     engine = None if args.batching == "off" else EngineConfig(
-        max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue_tokens=args.max_queue_tokens)
+        max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue_tokens=args.max_queue_tokens,
+        idle_trim=args.idle_trim == "on")
     return ServeOptions(engine=engine, request_timeout_s=args.request_timeout, api_key=api_key_from(args.api_key),
-                        insecure=args.insecure)
+                        insecure=args.insecure, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                        keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -24,14 +28,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = serve_options(args)
     check_server_options(args.port, args.graceful_timeout, args.host, options.api_key, options.insecure,
                          options.engine)  # before the slow model load
-    models = parse_named(args.model, "model")
-    registry, indexes = load_server(models, parse_named(args.index, "index"), device=args.device)
+    models, index_dirs = parse_named(args.model, "model"), parse_named(args.index, "index")
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
-    stopped_by = run_server(registry, indexes, host=args.host, port=args.port, limits=limits,
-                            graceful_timeout=args.graceful_timeout, options=options)
+    if args.engine == "ray":
+        stopped_by = _serve_on_ray(args, models, index_dirs, limits, options)
+    else:
+        if args.replicas != 1 or args.address or args.cpus_per_replica != 1:
+            raise PromcseError("--replicas, --cpus-per-replica and --address need --engine ray")
+        registry, indexes = load_server(models, index_dirs, device=args.device)
+        stopped_by = run_server(registry, indexes, host=args.host, port=args.port, limits=limits,
+                                graceful_timeout=args.graceful_timeout, options=options)
     if stopped_by is not None:
         print(f"promcse serve: stopped by {stopped_by.name}", flush=True)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, models: dict[str, str], index_dirs: dict[str, str], limits: Limits,
+                  options: ServeOptions) -> Any:
+    """``--engine ray``: ``--replicas`` replicas of the same app on Ray Serve, until SIGTERM/SIGINT."""
+    from promcse.ray_serve import RayServeConfig, ReplicaSpec, serve_on_ray
+
+    spec = ReplicaSpec(models=models, indexes=index_dirs, device=args.device, limits=limits, options=options)
+    config = RayServeConfig(replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                            gpus_per_replica=1.0 if args.device == "cuda" else 0.0, address=args.address,
+                            graceful_timeout_s=args.graceful_timeout)
+    return serve_on_ray(spec, config, host=args.host, port=args.port)
 
 
 def register(subparsers: Any) -> None:
@@ -49,7 +70,39 @@ def register(subparsers: Any) -> None:
                    help="on SIGTERM/SIGINT, wait this long for requests in flight before cancelling them "
                         "(default: %(default)s)")
     _add_engine_options(p)
+    _add_connection_options(p)
+    _add_scale_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    """``--engine ray``: replicas of the same server on Ray Serve (the [ray] extra)."""
+    p.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
+                   help="uvicorn: one server process here; ray: --replicas copies of the same server behind Ray "
+                        "Serve's proxy on --host/--port (pip install 'promcse[ray]') (default: %(default)s)")
+    p.add_argument("--replicas", type=bounded(int, 1, 1024), default=1,
+                   help="with --engine ray: replicas, each with its own copy of the backbone (default: %(default)s)")
+    p.add_argument("--cpus-per-replica", type=bounded(float, 0.01, 1024), default=1.0,
+                   help="with --engine ray: CPUs Ray reserves per replica, also its torch threads; --device cuda "
+                        "gives each replica one GPU (default: %(default)s)")
+    p.add_argument("--address", help="with --engine ray: a running Ray cluster (auto, or HEAD:6379; default: start "
+                                     "Ray on this machine)")
+
+
+def _add_connection_options(p: argparse.ArgumentParser) -> None:
+    """Slow or idle clients: deadlines on headers and bodies, keep-alive, open connections."""
+    defaults, seconds = ServeOptions(), bounded(float, 0.1, 86_400)
+    p.add_argument("--header-timeout", type=seconds, default=defaults.header_timeout_s, metavar="SECONDS",
+                   help="a request's line and headers must arrive within this long of the connection opening (or "
+                        "of their first byte), else 408 and the connection is closed (default: %(default)s)")
+    p.add_argument("--body-timeout", type=seconds, default=defaults.body_timeout_s, metavar="SECONDS",
+                   help="a request's whole body must arrive within this long of its headers, else 408 "
+                        "(default: %(default)s)")
+    p.add_argument("--keep-alive-timeout", type=seconds, default=defaults.keep_alive_s, metavar="SECONDS",
+                   help="close a keep-alive connection idle this long between requests (default: %(default)s)")
+    p.add_argument("--max-connections", type=bounded(int, 1, 1_000_000), default=defaults.max_connections,
+                   help="open connections (or requests in progress) beyond which requests get 503 "
+                        "(default: %(default)s)")
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -64,6 +117,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="how long to wait for more requests before running a partial batch (default: %(default)s)")
     p.add_argument("--max-queue-tokens", type=POSITIVE_INT, default=defaults.max_queue_tokens,
                    help="tokens allowed to wait; beyond it requests get 503 + Retry-After (default: %(default)s)")
+    p.add_argument("--idle-trim", choices=["on", "off"], default="on" if defaults.idle_trim else "off",
+                   help="when the batching queue drains, return the allocator's free memory to the system (glibc "
+                        "malloc_trim, at most once a second): keeps RSS flat under varying batch shapes "
+                        "(default: %(default)s)")
     p.add_argument("--request-timeout", type=bounded(float, 0.001, 86_400), default=30.0, metavar="SECONDS",
                    help="longest a request waits for its embeddings before a 504 (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route (default: "
