@@ -9,7 +9,12 @@ peak over the loaded model. Paths:
 - ``today``: ``data.read_sentences`` + ``encoder.encode`` over the whole list, then one ``np.save``
   (what ``promcse encode --output FILE.npy`` does): memory grows with N;
 - ``streaming``: ``corpus.encode_corpus`` into shards of ``--shard-size`` rows (what
-  ``promcse encode --output DIR`` does): memory is bounded by the shard size.
+  ``promcse encode --output DIR`` does): memory is bounded by the shard size;
+- ``ray`` (with ``--ray-workers N``): ``ray_encode.encode_files`` on N Ray actors of ``--threads`` torch threads
+  each (what ``promcse encode --engine ray --workers N`` does), on a local Ray instance of N x threads CPUs
+  started by the child before the clock starts (actor start-up is inside the time). Its shard files are
+  compared byte for byte with ``streaming``'s at every size (``ray_identical``); its peak RSS is the driver's
+  only (the actors are other processes), and its "CPU seconds" are the actors' reserved CPUs x wall time.
 
 The vectors of both paths are compared at the smaller size (``max_abs_diff``). Throughput is given per wall
 second and per CPU second of the process (the fairer number on a shared machine). At small N both peaks are
@@ -19,7 +24,7 @@ The last line printed is the JSON headline.
 
 Usage:
     python benchmarks/bench_encode_corpus.py [--sizes 20000 100000] [--shard-size 10000] [--model minilm]
-        [--batch-size 64] [--threads 1]
+        [--batch-size 64] [--threads 1] [--ray-workers 2]
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child == "ray":
+        return ray_child(args)
     encoder = promcse.load(args.model, device="cpu")
     encoder.encode(["warm up the first call"] * 8)
     base = rss_kib("VmRSS")
@@ -91,10 +98,32 @@ def child(args: argparse.Namespace) -> None:
                       "peak_reset": exact}))
 
 
+def ray_child(args: argparse.Namespace) -> None:
+    """``--child ray``: the same encode on ``--ray-workers`` actors of a local Ray instance; prints a JSON line."""
+    import ray
+
+    from promcse.corpus import EncodeJob
+    from promcse.ray_encode import RayEncodeConfig, encode_files
+
+    threads = args.threads or 1
+    ray.init(num_cpus=args.ray_workers * threads, include_dashboard=False, log_to_driver=False)
+    base = rss_kib("VmRSS")
+    exact = reset_peak()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    encode_files(EncodeJob(Path(args.corpus), Path(args.out), shard_size=args.shard_size, batch_size=args.batch_size),
+                 args.model, RayEncodeConfig(workers=args.ray_workers, cpus_per_worker=threads))
+    seconds = time.perf_counter() - start
+    cpu = seconds * args.ray_workers * threads  # the CPUs reserved for the actors, for the whole run
+    peak = rss_kib("VmHWM")
+    ray.shutdown()
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_kib": peak, "base_kib": base,
+                      "peak_reset": exact}))
+
+
 def run(args: argparse.Namespace, mode: str, corpus: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--corpus", str(corpus), "--out", str(out), "--model",
            args.model, "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--ray-workers", str(args.ray_workers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(proc.stderr)
@@ -110,6 +139,13 @@ def compare(today: Path, streamed: Path) -> float:
     return float(np.abs(np.load(today) - shards).max())
 
 
+def same_files(a: Path, b: Path) -> bool:
+    """Whether two shard directories hold the same files with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all((a / n).read_bytes() == (b / n).read_bytes()
+                                                                   for n in names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[20000, 100000])  # ~75 texts/s per core on CPU
@@ -117,25 +153,30 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
-    parser.add_argument("--child", choices=("today", "streaming"), help=argparse.SUPPRESS)
+    parser.add_argument("--ray-workers", type=int, default=0,
+                        help="also run promcse encode --engine ray with this many actors (0: not run)")
+    parser.add_argument("--child", choices=("today", "streaming", "ray"), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
-    results: dict[str, dict[int, dict]] = {"today": {}, "streaming": {}}
+    results: dict[str, dict[int, dict]] = {"today": {}, "streaming": {}, **({"ray": {}} if args.ray_workers else {})}
+    identical: dict[str, bool] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(args.sizes):
             corpus = write_corpus(Path(tmp) / f"corpus-{n}.txt", n)
             for mode in results:
-                out = Path(tmp) / (f"today-{n}.npy" if mode == "today" else f"shards-{n}")
+                out = Path(tmp) / (f"today-{n}.npy" if mode == "today" else f"{mode}-shards-{n}")
                 results[mode][n] = run(args, mode, corpus, out)
                 r = results[mode][n]
                 print(f"{mode:<9} N={n:>8}: {n / r['seconds']:7.1f} texts/s ({n / r['cpu_seconds']:.1f} per CPU s), "
                       f"peak RSS over the loaded model {(r['peak_kib'] - r['base_kib']) / 1024:7.1f} MiB "
                       f"(process {r['peak_kib'] / 1024:.0f} MiB)")
+            if args.ray_workers:
+                identical[str(n)] = same_files(Path(tmp) / f"streaming-shards-{n}", Path(tmp) / f"ray-shards-{n}")
         small = min(args.sizes)
-        diff = compare(Path(tmp) / f"today-{small}.npy", Path(tmp) / f"shards-{small}")
+        diff = compare(Path(tmp) / f"today-{small}.npy", Path(tmp) / f"streaming-shards-{small}")
     headline = {
         "corpus": "bundled wiki_5k sentences repeated in order", "model": args.model, "threads": args.threads,
         "shard_size": args.shard_size, "batch_size": args.batch_size,
@@ -148,6 +189,11 @@ def main() -> None:
         "peak_reset": all(r["peak_reset"] for by in results.values() for r in by.values()),
         "max_abs_diff": diff,
     }
+    if args.ray_workers:
+        headline["ray_workers"] = args.ray_workers
+        headline["ray_identical"] = identical
+        headline["ray_speedup_vs_streaming"] = {str(n): round(results["streaming"][n]["seconds"] / r["seconds"], 2)
+                                                for n, r in results["ray"].items()}
     print(json.dumps(headline))
 
 

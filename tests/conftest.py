@@ -216,3 +216,17 @@ def pytest_configure(config: pytest.Config) -> None:
 def fuzz_examples() -> int:
     """Hypothesis examples per fuzz property (40 by default, 1000 with --fuzz-long)."""
     return FUZZ["examples"]
+
+
+# ---- Ray (the optional [ray] extra): one local instance for every Ray test of the session ---------------
+@pytest.fixture(scope="session")
+def ray_local() -> object:
+    """``ray``, initialised once per session as a local 2-CPU instance (no dashboard); shut down at the end.
+
+    Tests that use it skip when ray is not installed. Ray's worker processes inherit this environment
+    (``HF_HUB_OFFLINE``, ``OMP_NUM_THREADS``) and import promcse from the same virtualenv.
+    """
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed: pip install -e '.[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    yield ray
+    ray.shutdown()

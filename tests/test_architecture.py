@@ -23,8 +23,8 @@ STAGES: tuple[str, ...] = (
     "losses", "tiled", "objective",                                         # objectives on embeddings
     "distributed", "gradcache", "step", "teacher", "resume", "loop", "train",  # training
     "sts", "cxc", "plots",                                                  # evaluation
-    "shards", "corpus", "index_kinds",                                      # corpus scale: vectors on disk
-    "search", "registry", "batching", "metrics", "guards", "serve", "openai_api", "launch",  # serving
+    "shards", "corpus", "ray_encode", "index_kinds",                        # corpus scale: vectors on disk
+    "search", "registry", "batching", "metrics", "guards", "serve", "openai_api", "launch", "ray_serve",  # serving
     "export", "onnx_export",                                                # interop
     "mine", "mine_files",                                                   # training data mined with the Index
     "cli",                                                                  # the command line, last

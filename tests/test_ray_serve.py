@@ -1,0 +1,128 @@
+"""``promcse serve --engine ray``: two Ray Serve replicas of the same app on a local Ray instance, the prompt named
+in each request, the same vectors as the in-process model, the OpenAI route, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the [ray] extra is not installed: pip install -e '.[ray]'")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+serve = pytest.importorskip("ray.serve")
+
+from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
+from promcse.cli import main  # noqa: E402
+from promcse.ray_serve import APP_NAME, RayServeConfig  # noqa: E402
+from promcse.registry import load_many  # noqa: E402
+
+TEXTS = make_sentences(24, seed=5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, original: Any, gave_up: threading.Event, deadline_s: float = 150.0) -> None:
+    """Until ``/health`` answers and the SIGTERM handler is no longer ``original`` (serve_on_ray's is in)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and not gave_up.is_set():
+        try:
+            if httpx.get(url + "health", timeout=2).status_code == 200 and signal.getsignal(signal.SIGTERM) != original:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the Ray Serve app did not come up")
+
+
+def exercise(url: str, models: dict[str, str], found: dict[str, Any]) -> None:
+    """Requests of both prompts, concurrently, plus /v1/embeddings, /models and /metrics; results into ``found``."""
+    names = list(models)
+
+    def embed(i: int) -> tuple[int, np.ndarray]:
+        body = {"texts": TEXTS[i % 20 : i % 20 + 1 + i % 3], "model": names[i % 2], "normalize": False}
+        answer = httpx.post(url + "embed", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return i, np.asarray(answer.json()["embeddings"])
+
+    with ThreadPoolExecutor(8) as pool:
+        found["embed"] = list(pool.map(embed, range(16)))
+    found["openai"] = httpx.post(url + "v1/embeddings", json={"model": "legal", "input": TEXTS[:2]}, timeout=60).json()
+    found["models"] = httpx.get(url + "models", timeout=30).json()
+    found["metrics"] = httpx.get(url + "metrics", timeout=30).text
+    found["unknown"] = httpx.post(url + "embed", json={"texts": ["a"], "model": "nope"}, timeout=30).status_code
+    status = serve.status().applications[APP_NAME].deployments[APP_NAME]
+    found["replicas"] = dict(status.replica_states)
+
+
+def client(url: str, models: dict[str, str], found: dict[str, Any], gave_up: threading.Event) -> None:
+    """Wait for the server, exercise it, then stop it with SIGTERM: whatever happened, as long as the handler
+    is serve_on_ray's (never pytest's default one, which would end the test run)."""
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        wait_until_up(url, original, gave_up)
+        exercise(url, models, found)
+    except BaseException as err:  # re-raised by the test in the main thread
+        found["error"] = err
+    finally:
+        if signal.getsignal(signal.SIGTERM) != original:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("ray_serve")
+    return {"news": str(make_prompt_checkpoint(tiny_bert, root / "news", seed=1, length=5, pooler="cls",
+                                               head="always")),
+            "legal": str(make_prompt_checkpoint(tiny_bert, root / "legal", seed=2, length=12))}
+
+
+def test_two_replicas_answer_both_prompts_like_the_in_process_model_and_stop_on_sigterm(
+        ray_local: Any, models: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    port, found, gave_up = free_port(), {}, threading.Event()
+    url = f"http://127.0.0.1:{port}/"
+    thread = threading.Thread(target=client, args=(url, models, found, gave_up), daemon=True)
+    thread.start()
+    argv = ["serve", "--engine", "ray", "--replicas", "2", "--device", "cpu", "--port", str(port)]
+    status = main(argv + [arg for name, ref in models.items() for arg in ("--model", f"{name}={ref}")])
+    gave_up.set()  # main returned: a client still waiting stops (and sends no signal)
+    thread.join(timeout=30)
+    if "error" in found:
+        raise found["error"]
+    assert status == 0 and "stopped by SIGTERM" in capsys.readouterr().out
+    assert found["replicas"] == {"RUNNING": 2}
+    reference = load_many(models, device="cpu")
+    names = list(models)
+    for i, vectors in found["embed"]:
+        want = reference.encode(TEXTS[i % 20 : i % 20 + 1 + i % 3], names[i % 2], normalize=False)
+        assert np.abs(vectors - want).max() <= 1e-5
+    data = found["openai"]["data"]
+    want = reference.encode(TEXTS[:2], "legal", normalize=True)
+    assert found["openai"]["model"] == "legal" and np.abs(np.asarray([d["embedding"] for d in data]) - want).max() <= 1e-5
+    assert [m["name"] for m in found["models"]["models"]] == names
+    assert "promcse_requests_total" in found["metrics"] and found["unknown"] == 404
+    assert APP_NAME not in serve.status().applications  # taken down; the session's Ray instance stays up
+    assert ray.is_initialized()
+
+
+def test_ray_options_are_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", "m=minilm", "--replicas", "2"]) == 2
+    assert "need --engine ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "m=minilm", "--engine", "ray", "--replicas", "0"])
+    assert main(["serve", "--model", "m=minilm", "--engine", "ray", "--host", "0.0.0.0"]) == 2  # no --api-key
+    assert "--api-key" in capsys.readouterr().err
+    with pytest.raises(Exception, match="--replicas must be at least 1"):
+        RayServeConfig(replicas=0).check()
