@@ -34,7 +34,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_up(url: str, original: Any, gave_up: threading.Event, deadline_s: float = 150.0) -> None:
+def wait_until_up(url: str, original: Any, gave_up: threading.Event, deadline_s: float = 400.0) -> None:
     """Until ``/health`` answers and the SIGTERM handler is no longer ``original`` (serve_on_ray's is in)."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline and not gave_up.is_set():
@@ -77,6 +77,11 @@ def client(url: str, models: dict[str, str], found: dict[str, Any], gave_up: thr
     except BaseException as err:  # re-raised by the test in the main thread
         found["error"] = err
     finally:
+        # Never leave the main thread blocked in serve_on_ray: on a slow box the app can come up after this
+        # client gave up, so wait (bounded) for serve_on_ray's handler before signalling it.
+        end = time.monotonic() + 600
+        while signal.getsignal(signal.SIGTERM) == original and not gave_up.is_set() and time.monotonic() < end:
+            time.sleep(0.5)
         if signal.getsignal(signal.SIGTERM) != original:
             os.kill(os.getpid(), signal.SIGTERM)
 
