@@ -159,7 +159,7 @@ def _rows_from_delimited(path: str | Path, text: str, delimiter: str) -> tuple[l
     return header, rows
 
 
-def _rows_from_jsonl(path: str | Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
+def jsonl_rows(path: str | Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
     """Parse JSON Lines into (line number, object) rows and the union of their keys."""
     rows: list[tuple[int, dict[str, object]]] = []
     for number, line in enumerate(_lines(text), start=1):
@@ -224,7 +224,7 @@ def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> Tra
     suffix = Path(path).suffix.lower()
     text = read_text(path)
     if suffix in (".jsonl", ".json"):
-        header, objects = _rows_from_jsonl(path, text)
+        header, objects = jsonl_rows(path, text)
         dict_rows = objects
     elif suffix in (".csv", ".tsv"):
         header, raw_rows = _rows_from_delimited(path, text, "," if suffix == ".csv" else "\t")

@@ -8,12 +8,11 @@ quoted CSV or JSON Lines through :func:`promcse.files.atomic_write_text`, readab
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from promcse.data import jsonl_lines, read_sentences, read_table, read_text
+from promcse.data import jsonl_rows, read_sentences, read_table, read_text
 from promcse.errors import PromcseError
 from promcse.files import atomic_write_text
 from promcse.mine import MinedResult
@@ -54,15 +53,7 @@ def read_corpus(path: str | Path) -> list[str]:
         columns = _sentence_columns(path, header, 1)
         texts = [_cell(path, line, row, c) for line, row in rows for c in columns]
     elif suffix in (".jsonl", ".json"):
-        for line, raw in enumerate(jsonl_lines(read_text(path)), start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise PromcseError(f"invalid JSON: {err.msg}", path=path, line=line, column=err.colno) from None
-            if not isinstance(obj, dict):
-                raise PromcseError("each line must be a JSON object", path=path, line=line)
+        for line, obj in jsonl_rows(path, read_text(path))[1]:
             texts += [_cell(path, line, obj, c) for c in _sentence_columns(path, sorted(obj), line)]
     else:
         raise PromcseError("unknown corpus file type: use .txt, .csv, .tsv or .jsonl", path=path)
