@@ -9,6 +9,7 @@ so the loop, sharding and resumption work on plain index arrays as for one file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -32,9 +33,9 @@ class Mixture:
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts)
 
-    @property
+    @cached_property
     def starts(self) -> list[int]:
-        """Global index of each source's first row."""
+        """Global index of each source's first row (computed once: every step looks it up twice)."""
         return [int(x) for x in np.cumsum([0] + [len(p) for p in self.parts[:-1]])]
 
     @property

@@ -60,8 +60,9 @@ def teacher_identity(reference: str) -> list[object]:
     if not path.exists():
         return [key]
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [key] + [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
-                    for p in files]
+    stats = [(p, p.stat()) for p in files]
+    return [key] + [[str(p.relative_to(path) if path.is_dir() else p.name), st.st_size, st.st_mtime_ns]
+                    for p, st in stats]
 
 
 def cache_key(reference: str, texts: list[str]) -> str:
