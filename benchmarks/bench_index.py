@@ -1,20 +1,26 @@
-"""Index kinds on MiniLM-like vectors: recall@10 against exact search, queries/s, build time, bytes per vector.
+"""Index kinds at corpus scale: recall@10 against exact search, queries/s, build time, bytes per vector.
 
-The vectors are made from real all-MiniLM-L6-v2 embeddings (bundled model) of the bundled STS-B dev/test
-sentences (~5,000 distinct): each of the ``--n`` corpus vectors and ``--queries`` query vectors is a convex
-mixture of ``--mix`` random real vectors (Dirichlet(1) weights) plus Gaussian noise of scale
-``--noise / sqrt(D)``, renormalised. Queries are fresh mixtures, not corpus members. Ground truth is the
-exact inner-product top 10.
+**Vectors.** Every distinct sentence available here is encoded for real with the bundled all-MiniLM-L6-v2
+(``--model``): the STS12-16, STS-B and SICK files of ``--data-root``/eval/tsv/senteval, the wiki1m head and the
+SNLI dev/test premises and hypotheses of ``--data-root``/train, and the package's bundled training files
+(about 50k sentences). ``--queries`` of them, drawn at random (``--seed``), are held out as the **real queries**
+and never enter the corpus. The corpus is the other real vectors plus synthetic ones up to ``--n``: each a
+convex mixture of ``--mix`` random real corpus vectors (Dirichlet(1) weights) plus Gaussian noise of norm about
+``--noise``, renormalised. Mixtures keep the real vectors' structure (clusters, the anisotropy of the space);
+plain random vectors would not, and every ANN index looks bad on them. Ground truth is the exact
+inner-product top 10 of each query over the whole corpus. The real vectors are cached in ``--cache`` (keyed by
+the sentences' and model's sha256) so a rerun skips the encoding.
 
-Every kind is built the way ``promcse index build --from-vectors`` builds it: the vectors are written as
-float32 shards (``--shard-size`` rows) and :func:`promcse.search.build_from_vectors` trains on a sample
-(``--train-size``) and adds shard by shard. Reported per kind: build seconds, queries/s (one batched
-search call over all queries, ``--threads`` FAISS threads), recall@10, and bytes per vector of the saved
-``index.faiss``; the compressed kinds also read their rescoring candidates from the shards (4·D bytes per
-vector on disk, memory-mapped), reported as ``store_bytes_per_vector``.
+**Builds.** Every kind is built the way ``promcse index build --from-vectors`` builds it: the corpus is written
+as float32 shards (``--shard-size`` rows) and :func:`promcse.search.build_from_vectors` trains on a sample
+(``--train-size``) and adds shard by shard. Each build is then searched with each of its search settings.
+Reported per (build, search): build seconds, queries/s (one batched search call over all queries, ``--threads``
+FAISS threads), recall@10, and bytes per vector of the saved ``index.faiss``; the compressed kinds also read
+their rescoring candidates from the shards (4·D bytes per vector on disk, memory-mapped), reported as
+``store_bytes_per_vector``. ``memory_vs_flat`` is flat's bytes per vector over the kind's (index file only).
 
 Usage:
-    python benchmarks/bench_index.py [--n 100000] [--queries 1000] [--threads 1] [--kinds flat ivf ...]
+    python benchmarks/bench_index.py [--n 1000000] [--queries 1000] [--threads 1] [--kinds flat ivfpq ...]
 
 The last line printed is the JSON headline.
 """
@@ -22,6 +28,7 @@ The last line printed is the JSON headline.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -29,38 +36,59 @@ from pathlib import Path
 
 import numpy as np
 
-# (label, kind, build settings, search settings)
-VARIANTS: list[tuple[str, str, dict, dict]] = [
-    ("flat", "flat", {}, {}),
-    ("ivf", "ivf", {"nprobe": 16}, {}),
-    ("ivf-nprobe64", "ivf", {"nprobe": 16}, {"nprobe": 64}),
-    ("ivfpq", "ivfpq", {"nprobe": 16}, {"rescore": 100}),
-    ("ivfpq-norescore", "ivfpq", {"nprobe": 16}, {"rescore": 0}),
-    ("hnsw", "hnsw", {"hnsw_m": 32, "ef_search": 64}, {}),
-    ("int8", "int8", {}, {"rescore": 0}),
-    ("binary", "binary", {}, {"rescore": 100}),
-    ("binary-rescore500", "binary", {}, {"rescore": 500}),
-    ("binary-norescore", "binary", {}, {"rescore": 0}),
+# (label, kind, build settings, [(search label, search settings), ...])
+BUILDS: list[tuple[str, str, dict, list[tuple[str, dict]]]] = [
+    ("flat", "flat", {}, [("flat", {})]),
+    ("ivf", "ivf", {"nprobe": 16}, [("ivf", {}), ("ivf-nprobe64", {"nprobe": 64})]),
+    ("ivfpq", "ivfpq", {"nprobe": 16}, [("ivfpq-norescore", {"rescore": 0}), ("ivfpq", {"rescore": 100}),
+                                        ("ivfpq-nprobe32-rescore200", {"nprobe": 32, "rescore": 200})]),
+    ("hnsw", "hnsw", {"hnsw_m": 32}, [("hnsw", {"ef_search": 64}), ("hnsw-ef128", {"ef_search": 128}),
+                                      ("hnsw-ef256", {"ef_search": 256})]),
+    ("int8", "int8", {}, [("int8", {"rescore": 0}), ("int8-rescore100", {"rescore": 100})]),
+    ("binary", "binary", {}, [("binary-norescore", {"rescore": 0}), ("binary", {"rescore": 100}),
+                              ("binary-rescore500", {"rescore": 500})]),
 ]
 
 
-def sts_sentences() -> list[str]:
-    """Distinct sentences of the bundled STS-B dev and test files."""
-    from importlib import resources
+def tsv_columns(path: Path, columns: tuple[str, ...]) -> list[str]:
+    """The named columns of a tab-separated file with a header row (split on tabs and \\n only)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    header = lines[0].rstrip("\r").split("\t")
+    picks = [header.index(c) for c in columns]
+    out: list[str] = []
+    for line in lines[1:]:
+        fields = line.rstrip("\r").split("\t")
+        out.extend(fields[i].strip() for i in picks if i < len(fields) and fields[i].strip())
+    return out
 
-    root = Path(str(resources.files("promcse") / "resources" / "data" / "sts"))
+
+def available_sentences(data_root: Path) -> list[str]:
+    """Every distinct sentence here: STS/SICK, wiki1m head, SNLI dev/test, the bundled training files."""
+    from promcse.data import bundled_path
+
     texts: list[str] = []
-    for name in ("dev.tsv", "test.tsv"):
-        for line in (root / name).read_text(encoding="utf-8").splitlines()[1:]:
-            texts.extend(f.strip() for f in line.split("\t")[:2] if f.strip())
+    for path in sorted((data_root / "eval" / "tsv" / "senteval").glob("*/*.tsv")):
+        texts += tsv_columns(path, ("sentence1", "sentence2"))
+    texts += tsv_columns(data_root / "train" / "snli_devtest" / "snli_devtest_pairs.tsv", ("premise", "hypothesis"))
+    for path in (data_root / "train" / "wiki1m_partial" / "wiki1m_head_11914.txt", bundled_path("wiki_5k.txt")):
+        texts += [line.strip() for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     return list(dict.fromkeys(texts))
 
 
-def real_vectors(model: str, batch_size: int) -> np.ndarray:
+def real_vectors(model: str, texts: list[str], batch_size: int, cache: Path) -> np.ndarray:
+    """Normalised embeddings of ``texts``, cached under a key of the model name and the texts."""
     import promcse
 
+    key = hashlib.sha256(("\n".join([model, *texts])).encode("utf-8")).hexdigest()[:16]
+    path = cache / f"real-{key}.npy"
+    if path.exists():
+        return np.load(path)
     encoder = promcse.load(model, device="cpu")
-    return np.asarray(encoder.encode(sts_sentences(), batch_size=batch_size, normalize=True), dtype=np.float32)
+    vectors = np.asarray(encoder.encode(texts, batch_size=batch_size, normalize=True, show_progress=True),
+                         dtype=np.float32)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
 
 
 def mixtures(real: np.ndarray, n: int, mix: int, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -102,65 +130,86 @@ def write_shards(root: Path, vectors: np.ndarray, shard_size: int) -> Path:
     return root
 
 
-def measure(root: Path, out: Path, kind: str, build: dict, search: dict, queries: np.ndarray,
-            truth: np.ndarray, train_size: int) -> dict:
-    from promcse.search import FAISS_FILE, build_from_vectors
+def build(root: Path, kind: str, settings: dict, train_size: int):
+    """One ``build_from_vectors`` run; (index, seconds)."""
+    from promcse.search import build_from_vectors
 
     start = time.perf_counter()
-    index = build_from_vectors(root, kind=kind, train_size=train_size, **build)
-    built = time.perf_counter() - start
+    index = build_from_vectors(root, kind=kind, train_size=train_size, **settings)
+    return index, time.perf_counter() - start
+
+
+def measure(index, search: dict, queries: np.ndarray, truth: np.ndarray) -> dict:
+    """queries/s and recall@10 of one search setting."""
     index.search_vectors(queries[:8], top_k=10, **search)  # warm-up
     start = time.perf_counter()
     hits = index.search_vectors(queries, top_k=10, **search)
     seconds = time.perf_counter() - start
     recall = float(np.mean([len(set(t) & {h.id for h in row}) / 10 for t, row in zip(truth, hits)]))
-    index.save(out)
-    n, dim = len(index), int(index.dim or 0)
-    return {"kind": kind, "build_s": round(built, 2), "queries_per_s": round(len(queries) / seconds, 1),
-            "recall_at_10": round(recall, 4), "bytes_per_vector": round((out / FAISS_FILE).stat().st_size / n, 1),
-            "store_bytes_per_vector": 4 * dim if kind in ("ivfpq", "int8", "binary") else 0,
-            "settings": {**build, **search, "nlist": index.nlist, "pq_m": index.params.pq_m,
-                         "pq_bits": index.params.pq_bits}}
+    return {"queries_per_s": round(len(queries) / seconds, 1), "recall_at_10": round(recall, 4)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=100_000, help="corpus vectors")
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--mix", type=int, default=3, help="real vectors per mixture")
+    parser.add_argument("--n", type=int, default=1_000_000, help="corpus vectors (real + synthetic)")
+    parser.add_argument("--queries", type=int, default=1000, help="real sentences held out as queries")
+    parser.add_argument("--mix", type=int, default=3, help="real vectors per synthetic mixture")
     parser.add_argument("--noise", type=float, default=0.1, help="noise norm before renormalising")
-    parser.add_argument("--shard-size", type=int, default=20_000)
-    parser.add_argument("--train-size", type=int, default=50_000)
+    parser.add_argument("--shard-size", type=int, default=50_000)
+    parser.add_argument("--train-size", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=1, help="FAISS (OpenMP) threads")
     parser.add_argument("--model", default="minilm")
-    parser.add_argument("--kinds", nargs="+", help="labels to run (default: all of " +
-                        ", ".join(v[0] for v in VARIANTS) + ")")
+    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
+                        help="the shared data folder (default: ../shared/data beside the checkout)")
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench_index"), help="real-vector cache folder")
+    parser.add_argument("--kinds", nargs="+", help="builds to run (default: all of " +
+                        ", ".join(b[0] for b in BUILDS) + ")")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import faiss
     import torch
 
     faiss.omp_set_num_threads(args.threads)
-    torch.set_num_threads(max(args.threads, 1))
+    torch.set_num_threads(max(args.threads, 2))
     rng = np.random.default_rng(args.seed)
-    real = real_vectors(args.model, 64)
-    base = mixtures(real, args.n, args.mix, args.noise, rng)
-    queries = mixtures(real, args.queries, args.mix, args.noise, rng)
+    texts = available_sentences(args.data_root)
+    real = real_vectors(args.model, texts, 128, args.cache)
+    order = rng.permutation(len(real))
+    queries, corpus_real = real[order[:args.queries]], real[order[args.queries:]]
+    base = np.concatenate([corpus_real, mixtures(corpus_real, args.n - len(corpus_real), args.mix, args.noise, rng)])
+    base = base[rng.permutation(len(base))]  # real and synthetic vectors spread over every shard
     truth = exact_top10(base, queries)
+    print(f"{len(texts)} real sentences: {len(queries)} held-out queries, {len(corpus_real)} in a corpus of "
+          f"{len(base)} vectors", flush=True)
     rows = []
+    flat_bytes = 4.0 * real.shape[1]
     with tempfile.TemporaryDirectory() as tmp:
         root = write_shards(Path(tmp) / "vectors", base, args.shard_size)
         del base
-        for label, kind, build, search in VARIANTS:
-            if args.kinds and label not in args.kinds:
+        for name, kind, settings, searches in BUILDS:
+            if args.kinds and name not in args.kinds:
                 continue
-            row = {"label": label, **measure(root, Path(tmp) / label, kind, build, search, queries, truth,
-                                             args.train_size)}
-            rows.append(row)
-            print(f"{label:<18} recall@10 {row['recall_at_10']:.3f}  {row['queries_per_s']:>9.1f} q/s  "
-                  f"build {row['build_s']:>7.2f}s  {row['bytes_per_vector']:>7.1f} B/vector", flush=True)
-    print(json.dumps({"n": args.n, "queries": args.queries, "dim": int(real.shape[1]), "real_vectors": len(real),
-                      "mix": args.mix, "noise": args.noise, "threads": args.threads, "results": rows}))
+            index, built = build(root, kind, settings, args.train_size)
+            index.save(Path(tmp) / name)
+            size = (Path(tmp) / name / "index.faiss").stat().st_size / len(index)
+            for label, search in searches:
+                row = {"label": label, "kind": kind, "build_s": round(built, 1), **measure(index, search, queries, truth),
+                       "bytes_per_vector": round(size, 1), "memory_vs_flat": round(flat_bytes / size, 1),
+                       "store_bytes_per_vector": 4 * int(index.dim or 0) if kind in ("ivfpq", "int8", "binary") else 0,
+                       "settings": {**settings, **search, "nlist": index.nlist, "pq_m": index.params.pq_m,
+                                    "pq_bits": index.params.pq_bits}}
+                rows.append(row)
+                print(f"{label:<26} recall@10 {row['recall_at_10']:.3f}  {row['queries_per_s']:>9.1f} q/s  "
+                      f"build {row['build_s']:>7.1f}s  {row['bytes_per_vector']:>7.1f} B/vector "
+                      f"({row['memory_vs_flat']}x less than flat)", flush=True)
+            del index
+    flat_qps = next((r["queries_per_s"] for r in rows if r["label"] == "flat"), None)
+    for row in rows:
+        row["qps_vs_flat"] = round(row["queries_per_s"] / flat_qps, 1) if flat_qps else None
+    print(json.dumps({"n": args.n, "queries": args.queries, "real_queries": True, "dim": int(real.shape[1]),
+                      "real_vectors": len(real), "corpus_real": len(corpus_real), "mix": args.mix,
+                      "noise": args.noise, "threads": args.threads, "train_size": args.train_size,
+                      "results": rows}))
 
 
 if __name__ == "__main__":
