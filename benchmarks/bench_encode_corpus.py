@@ -1,30 +1,36 @@
-"""Streaming corpus encode vs today's one-file encode: texts/s, and peak RSS at two corpus sizes.
+"""Streaming corpus encode vs today's one-file encode: texts/s, peak RSS at two corpus sizes, kill -9 and resume.
 
-The corpus is synthetic: N lines made by repeating the bundled ``wiki_5k.txt`` sentences (the package's
-unsupervised training file) in order, so the two paths see identical texts. Each (path, size) runs in a
-fresh subprocess with the model loaded first; the peak-RSS counter (VmHWM) is then reset
-(``/proc/self/clear_refs``; the lifetime peak where that is refused) so the number is the encode's own
-peak over the loaded model. Paths:
+The corpus is synthetic: N lines made by repeating, in one seeded shuffled order, every distinct sentence of
+the package's bundled training files (``wiki_5k.txt``, ``snli_triplets.csv``) and of ``--data-root``'s training
+files (the wiki1m head, the SNLI dev/test pairs) — about 35k distinct sentences, long wiki and short SNLI ones
+mixed evenly, so every size sees the same mix. Each (path, size) runs in a fresh subprocess with the model
+loaded first; the peak-RSS counter (VmHWM) is then reset (``/proc/self/clear_refs``; the lifetime peak where
+that is refused) so the number is the encode's own peak over the loaded model. Paths:
 
 - ``today``: ``data.read_sentences`` + ``encoder.encode`` over the whole list, then one ``np.save``
-  (what ``promcse encode --output FILE.npy`` does): memory grows with N;
+  (what ``promcse encode --output FILE.npy`` does): memory grows with N (``--today-sizes``: where it runs);
 - ``streaming``: ``corpus.encode_corpus`` into shards of ``--shard-size`` rows (what
   ``promcse encode --output DIR`` does): memory is bounded by the shard size;
-- ``ray`` (with ``--ray-workers N``): ``ray_encode.encode_files`` on N Ray actors of ``--threads`` torch threads
-  each (what ``promcse encode --engine ray --workers N`` does), on a local Ray instance of N x threads CPUs
-  started by the child before the clock starts (actor start-up is inside the time). Its shard files are
-  compared byte for byte with ``streaming``'s at every size (``ray_identical``); its peak RSS is the driver's
-  only (the actors are other processes), and its "CPU seconds" are the actors' reserved CPUs x wall time.
+- ``ray`` (with ``--ray-workers N``, at ``--ray-sizes``): ``ray_encode.encode_files`` on N Ray actors of
+  ``--ray-threads`` torch threads each (what ``promcse encode --engine ray --workers N`` does), on a local Ray
+  instance of N x threads CPUs started by the child before the clock starts (actor start-up is inside the
+  time). Its shard files are compared byte for byte with ``streaming``'s (``ray_identical``); its peak RSS is
+  the driver's only (the actors are other processes), and its "CPU seconds" are the actors' reserved CPUs x
+  wall time.
+- **kill -9** (``--kill-size N``): the streaming child is started again at size N and sent SIGKILL at a random
+  moment (seeded, uniform over 10-90 % of the uninterrupted run's time after its model load), then the same
+  child is run again to the end. Every file of the result (shards and manifest) is compared byte for byte with
+  the uninterrupted run (``kill_identical``), with the shards listed when it was killed and the resumed run's
+  seconds.
 
-The vectors of both paths are compared at the smaller size (``max_abs_diff``). Throughput is given per wall
-second and per CPU second of the process (the fairer number on a shared machine). At small N both peaks are
-dominated by the longest batch's activations (attention at batch 64 x 256 tokens is ~200 MB for MiniLM) and
-allocator noise; the difference shows once N x (4·D bytes + tokens + text) outgrows that, e.g. 100k+ rows.
+The vectors of ``today`` and ``streaming`` are compared at the smaller size (``max_abs_diff``). Throughput is
+given per wall second and per CPU second of the process (the fairer number on a shared machine).
 The last line printed is the JSON headline.
 
 Usage:
-    python benchmarks/bench_encode_corpus.py [--sizes 20000 100000] [--shard-size 10000] [--model minilm]
-        [--batch-size 64] [--threads 1] [--ray-workers 2]
+    python benchmarks/bench_encode_corpus.py [--sizes 50000 200000] [--shard-size 10000] [--model minilm]
+        [--batch-size 64] [--threads 2] [--today-sizes 50000] [--ray-workers 2 --ray-sizes 50000]
+        [--kill-size 200000]
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,14 +66,28 @@ def reset_peak() -> bool:
         return False
 
 
-def write_corpus(path: Path, n: int) -> Path:
-    """N lines cycling through the bundled wiki_5k sentences."""
+def distinct_training_sentences(data_root: Path) -> list[str]:
+    """Every distinct sentence of the bundled and the shared training files, in a seeded shuffled order."""
+    import csv
+
     from promcse.data import bundled_path
 
-    sentences = [s for s in bundled_path("wiki_5k.txt").read_text(encoding="utf-8").splitlines() if s.strip()]
+    texts = [line.strip() for line in bundled_path("wiki_5k.txt").read_text(encoding="utf-8").split("\n")]
+    texts += (data_root / "train" / "wiki1m_partial" / "wiki1m_head_11914.txt").read_text(encoding="utf-8").split("\n")
+    with open(bundled_path("snli_triplets.csv"), encoding="utf-8", newline="") as handle:
+        texts += [cell for row in csv.DictReader(handle) for cell in row.values()]
+    pairs = (data_root / "train" / "snli_devtest" / "snli_devtest_pairs.tsv").read_text(encoding="utf-8").split("\n")
+    texts += [field for line in pairs[1:] for field in line.split("\t")[1:3]]
+    distinct = list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
+    random.Random(0).shuffle(distinct)
+    return distinct
+
+
+def write_corpus(path: Path, n: int, sentences: list[str]) -> Path:
+    """N lines cycling through ``sentences``."""
     with open(path, "w", encoding="utf-8") as handle:
         for sentence in islice(cycle(sentences), n):
-            handle.write(sentence.strip() + "\n")
+            handle.write(sentence + "\n")
     return path
 
 
@@ -105,7 +127,7 @@ def ray_child(args: argparse.Namespace) -> None:
     from promcse.corpus import EncodeJob
     from promcse.ray_encode import RayEncodeConfig, encode_files
 
-    threads = args.threads or 1
+    threads = args.ray_threads
     ray.init(num_cpus=args.ray_workers * threads, include_dashboard=False, log_to_driver=False)
     base = rss_kib("VmRSS")
     exact = reset_peak()
@@ -120,14 +142,44 @@ def ray_child(args: argparse.Namespace) -> None:
                       "peak_reset": exact}))
 
 
+def child_command(args: argparse.Namespace, mode: str, corpus: Path, out: Path) -> list[str]:
+    return [sys.executable, __file__, "--child", mode, "--corpus", str(corpus), "--out", str(out), "--model",
+            args.model, "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
+            "--threads", str(args.threads), "--ray-workers", str(args.ray_workers), "--ray-threads",
+            str(args.ray_threads)]
+
+
 def run(args: argparse.Namespace, mode: str, corpus: Path, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--corpus", str(corpus), "--out", str(out), "--model",
-           args.model, "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
-           "--threads", str(args.threads), "--ray-workers", str(args.ray_workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(child_command(args, mode, corpus, out), capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def kill_and_resume(args: argparse.Namespace, corpus: Path, out: Path, whole: Path, seconds: float) -> dict:
+    """SIGKILL a streaming child at a random moment, run it again to the end, compare with ``whole``."""
+    from promcse.shards import MANIFEST
+
+    delay = random.Random(args.seed).uniform(0.1, 0.9) * seconds
+    proc = subprocess.Popen(child_command(args, "streaming", corpus, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # the model load is not in ``seconds``: start the clock when the child's first output exists
+    start = time.monotonic()
+    while not out.exists() and proc.poll() is None and time.monotonic() - start < 600:
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        listed = len(json.loads((out / MANIFEST).read_text())["shards"])
+    except (OSError, ValueError):
+        listed = 0
+    leftovers = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    resumed = run(args, "streaming", corpus, out)
+    return {"killed_after_s": round(delay, 1), "shards_listed_when_killed": listed,
+            "files_when_killed": len(leftovers), "resumed_seconds": round(resumed["seconds"], 1),
+            "kill_identical": same_files(out, whole)}
 
 
 def compare(today: Path, streamed: Path) -> float:
@@ -148,37 +200,62 @@ def same_files(a: Path, b: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs=2, default=[20000, 100000])  # ~75 texts/s per core on CPU
+    parser.add_argument("--sizes", type=int, nargs=2, default=[50000, 200000])  # ~90 texts/s per core on CPU
     parser.add_argument("--shard-size", type=int, default=10000)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the one-process paths (0: torch's default)")
+    parser.add_argument("--today-sizes", type=int, nargs="*", help="sizes at which today's path runs (default: both)")
     parser.add_argument("--ray-workers", type=int, default=0,
                         help="also run promcse encode --engine ray with this many actors (0: not run)")
+    parser.add_argument("--ray-threads", type=int, default=1, help="torch threads per Ray actor")
+    parser.add_argument("--ray-sizes", type=int, nargs="*", help="sizes at which the Ray path runs (default: both)")
+    parser.add_argument("--kill-size", type=int, default=0, help="kill -9 and resume the streaming encode at this size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill moment")
+    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
+                        help="the shared data folder (default: ../shared/data beside the checkout)")
     parser.add_argument("--child", choices=("today", "streaming", "ray"), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    wanted = {"today": args.today_sizes, "streaming": None, "ray": args.ray_sizes}
     results: dict[str, dict[int, dict]] = {"today": {}, "streaming": {}, **({"ray": {}} if args.ray_workers else {})}
     identical: dict[str, bool] = {}
+    killed: dict = {}
+    sentences = distinct_training_sentences(args.data_root)
+    print(f"corpus: {len(sentences)} distinct training sentences repeated to size", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(args.sizes):
-            corpus = write_corpus(Path(tmp) / f"corpus-{n}.txt", n)
+            corpus = write_corpus(Path(tmp) / f"corpus-{n}.txt", n, sentences)
             for mode in results:
+                if wanted[mode] is not None and n not in wanted[mode]:
+                    continue
                 out = Path(tmp) / (f"today-{n}.npy" if mode == "today" else f"{mode}-shards-{n}")
                 results[mode][n] = run(args, mode, corpus, out)
                 r = results[mode][n]
                 print(f"{mode:<9} N={n:>8}: {n / r['seconds']:7.1f} texts/s ({n / r['cpu_seconds']:.1f} per CPU s), "
                       f"peak RSS over the loaded model {(r['peak_kib'] - r['base_kib']) / 1024:7.1f} MiB "
-                      f"(process {r['peak_kib'] / 1024:.0f} MiB)")
-            if args.ray_workers:
+                      f"(process {r['peak_kib'] / 1024:.0f} MiB)", flush=True)
+            if n in results.get("ray", {}):
                 identical[str(n)] = same_files(Path(tmp) / f"streaming-shards-{n}", Path(tmp) / f"ray-shards-{n}")
+            if n == args.kill_size:
+                killed = kill_and_resume(args, corpus, Path(tmp) / f"killed-shards-{n}",
+                                         Path(tmp) / f"streaming-shards-{n}", results["streaming"][n]["seconds"])
+                print(f"kill -9 at N={n}: {killed}", flush=True)
+            os.unlink(corpus)
+            for extra in Path(tmp).glob(f"*-{n}*"):  # keep the disk use to one size at a time
+                if extra.is_dir() and n != min(args.sizes):
+                    for f in extra.iterdir():
+                        f.unlink()
+                    extra.rmdir()
         small = min(args.sizes)
-        diff = compare(Path(tmp) / f"today-{small}.npy", Path(tmp) / f"streaming-shards-{small}")
+        diff = compare(Path(tmp) / f"today-{small}.npy", Path(tmp) / f"streaming-shards-{small}") \
+            if small in results["today"] else None
     headline = {
-        "corpus": "bundled wiki_5k sentences repeated in order", "model": args.model, "threads": args.threads,
+        "corpus": f"{len(sentences)} distinct bundled + shared training sentences, shuffled, repeated to size",
+        "model": args.model, "threads": args.threads,
         "shard_size": args.shard_size, "batch_size": args.batch_size,
         "texts_per_s": {mode: {str(n): round(n / r["seconds"], 1) for n, r in by.items()}
                         for mode, by in results.items()},
@@ -191,9 +268,14 @@ def main() -> None:
     }
     if args.ray_workers:
         headline["ray_workers"] = args.ray_workers
+        headline["ray_threads_per_worker"] = args.ray_threads
         headline["ray_identical"] = identical
         headline["ray_speedup_vs_streaming"] = {str(n): round(results["streaming"][n]["seconds"] / r["seconds"], 2)
                                                 for n, r in results["ray"].items()}
+    if killed:
+        headline["kill"] = {"size": args.kill_size, **killed}
+    headline["streaming_vs_today"] = {str(n): round(r["seconds"] / results["streaming"][n]["seconds"], 3)
+                                      for n, r in results["today"].items()}
     print(json.dumps(headline))
 
 
