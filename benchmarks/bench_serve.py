@@ -288,6 +288,8 @@ def main() -> int:
                         help="the server's --batching: off = one request per forward pass (default: on)")
     parser.add_argument("--idle-trim", choices=("on", "off"), default="on",
                         help="the server's --idle-trim: malloc_trim when the engine's queue drains (default: on)")
+    parser.add_argument("--malloc-arenas", type=int, default=None,
+                        help="the server's --malloc-arenas (default: the server's own default, 2; 0: glibc's)")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the server, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     parser.add_argument("--tracemalloc", action="store_true",
@@ -312,7 +314,8 @@ def main() -> int:
         url = f"http://{HOST}:{port}"
         argv = [sys.executable, "-m", "promcse", "serve", "--model", "minilm=minilm", "--index",
                 f"docs={root / 'index'}", "--host", HOST, "--port", str(port), "--device", "cpu",
-                "--batching", args.batching, "--idle-trim", args.idle_trim]
+                "--batching", args.batching, "--idle-trim", args.idle_trim,
+                *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else [])]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
         trace_dir = root / "trace"
         if args.tracemalloc:
@@ -378,6 +381,7 @@ def main() -> int:
         "rss_mib": [round(r, 1) for r in rss], "endpoints": endpoints, "clients": args.clients,
         "rounds": args.rounds, "warmup": args.warmup, "server_threads": args.server_threads, "unsent": unsent,
         "server_exit": exit_code, "batching": args.batching, "idle_trim": args.idle_trim,
+        "malloc_arenas": args.malloc_arenas if args.malloc_arenas is not None else "server default (2)",
         "server_env": extra_env, "rss_warmup_mib": round(rss0, 1) if rss0 is not None else None,
         "wall_s": round(time.monotonic() - began, 1),
     }

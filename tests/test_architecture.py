@@ -17,7 +17,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "promcse"
 
 STAGES: tuple[str, ...] = (
-    "errors", "files", "schema", "data", "sources", "config",               # inputs
+    "errors", "allocator", "files", "schema", "data", "sources", "config",               # inputs
     "backbone", "prompt", "pooling", "model", "encode", "multiprompt",      # the encoder and encoding
     "checkpoint", "released", "onnx_graph", "onnx_runtime", "loading",      # what a model reference means
     "losses", "tiled", "objective",                                         # objectives on embeddings

@@ -225,8 +225,37 @@ def test_engine_trims_the_heap_when_its_queue_drains(registry, monkeypatch: pyte
 def test_malloc_trim_is_a_safe_call_everywhere() -> None:
     import sys
 
-    from promcse.batching import malloc_trim
+    from promcse.allocator import malloc_trim
 
     assert malloc_trim() in (True, False)
     if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
         assert malloc_trim() is True
+
+
+def test_malloc_arena_cap_is_set_before_the_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: ``promcse serve`` caps glibc's arenas (``--malloc-arenas``, default 2) before it loads anything;
+    0 leaves glibc's default. The real ``mallopt`` runs in a child, so this test process keeps its allocator."""
+    import subprocess
+    import sys
+
+    import promcse.cli.serve as serve_cli
+    from promcse.cli import main
+
+    calls: list[object] = []
+
+    def stop(*args: object, **kwargs: object) -> None:
+        calls.append("load")
+        raise PromcseError("stop here")
+
+    monkeypatch.setattr(serve_cli, "limit_malloc_arenas", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(serve_cli, "load_server", stop)
+    assert main(["serve", "--model", "m=unused"]) == 2 and calls == [2, "load"]
+    calls.clear()
+    assert main(["serve", "--model", "m=unused", "--malloc-arenas", "0"]) == 2 and calls == ["load"]
+    with pytest.raises(SystemExit) as exit_info:  # refused by the option's range, before anything runs
+        main(["serve", "--model", "m=unused", "--malloc-arenas", "-1"])
+    assert exit_info.value.code == 2 and calls == ["load"]
+    code = ("import sys, platform; from promcse.allocator import limit_malloc_arenas as f; "
+            "glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'; "
+            "sys.exit(0 if (f(2) is glibc and f(0) is False) else 1)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -22,8 +22,6 @@ the system, and RSS measured flat (529 -> 531 MiB over 750 requests, against 587
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 import time
 from collections import deque
@@ -34,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from promcse.allocator import malloc_trim
 from promcse.errors import PromcseError
 
 if TYPE_CHECKING:
@@ -42,30 +41,6 @@ if TYPE_CHECKING:
 
 SUB_BATCH = 32  # rows per forward pass inside one engine batch (rows of similar length, after sorting)
 TRIM_INTERVAL_S = 1.0  # at most one malloc_trim per this many seconds (each costs ~ms, and page faults after)
-
-_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once ([None]: not available)
-
-
-def malloc_trim() -> bool:
-    """Return the free pages of every glibc malloc arena to the system (``malloc_trim(0)``); False where the C
-    library has no ``malloc_trim`` (macOS, Windows): a no-op there.
-
-    Hand-written (one ctypes call): neither the standard library nor torch or numpy exposes it.
-    """
-    if not _TRIM:
-        fn = None
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL(None).malloc_trim
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-            except (AttributeError, OSError):
-                fn = None
-        _TRIM.append(fn)
-    if _TRIM[0] is None:
-        return False
-    _TRIM[0](0)
-    return True
-
 
 class QueueFull(Exception):
     """The engine's queue holds ``max_queue_tokens`` already: try again later."""

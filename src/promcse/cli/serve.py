@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from promcse.allocator import limit_malloc_arenas
 from promcse.batching import EngineConfig
 from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
@@ -35,6 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         if args.replicas != 1 or args.address or args.cpus_per_replica != 1:
             raise PromcseError("--replicas, --cpus-per-replica and --address need --engine ray")
+        if args.malloc_arenas:
+            limit_malloc_arenas(args.malloc_arenas)  # before the model load and the server's threads allocate
         registry, indexes = load_server(models, index_dirs, device=args.device)
         stopped_by = run_server(registry, indexes, host=args.host, port=args.port, limits=limits,
                                 graceful_timeout=args.graceful_timeout, options=options)
@@ -121,6 +124,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="when the batching queue drains, return the allocator's free memory to the system (glibc "
                         "malloc_trim, at most once a second): keeps RSS flat under varying batch shapes "
                         "(default: %(default)s)")
+    p.add_argument("--malloc-arenas", type=bounded(int, 0, 1024), default=2, metavar="N",
+                   help="cap glibc's malloc arenas at N, as MALLOC_ARENA_MAX does: fewer arenas hold less idle "
+                        "memory apart (0: glibc's default of 8 per core; default: %(default)s)")
     p.add_argument("--request-timeout", type=bounded(float, 0.001, 86_400), default=30.0, metavar="SECONDS",
                    help="longest a request waits for its embeddings before a 504 (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route (default: "
