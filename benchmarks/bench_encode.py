@@ -39,19 +39,16 @@ import argparse
 import importlib.util
 import json
 import os
-import queue
 import random
 import statistics
-import subprocess
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from st_onnx_driver import ST_ONNX, Measured, StOnnxPeer
 
 TEST_FILES = ("STS12/*.tsv", "STS13/*.tsv", "STS14/*.tsv", "STS15/*.tsv", "STS16/*.tsv", "STSBenchmark/test.tsv",
               "SICK/test.tsv")  # the 7-task STS suite: 18,850 pairs, 37,700 sentences
@@ -99,14 +96,6 @@ def encode_token_sorted(encoder: Any, texts: list[str], batch_size: int) -> np.n
                 batch[key] = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=fill)
             out[torch.as_tensor(rows)] = torch.nn.functional.normalize(encoder(batch).float(), dim=-1)
     return out.numpy()
-
-
-@dataclass(frozen=True)
-class Measured:
-    """A run timed in another process: its own wall and process-CPU seconds (its output stays there)."""
-
-    wall: float
-    cpu: float
 
 
 def interleaved(fns: dict[str, Callable[[], Any]],
@@ -228,116 +217,6 @@ def onnx_graphs(args: argparse.Namespace, ours: Any, root: Path) -> dict[str, An
             print(skipped)
         return {}
     return onnx_exports(ours, root, args.prompts, args.prompt_length, torch.get_num_threads())
-
-
-ST_ONNX = "sentence-transformers onnx int8"
-PEER_MARK = "@peer "  # protocol lines of benchmarks/peer_st_onnx.py --serve
-
-
-class PeerError(RuntimeError):
-    """The side-venv peer failed; the message says why."""
-
-
-class StOnnxPeer:
-    """sentence-transformers' ONNX int8 backend in a side venv: ``benchmarks/peer_st_onnx.py --serve`` as a
-    subprocess, started once, timed one ``run`` per round. ``reason`` is set (and no more runs are sent) as
-    soon as anything fails: it never raises into the benchmark."""
-
-    def __init__(self, python: str, model: Path, texts: list[str], batch_size: int, threads: int, work: Path,
-                 root: Path, timeout: float) -> None:
-        self.reason: str | None = None
-        self.meta: dict[str, Any] = {}
-        self.timeout = timeout
-        self.proc: subprocess.Popen[str] | None = None
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        texts_file = root / "peer-texts.json"
-        texts_file.write_text(json.dumps(texts), encoding="utf-8")
-        self.stderr_path = root / "peer-stderr.txt"
-        self.stderr = self.stderr_path.open("w")
-        self.cmd = [python, str(Path(__file__).with_name("peer_st_onnx.py")), "--model", str(model),
-                    "--texts", str(texts_file), "--batch-size", str(batch_size), "--threads", str(threads),
-                    "--work", str(work), "--serve"]
-
-    def start(self) -> None:
-        """Launch the peer; it exports (once), loads and warms up while the caller goes on."""
-        python = self.cmd[0]
-        try:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self.stderr, text=True, bufsize=1)
-        except OSError as err:
-            self.reason = f"cannot start {python}: {err}"
-            return
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def _stderr_tail(self) -> str:
-        self.stderr.flush()
-        lines = [ln for ln in self.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
-        return " | ".join(lines[-3:])[-600:]
-
-    def _reply(self) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise PeerError(f"no answer within {self.timeout:.0f}s (--st-onnx-timeout)") from None
-            if line is None:
-                code = self.proc.wait(timeout=30) if self.proc is not None else None
-                raise PeerError(f"peer exited (rc={code}): {self._stderr_tail()}")
-            if line.startswith(PEER_MARK):
-                reply = json.loads(line[len(PEER_MARK):])
-                if "error" in reply:
-                    raise PeerError(str(reply["error"]))
-                return dict(reply)
-
-    def _ask(self, command: str) -> dict[str, Any] | None:
-        if self.reason is not None or self.proc is None or self.proc.stdin is None:
-            return None
-        try:
-            if command:
-                self.proc.stdin.write(command + "\n")
-                self.proc.stdin.flush()
-            return self._reply()
-        except (PeerError, OSError, ValueError, subprocess.TimeoutExpired) as err:
-            self.reason = str(err)
-            self.close()
-            return None
-
-    def ready(self) -> bool:
-        """Wait for the peer to have exported (once), loaded, checked and warmed up; False if it failed."""
-        reply = self._ask("")
-        if reply is not None:
-            self.meta = reply
-        return self.reason is None
-
-    def run(self) -> Measured:
-        """One timed encode of all the texts inside the peer (NaN if it failed)."""
-        reply = self._ask("run")
-        return Measured(reply["wall"], reply["cpu"]) if reply else Measured(float("nan"), float("nan"))
-
-    def embeddings(self, path: Path) -> np.ndarray | None:
-        """The peer's embeddings of its last run (None if it failed)."""
-        reply = self._ask(f"save {path}")
-        return np.load(path) if reply else None
-
-    def close(self) -> None:
-        """Ask the peer to quit; kill it if it does not."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                if self.proc.stdin is not None:
-                    self.proc.stdin.write("quit\n")
-                    self.proc.stdin.close()
-                self.proc.wait(timeout=10)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
 
 
 def start_st_onnx(args: argparse.Namespace, texts: list[str], root: Path) -> StOnnxPeer | None:
