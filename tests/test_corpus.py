@@ -209,6 +209,24 @@ def test_resume_skips_verified_shards_and_redoes_corrupt_ones(encoder, texts: li
         encode_corpus(encoder, job, "m")
 
 
+def test_each_encoded_shard_hands_free_heap_back(encoder, texts: list[str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13/15: after each shard it encodes (not the skipped ones) the encode calls malloc_trim, so that the
+    free holes left by batches of every shape do not pile up over a long corpus (RSS bounded by the shard)."""
+    import promcse.corpus as corpus
+
+    trims: list[int] = []
+    monkeypatch.setattr(corpus, "malloc_trim", lambda: trims.append(1) or True)
+    job = EncodeJob(write_txt(tmp_path / "c.txt", texts), tmp_path / "out", shard_size=40)
+    first = encode_corpus(encoder, EncodeJob(job.input, job.output, shard_size=40, part=(0, 2)), "m")
+    assert len(trims) == len(first["shards"]) > 0
+    trims.clear()
+    encode_corpus(encoder, EncodeJob(job.input, job.output, shard_size=40, part=(0, 2)), "m")  # all done: skipped
+    assert trims == []
+    whole = encode_corpus(encoder, EncodeJob(job.input, tmp_path / "out2", shard_size=40), "m")
+    assert len(trims) == whole["num_shards"]
+
+
 def test_split_parts_merge_to_one_run(encoder, texts: list[str], tmp_path: Path) -> None:
     source = write_txt(tmp_path / "c.txt", texts)
     job = lambda out, part=(0, 1): EncodeJob(source, tmp_path / out, shard_size=30, dtype="int8", part=part)  # noqa: E731
@@ -227,6 +245,12 @@ def test_split_parts_merge_to_one_run(encoder, texts: list[str], tmp_path: Path)
     assert main(["encode", "--merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--output",
                  str(tmp_path / "merged")]) == 0
     assert files_of(tmp_path / "merged") == files_of(tmp_path / "whole")
+    before = files_of(tmp_path / "p0")
+    for bad, message in [("p0", "inside --output"), ("p0/sub", "inside the input directory"),
+                         (".", "inside --output")]:  # a part, under a part, above a part
+        with pytest.raises(PromcseError, match=message):
+            merge([tmp_path / "p0", tmp_path / "p1"], tmp_path / bad)
+    assert files_of(tmp_path / "p0") == before and not (tmp_path / "p0" / "sub").exists()
     encode_corpus(encoder, EncodeJob(source, tmp_path / "other", shard_size=30, part=(1, 2)), "m")
     with pytest.raises(PromcseError, match="dtype"):
         merge([tmp_path / "p0", tmp_path / "other"], tmp_path / "bad")

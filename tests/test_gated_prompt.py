@@ -233,6 +233,7 @@ def test_mixed_prompt_encoding_carries_the_gates(tiny_bert: Path, tmp_path: Path
     reg.add("plain", make_prompt_checkpoint(tiny_bert, tmp_path / "plain", length=4, shift_positions=False))
     reg.add("bare", str(tiny_bert))
     assert len(reg.backbones) == 1
+    assert [reg.describe(n)["prompt_gate"] for n in ("gated-a", "plain", "bare")] == [True, False, False]
     names, texts = reg.names, make_sentences(24, seed=3)
     chosen = [names[i % len(names)] for i in range(len(texts))]
     encoders = [reg.get(n) for n in chosen]

@@ -31,6 +31,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from promcse.allocator import malloc_trim
 from promcse.encode import encode_texts
 from promcse.errors import PromcseError
 from promcse.files import check_output_dir
@@ -274,6 +275,8 @@ def _encode_shard(encoder: SentenceEncoder, job: EncodeJob, manifest: dict[str, 
     vectors = encode_texts(encoder, texts, batch_size=job.batch_size, normalize=job.normalize,
                            max_length=job.max_length)
     store_shard(job, manifest, index, start, vectors, [rid for rid, _ in chunk], texts)
+    del vectors
+    malloc_trim()  # batches of every shape leave free holes glibc keeps: hand them back once per shard
 
 
 def store_shard(job: EncodeJob, manifest: dict[str, Any], index: int, start: int, vectors: Any, ids: list[Any],

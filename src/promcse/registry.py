@@ -168,7 +168,9 @@ class PromptRegistry:
         return {"name": name, "backbone": spec.backbone, "mode": spec.mode, "pooler": spec.pooler,
                 "head": spec.head, "dim": encoder.dim,
                 "prompt_length": spec.prompt.length if spec.prompt is not None else 0,
-                "prompt_parameters": prompt_params, "max_length": encoder.max_length}
+                "prompt_parameters": prompt_params,
+                "shift_positions": spec.prompt.shift_positions if spec.prompt is not None else False,
+                "prompt_gate": encoder.gated, "max_length": encoder.max_length}
 
 
 def load_many(models: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]], device: str = "auto") -> PromptRegistry:

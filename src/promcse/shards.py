@@ -230,10 +230,11 @@ def merge(dirs: list[str | Path], output: str | Path) -> dict[str, Any]:
     roots = [Path(d) for d in dirs]
     if not roots:
         raise PromcseError("--merge needs at least one directory")
+    # the output may not be a part, hold one or lie inside one: the merge would rewrite a part it reads
+    out = check_output_dir(output, ours=owned_name, inputs=roots, scanned=roots, what="vector directory")
     manifests = [read_manifest(r) for r in roots]
     _check_parts(roots, manifests)
     shards = _collect(roots, manifests)
-    out = check_output_dir(output, ours=owned_name, what="vector directory")
     out.mkdir(parents=True, exist_ok=True)
     for root, entry in shards:
         if not verify_shard(root, entry):
