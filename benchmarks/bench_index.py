@@ -43,6 +43,7 @@ BUILDS: list[tuple[str, str, dict, list[tuple[str, dict]]]] = [
     ("ivfpq", "ivfpq", {"nprobe": 16}, [("ivfpq-norescore", {"rescore": 0}), ("ivfpq", {"rescore": 100}),
                                         ("ivfpq-nprobe32-rescore200", {"nprobe": 32, "rescore": 200})]),
     ("hnsw", "hnsw", {"hnsw_m": 32}, [("hnsw", {"ef_search": 64}), ("hnsw-ef128", {"ef_search": 128}),
+                                      ("hnsw-ef160", {"ef_search": 160}), ("hnsw-ef192", {"ef_search": 192}),
                                       ("hnsw-ef256", {"ef_search": 256})]),
     ("int8", "int8", {}, [("int8", {"rescore": 0}), ("int8-rescore100", {"rescore": 100})]),
     ("binary", "binary", {}, [("binary-norescore", {"rescore": 0}), ("binary", {"rescore": 100}),
