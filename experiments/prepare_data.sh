@@ -12,3 +12,24 @@ SNLI="$TRAIN_DIR/snli_devtest/snli_devtest_for_simcse.csv"
   --range 3-30 --margin 0.1 --per-anchor 1 --no-progress
 [ -f "$OUT/snli_mined_k3.csv" ] || promcse mine --model minilm --input "$SNLI" --output "$OUT/snli_mined_k3.csv" \
   --range 3-30 --margin 0.1 --per-anchor 3 --no-progress
+# Mined negatives *beside* the SNLI contradictions (row 11): the rows that got a mined negative keep their
+# contradiction as hard_neg_1 and take the mined one as hard_neg_2; the rows the margin filter left without one
+# keep their contradiction alone, in a second file (the two are sources of one run: each batch is one file's).
+[ -f "$OUT/snli_contra_mined.csv" ] || python - "$SNLI" "$OUT" <<'PY'
+import csv, sys
+from pathlib import Path
+snli, out = sys.argv[1], Path(sys.argv[2])
+with open(out / "snli_mined.csv", encoding="utf-8", newline="") as f:
+    mined = {(r["sent0"], r["sent1"]): r["hard_neg"] for r in csv.DictReader(f)}
+with open(snli, encoding="utf-8", newline="") as f:
+    rows = list(csv.DictReader(f))
+both = [(r["sent0"], r["sent1"], r["hard_neg"], mined[(r["sent0"], r["sent1"])]) for r in rows if (r["sent0"], r["sent1"]) in mined]
+alone = [(r["sent0"], r["sent1"], r["hard_neg"]) for r in rows if (r["sent0"], r["sent1"]) not in mined]
+for name, header, data in [("snli_contra_mined.csv", ("sent0", "sent1", "hard_neg_1", "hard_neg_2"), both),
+                           ("snli_contra_only.csv", ("sent0", "sent1", "hard_neg"), alone)]:
+    with open(out / name, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(data)
+    print(f"{name}: {len(data)} rows")
+PY
