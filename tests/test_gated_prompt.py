@@ -277,3 +277,36 @@ def test_sentence_transformers_export_refuses_a_gated_prompt(tiny_bert: Path, tm
     with pytest.raises(PromcseError, match="model.prompt_gate") as err:
         export_sentence_transformers(ckpt, tmp_path / "st")
     assert err.value.key == "model.prompt_gate" and not (tmp_path / "st").exists()
+
+
+def test_gate_lr_gives_the_gates_their_own_learning_rate(tiny_bert: Path) -> None:
+    from promcse.config import TrainConfig
+    from promcse.train import make_optimizer
+
+    encoder = gated_encoder(tiny_bert, gate_std=0.5, std=0.02).train()  # open gates: the prefix gets gradients too
+    optimizer, scheduler = make_optimizer(encoder, TrainConfig(lr=1e-3, gate_lr=0.5), total_steps=10)
+    gate_group = [g for g in optimizer.param_groups if any(p is encoder.prompt.gate for p in g["params"])]
+    assert len(optimizer.param_groups) == 2 and len(gate_group) == 1 and gate_group[0]["params"] == [encoder.prompt.gate]
+    before = {name: p.detach().clone() for name, p in encoder.trainable_tensors().items()}
+    encoder(encoder.tokenize(TEXTS)).square().sum().backward()  # any loss that reaches gates and prefix
+    optimizer.step()
+    scheduler.step()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in encoder.trainable_tensors().items()}
+    # AdamW's first step moves every parameter with a non-zero gradient by about its group's lr
+    assert moved["prompt.gate"] == pytest.approx(0.5, rel=1e-3)
+    assert moved["prompt.embedding.weight"] == pytest.approx(1e-3, rel=1e-3)
+    assert scheduler.get_last_lr() == pytest.approx([1e-3 * 0.9, 0.5 * 0.9])  # one schedule scales both
+
+
+def test_gate_lr_default_and_misuse(tiny_bert: Path) -> None:
+    from promcse.config import TrainConfig
+    from promcse.train import make_optimizer
+
+    optimizer, _ = make_optimizer(gated_encoder(tiny_bert), TrainConfig(lr=1e-3), total_steps=10)
+    assert len(optimizer.param_groups) == 1  # 0: the gates train at train.lr with the rest
+    with pytest.raises(PromcseError, match="model.prompt_gate") as err:
+        load_config(None, ["train.gate_lr=0.1", f"model.backbone={tiny_bert}"])
+    assert err.value.key == "train.gate_lr"
+    with pytest.raises(PromcseError) as err:
+        load_config(None, ["train.gate_lr=-1", "model.prompt_gate=true", "model.shift_positions=false"])
+    assert err.value.key == "train.gate_lr"

@@ -85,6 +85,7 @@ class TrainConfig:
     batch_size: int = _f(64, "sentences (rows) per step")
     lr: float = _f(1e-2, "peak learning rate (AdamW, linear decay, no warmup)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
+    gate_lr: float = _f(0.0, "peak learning rate of the gates of a gated prefix (model.prompt_gate; 0 = train.lr): zero-initialised gates open slowly at the prompt's lr")
     warmup_ratio: float = _f(0.0, "fraction of steps with linear warmup")
     grad_clip: float = _f(1.0, "clip the gradient norm (0 = off)")
     seed: int = _f(42, "random seed")
@@ -218,6 +219,8 @@ def validate(config: RunConfig) -> None:
         (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
         (t.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
+        (t.gate_lr >= 0.0, "train.gate_lr", "must be >= 0 (0 = train.lr)"),
+        (t.gate_lr == 0.0 or m.prompt_gate, "train.gate_lr", "only applies to a gated prefix: set model.prompt_gate: true"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
     ]
     for ok, key, message in checks + _distill_and_source_checks(lo, config.data):

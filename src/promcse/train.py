@@ -109,8 +109,16 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(encoder: SentenceEncoder, train: TrainConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over trainable parameters only; linear warmup (``train.warmup_ratio``) then linear decay to 0."""
-    optimizer = torch.optim.AdamW(encoder.trainable_parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    """AdamW over trainable parameters only; linear warmup (``train.warmup_ratio``) then linear decay to 0.
+
+    With ``train.gate_lr`` > 0 the gates of a gated prefix (``prompt.gate``) form a second parameter group at
+    that peak rate (the schedule scales both groups alike); every other tensor trains at ``train.lr``.
+    """
+    tensors = encoder.trainable_tensors()
+    gates = [p for name, p in tensors.items() if name == "prompt.gate"] if train.gate_lr > 0 else []
+    rest = [p for p in tensors.values() if all(p is not g for g in gates)]
+    groups: list[dict[str, Any]] = [{"params": rest}] + ([{"params": gates, "lr": train.gate_lr}] if gates else [])
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(total_steps * train.warmup_ratio)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
