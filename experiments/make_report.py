@@ -1,6 +1,7 @@
 """Build the experiment table (markdown) and plots from experiments/results/*.json.
 
-Usage: python experiments/make_report.py [--out docs/results]   (prints the markdown table)
+Usage: python experiments/make_report.py [--out docs/results] [--rows row1_frozen,row7_p20,...] [--no-plots]
+(prints the markdown table: every row, or the named rows in that order)
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(rows: dict[str, list[dict]]) -> str:
+def table(rows: dict[str, list[dict]], order: list[str] | None = None) -> str:
     head = ["row", "seeds", *[t.replace("STSBenchmark", "STS-B") for t in TASKS], "Avg", "CxC", "CxC boot",
             "align", "uniform", "trainable", "ckpt", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, runs in sorted(rows.items()):
+    for name in order or sorted(rows):
+        if name not in rows:
+            raise SystemExit(f"no results for row {name} under experiments/results/")
+        runs = rows[name]
         cells = [name, str(len(runs))]
         cells += [fmt([r["tasks"][t]["spearman"] for r in runs]) for t in TASKS]
         cells.append(fmt([r["avg"] for r in runs]))
@@ -84,10 +88,13 @@ def plots(rows: dict[str, list[dict]], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--rows", default="", help="comma-separated rows to print, in this order (default: all)")
+    parser.add_argument("--no-plots", action="store_true", help="print the table only")
     args = parser.parse_args()
     rows = load_results()
-    print(table(rows))
-    plots(rows, Path(args.out))
+    print(table(rows, [r for r in args.rows.split(",") if r] or None))
+    if not args.no_plots:
+        plots(rows, Path(args.out))
 
 
 if __name__ == "__main__":
