@@ -11,7 +11,7 @@ import torch
 from conftest import write_tiny_bert
 from promcse.config import load_config
 from promcse.errors import PromcseError
-from promcse.losses import distill_contrastive, distill_similarity
+from promcse.losses import distill_contrastive, distill_similarity, same_text_columns
 from promcse.teacher import build_teacher_cache
 from promcse.train import train
 from test_losses import _cos
@@ -26,15 +26,20 @@ def _ref_contrastive(s, t, tau):
     return total / len(s)
 
 
-def _ref_similarity(sr, sc, tr, tc, tau):
-    total = 0.0
+def _ref_similarity(sr, sc, tr, tc, tau, skip=()):
+    """Loop reference; ``skip``: the (i, j) pairs left out of row i's distributions."""
+    total, rows = 0.0, 0
     for i in range(len(sr)):
-        zs = sum(torch.exp(_cos(sr[i], sc[j]) / tau) for j in range(len(sc)))
-        zt = sum(torch.exp(_cos(tr[i], tc[j]) / tau) for j in range(len(tc)))
-        for j in range(len(sc)):
+        cols = [j for j in range(len(sc)) if (i, j) not in skip]
+        if not cols:
+            continue
+        rows += 1
+        zs = sum(torch.exp(_cos(sr[i], sc[j]) / tau) for j in cols)
+        zt = sum(torch.exp(_cos(tr[i], tc[j]) / tau) for j in cols)
+        for j in cols:
             ps, pt = torch.exp(_cos(sr[i], sc[j]) / tau) / zs, torch.exp(_cos(tr[i], tc[j]) / tau) / zt
             total = total + pt * (torch.log(pt) - torch.log(ps))
-    return total / len(sr)
+    return total / rows
 
 
 def _rand(*shape, seed):
@@ -62,6 +67,46 @@ def test_similarity_distillation_matches_loop_reference_across_dimensions():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
     same = distill_similarity(sr, sc, sr.detach(), sc.detach(), 0.2)
     assert abs(same.item()) < 1e-12  # a student that equals its teacher has nothing to learn
+
+
+def test_similarity_distillation_leaves_out_the_excluded_columns_as_the_loop_reference():
+    sr, sc = _rand(4, 4, seed=7), _rand(9, 4, seed=8)
+    tr, tc = _rand(4, 6, seed=9), _rand(9, 6, seed=10)
+    skip = {(0, 0), (1, 1), (1, 5), (2, 2)} | {(3, j) for j in range(9)}  # row 3: every column left out
+    exclude = torch.zeros(4, 9, dtype=torch.bool)
+    for i, j in skip:
+        exclude[i, j] = True
+    fast, ref = distill_similarity(sr, sc, tr, tc, 0.1, exclude=exclude), _ref_similarity(sr, sc, tr, tc, 0.1, skip)
+    assert torch.isfinite(fast)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(fast, [sr, sc]), torch.autograd.grad(ref, [sr, sc])):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    everything = torch.ones(4, 9, dtype=torch.bool)
+    assert distill_similarity(sr, sc, tr, tc, 0.1, exclude=everything).item() == 0.0
+    with pytest.raises(ValueError, match="exclude"):
+        distill_similarity(sr, sc, tr, tc, 0.1, exclude=exclude[:, :5])
+
+
+def test_the_objective_leaves_out_each_anchors_own_text():
+    """Views (anchor, positive, hard negative) and a dropout-view batch (the anchor's text twice): the columns
+    of the anchor's own text carry no relation and would swamp both distributions at low tau."""
+    from promcse.objective import Objective
+
+    objective = Objective(name="nt_xent", temperature=0.05, distill="similarity", distill_temperature=0.05)
+    student = [_rand(5, 4, seed=s) for s in (11, 12, 13)]
+    teacher = [_rand(5, 6, seed=s).detach() for s in (14, 15, 16)]
+    teacher[2][3] = teacher[0][1]  # row 1's text is also row 3's hard negative
+    cols_s, cols_t = torch.cat(student), torch.cat(teacher)
+    skip = {(i, i) for i in range(5)} | {(1, 13)}
+    got = objective.distill_terms(student, teacher)
+    torch.testing.assert_close(got, _ref_similarity(student[0], cols_s, teacher[0], cols_t, 0.05, skip),
+                               rtol=1e-10, atol=1e-12)
+    assert same_text_columns(teacher[0], cols_t).nonzero().tolist() == sorted([list(p) for p in skip])
+    dropout = [student[0], student[1]], [teacher[0], teacher[0]]  # unsupervised: the same texts twice
+    skip2 = {(i, i) for i in range(5)} | {(i, 5 + i) for i in range(5)}
+    torch.testing.assert_close(objective.distill_terms(*dropout),
+                               _ref_similarity(student[0], torch.cat(dropout[0]), teacher[0], torch.cat(dropout[1]),
+                                               0.05, skip2), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("call", [

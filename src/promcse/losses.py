@@ -163,13 +163,18 @@ def distill_contrastive(student: Tensor, teacher: Tensor, temperature: float = 0
 
 
 def distill_similarity(student_rows: Tensor, student_cols: Tensor, teacher_rows: Tensor, teacher_cols: Tensor,
-                       temperature: float = 0.05) -> Tensor:
+                       temperature: float = 0.05, exclude: Tensor | None = None) -> Tensor:
     """Similarity-matrix distillation: KL between the teacher's and the student's in-batch similarity
     distributions (as in CKD-style relational distillation). Works across embedding dimensions.
 
-    With ``p^x_ij = softmax_j(cos(x_i, x_j) / tau)`` over the columns (the batch's views)::
+    With ``p^x_ij = softmax_{j not in E(i)}(cos(x_i, x_j) / tau)`` over the columns (the batch's views) that
+    ``exclude`` does not leave out for row i (``E(i)``), and ``R`` the rows with at least one column left::
 
-        L_SD = (1/B) sum_i sum_j p^t_ij (log p^t_ij - log p^s_ij)
+        L_SD = (1/|R|) sum_{i in R} sum_{j not in E(i)} p^t_ij (log p^t_ij - log p^s_ij)
+
+    Leave out each anchor's own text (:func:`same_text_columns`): its column has cosine 1 for teacher and
+    student alike, and at tau = 0.05 it takes ~96 % of the teacher's mass on SNLI batches, so with it the KL
+    is ~0.008 whatever the student does; without it, ~0.12 for MiniLM against all-mpnet-base-v2.
 
     Args:
         student_rows: ``(B, D)`` student anchors.
@@ -177,6 +182,7 @@ def distill_similarity(student_rows: Tensor, student_cols: Tensor, teacher_rows:
         teacher_rows: ``(B, D')`` teacher embeddings of the anchors' texts.
         teacher_cols: ``(N, D')`` teacher embeddings of the columns' texts.
         temperature: tau > 0, for both distributions.
+        exclude: ``(B, N)`` bool, True for the columns left out of row i's distributions; None: none.
 
     Raises:
         ValueError: On mismatched shapes or a non-positive temperature.
@@ -188,9 +194,28 @@ def distill_similarity(student_rows: Tensor, student_cols: Tensor, teacher_rows:
                          f"does not match teacher {tuple(teacher_rows.shape)} x {tuple(teacher_cols.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_s = F.log_softmax(similarity_matrix(student_rows, student_cols) / temperature, dim=1)
-    log_t = F.log_softmax(similarity_matrix(teacher_rows, teacher_cols).detach() / temperature, dim=1)
+    logits_s = similarity_matrix(student_rows, student_cols) / temperature
+    logits_t = similarity_matrix(teacher_rows, teacher_cols).detach() / temperature
+    if exclude is not None:
+        if exclude.shape != logits_s.shape:
+            raise ValueError(f"distill_similarity: exclude {tuple(exclude.shape)} must be {tuple(logits_s.shape)}")
+        keep = ~exclude.all(dim=1)  # a row with no column left has no distribution
+        # a finite fill, not -inf: kl_div computes exp(t) * (t - s), and -inf - -inf is NaN; exp(-1e4) is 0
+        logits_s = logits_s.masked_fill(exclude, -1e4)[keep]
+        logits_t = logits_t.masked_fill(exclude, -1e4)[keep]
+        if logits_s.shape[0] == 0:
+            return logits_s.sum()  # zero, still attached to the graph
+    log_s, log_t = F.log_softmax(logits_s, dim=1), F.log_softmax(logits_t, dim=1)
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+
+
+def same_text_columns(teacher_rows: Tensor, teacher_cols: Tensor, tolerance: float = 1e-6) -> Tensor:
+    """``(B, N)`` bool: True where a column is the anchor's own text, told by the teacher's embeddings.
+
+    The teacher's vectors are cached per distinct text, so a column of the same text (the anchor itself, its
+    dropout view, a repeated sentence) has exactly the anchor's vector: ``cos >= 1 - tolerance``.
+    """
+    return similarity_matrix(teacher_rows, teacher_cols).detach() >= 1.0 - tolerance
 
 
 def supcon(embeddings: Tensor, labels: Tensor, temperature: float = 0.05) -> Tensor:

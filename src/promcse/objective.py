@@ -9,8 +9,8 @@ objectives are the PromCSE objective ``L = L_CL + lambda * L_EH`` (:func:`promcs
 
 ``nt_xent`` is L_CL alone (SimCSE; unsupervised PromCSE), ``nt_xent_eh`` adds the energy-based hinge with
 weight lambda (supervised PromCSE, hard negatives required). With a teacher (``loss.distill_teacher``) every
-objective adds ``mu * L_D``, a distillation term on the local views (:func:`promcse.losses.distill_similarity`
-or :func:`promcse.losses.distill_contrastive`); ``distill`` is that term alone. ``loss.tile_size > 0`` computes the same
+objective adds ``mu * L_D``, a distillation term on the local views (:func:`promcse.losses.distill_similarity`,
+leaving out the columns of each anchor's own text, or :func:`promcse.losses.distill_contrastive`); ``distill`` is that term alone. ``loss.tile_size > 0`` computes the same
 values and gradients in tiles (:func:`promcse.tiled.tiled_contrastive_loss`): a parameter, not another loss.
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from promcse.losses import contrastive_loss, distill_contrastive, distill_similarity
+from promcse.losses import contrastive_loss, distill_contrastive, distill_similarity, same_text_columns
 from promcse.tiled import tiled_contrastive_loss
 
 if TYPE_CHECKING:
@@ -69,13 +69,15 @@ class Objective:
     def distill_terms(self, local: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         """The distillation term on this process's views and the teacher's embeddings of the same texts.
 
-        ``similarity``: KL of in-batch similarity distributions, anchors against every view;
+        ``similarity``: KL of in-batch similarity distributions, anchors against every view but those of the
+        anchor's own text (:func:`promcse.losses.same_text_columns`);
         ``contrastive``: student anchors against the teacher's anchors (same dimension).
         """
         if self.distill == "contrastive":
             return distill_contrastive(local[0], teacher[0], self.distill_temperature)
-        return distill_similarity(local[0], torch.cat(list(local)), teacher[0], torch.cat(list(teacher)),
-                                  self.distill_temperature)
+        columns = torch.cat(list(teacher))
+        return distill_similarity(local[0], torch.cat(list(local)), teacher[0], columns, self.distill_temperature,
+                                  exclude=same_text_columns(teacher[0], columns))
 
     @property
     def needs_hard_negatives(self) -> bool:
