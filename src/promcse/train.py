@@ -114,10 +114,10 @@ def make_optimizer(encoder: SentenceEncoder, train: TrainConfig, total_steps: in
     With ``train.gate_lr`` > 0 the gates of a gated prefix (``prompt.gate``) form a second parameter group at
     that peak rate (the schedule scales both groups alike); every other tensor trains at ``train.lr``.
     """
-    tensors = encoder.trainable_tensors()
-    gates = [p for name, p in tensors.items() if name == "prompt.gate"] if train.gate_lr > 0 else []
-    rest = [p for p in tensors.values() if all(p is not g for g in gates)]
-    groups: list[dict[str, Any]] = [{"params": rest}] + ([{"params": gates, "lr": train.gate_lr}] if gates else [])
+    gate = getattr(encoder.prompt, "gate", None) if train.gate_lr > 0 else None
+    groups: list[dict[str, Any]] = [{"params": [p for p in encoder.trainable_parameters() if p is not gate]}]
+    if gate is not None:
+        groups.append({"params": [gate], "lr": train.gate_lr})
     optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(total_steps * train.warmup_ratio)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
