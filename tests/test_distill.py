@@ -12,7 +12,7 @@ from conftest import write_tiny_bert
 from promcse.config import load_config
 from promcse.errors import PromcseError
 from promcse.losses import distill_contrastive, distill_similarity, same_text_columns
-from promcse.teacher import build_teacher_cache
+from promcse.teacher import build_source_caches, build_teacher_cache
 from promcse.train import train
 from test_losses import _cos
 from test_train import changed_tensors, fresh_encoder, snapshot, tiny_config
@@ -164,6 +164,45 @@ def test_teacher_cache_holds_the_teachers_vectors_and_refuses_a_changed_file(tin
     npy.write_bytes(bytes(data))
     with pytest.raises(PromcseError, match="does not match its record"):
         build_teacher_cache(str(tiny_teacher), texts, tmp_path, device="cpu", show_progress=False)
+
+
+def test_multi_source_run_reuses_a_single_source_cache_and_embeds_only_the_new_source(tiny_bert, tiny_teacher,
+                                                                                      tiny_data, tmp_path,
+                                                                                      monkeypatch):
+    import promcse.teacher as teacher_module
+
+    cache = tmp_path / "cache"
+    common = (f"loss.distill_teacher={tiny_teacher}", f"loss.distill_cache={cache}", "loss.distill_weight=2.0")
+    train(tiny_config(tiny_bert, tiny_data, *common), tmp_path / "one", show_progress=False)
+    assert len(list(cache.glob("*.json"))) == 1
+    embedded: list[int] = []
+    real_load = teacher_module.load
+
+    def counting_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        real_encode = model.encode
+        model.encode = lambda texts, **kw: (embedded.append(len(texts)), real_encode(texts, **kw))[1]
+        return model
+
+    monkeypatch.setattr(teacher_module, "load", counting_load)
+    wiki = tmp_path / "other.txt"  # texts the first run never saw
+    wiki.write_text("".join(f"{line} again\n" for line in tiny_data["txt"].read_text().splitlines()), encoding="utf-8")
+    sources = f"data.sources=[{{file: {wiki}}}, {{file: {tiny_data['csv']}}}]"
+    result = train(tiny_config(tiny_bert, tiny_data, *common, sources), tmp_path / "two", show_progress=False)
+    assert result.steps == 4
+    assert embedded == [60]  # the new sentence file only: the triplets' cache of the first run is reused
+    assert len(list(cache.glob("*.json"))) == 2
+
+
+def test_merged_source_caches_give_each_text_its_teachers_vector(tiny_teacher, tmp_path):
+    from promcse import load
+
+    first, second = ["a man is playing", "a dog runs"], ["a dog runs", "the sky is blue", "a cat sleeps"]
+    merged = build_source_caches(str(tiny_teacher), [first, second], tmp_path, device="cpu", show_progress=False)
+    texts = list(dict.fromkeys(first + second))
+    assert sorted(merged.rows) == sorted(texts)
+    direct = torch.from_numpy(load(str(tiny_teacher), device="cpu").encode(texts, normalize=True))
+    torch.testing.assert_close(merged.views([texts])[0], direct, rtol=1e-5, atol=1e-6)
 
 
 def test_contrastive_distillation_across_dimensions_is_refused(tiny_bert, tiny_teacher, tiny_data, tmp_path):

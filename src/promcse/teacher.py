@@ -5,8 +5,9 @@ sentence-transformers directory such as all-mpnet-base-v2). Before the first ste
 embeddings of the run's distinct texts are computed (with a progress bar) and stored as
 ``<key>.npy`` + ``<key>.json`` in the cache directory; ``key`` is a sha256 of the teacher's identity (its
 resolved reference and, for a directory, every file's name, size and modification time) and the texts, so
-another seed or another run on the same data reuses them and any change recomputes. The loop then looks up
-the rows of each batch: the teacher never runs during training.
+another seed or another run on the same data reuses them and any change recomputes. A multi-source run
+(``data.sources``) keeps one cache per source, so adding a source to a run embeds only the new file's texts.
+The loop then looks up the rows of each batch: the teacher never runs during training.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +127,22 @@ def build_teacher_cache(reference: str, texts: list[str], directory: str | Path,
         os.makedirs(where, exist_ok=True)
         _write_cache(where, key, reference, vectors)
     return TeacherCache(reference, {text: i for i, text in enumerate(distinct)}, torch.from_numpy(vectors))
+
+
+def build_source_caches(reference: str, sources: Sequence[list[str]], directory: str | Path, device: str = "auto",
+                        batch_size: int = 64, show_progress: bool = True) -> TeacherCache:
+    """One cache per source (each keyed by that source's texts alone), merged into one lookup.
+
+    A text found in several sources keeps its first source's row (the teacher's vector of it is the same).
+    """
+    parts = [build_teacher_cache(reference, texts, directory, device=device, batch_size=batch_size,
+                                 show_progress=show_progress) for texts in sources]
+    if len(parts) == 1:
+        return parts[0]
+    rows: dict[str, int] = {}
+    offset = 0
+    for part in parts:
+        for text, row in part.rows.items():
+            rows.setdefault(text, offset + row)
+        offset += part.vectors.shape[0]
+    return TeacherCache(reference, rows, torch.cat([part.vectors for part in parts]))

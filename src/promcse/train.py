@@ -32,7 +32,7 @@ from promcse.objective import Objective, build_objective
 from promcse.prompt import PromptSpec
 from promcse.resume import LoopState, latest_state, load_state
 from promcse.sources import Mixture, mixture_batch_order
-from promcse.teacher import TeacherCache, build_teacher_cache
+from promcse.teacher import TeacherCache, build_source_caches
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +60,13 @@ def _read_source(name: str, require_hard_negatives: bool, batch_size: int) -> Tr
 
 def load_teacher(loss: LossConfig, examples: TrainExamples | Mixture, out: Path, device: torch.device,
                  show_progress: bool) -> TeacherCache | None:
-    """The teacher's embeddings of every training text (``loss.distill_teacher``), cached; None without one."""
+    """The teacher's embeddings of every training text (``loss.distill_teacher``), cached per source; None
+    without one."""
     if not loss.distill_teacher:
         return None
     cache = Path(loss.distill_cache) if loss.distill_cache else out / "teacher_cache"
-    return build_teacher_cache(loss.distill_teacher, examples.texts(), cache, device=str(device),
+    parts = examples.parts if isinstance(examples, Mixture) else (examples,)
+    return build_source_caches(loss.distill_teacher, [part.texts() for part in parts], cache, device=str(device),
                                show_progress=show_progress)
 
 
