@@ -22,7 +22,8 @@ serve = pytest.importorskip("ray.serve")
 
 from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
 from promcse.cli import main  # noqa: E402
-from promcse.ray_serve import APP_NAME, RayServeConfig  # noqa: E402
+import promcse.ray_serve as ray_serve_module  # noqa: E402
+from promcse.ray_serve import APP_NAME, RayServeConfig, Replica, ReplicaSpec  # noqa: E402
 from promcse.registry import load_many  # noqa: E402
 
 TEXTS = make_sentences(24, seed=5)
@@ -131,3 +132,23 @@ def test_ray_options_are_checked_before_anything_starts(capsys: pytest.CaptureFi
     assert "--api-key" in capsys.readouterr().err
     with pytest.raises(Exception, match="--replicas must be at least 1"):
         RayServeConfig(replicas=0).check()
+
+
+def test_malloc_arenas_reach_each_replica_before_its_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(ray_serve_module, "limit_malloc_arenas", lambda n: calls.append(("arenas", n)) or True)
+    monkeypatch.setattr(ray_serve_module, "load_server", lambda *a, **k: calls.append(("load", a[0])) or ({}, {}))
+    monkeypatch.setattr(ray_serve_module, "create_app", lambda *a: "app")
+    Replica(ReplicaSpec(models={"m": "minilm"}, malloc_arenas=3), threads=1)
+    assert calls == [("arenas", 3), ("load", {"m": "minilm"})]
+    calls.clear()
+    Replica(ReplicaSpec(models={"m": "minilm"}), threads=1)  # 0: glibc's default, untouched
+    assert calls == [("load", {"m": "minilm"})]
+
+
+def test_serve_engine_ray_hands_the_arena_cap_to_the_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[ReplicaSpec] = []
+    monkeypatch.setattr(ray_serve_module, "serve_on_ray", lambda spec, config, **kw: seen.append(spec))
+    monkeypatch.setattr("promcse.cli.serve.limit_malloc_arenas", lambda n: pytest.fail("capped in the launcher"))
+    assert main(["serve", "--model", "m=minilm", "--engine", "ray", "--malloc-arenas", "4"]) == 0
+    assert [spec.malloc_arenas for spec in seen] == [4]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from promcse.allocator import limit_malloc_arenas
 from promcse.errors import PromcseError
 from promcse.launch import check_connection_options, check_server_options, host_guarded, load_server
 from promcse.serve import Limits, ServeOptions, create_app
@@ -40,6 +41,8 @@ class ReplicaSpec:
         device: ``auto``, ``cpu`` or ``cuda`` (a replica sees only the GPUs Ray gave it).
         limits: Request limits.
         options: Batching, timeout and authentication options.
+        malloc_arenas: Cap on glibc's malloc arenas in each replica's process (0: glibc's default). Applied by
+            the replica itself: a cap set in the launching process does not reach Ray's worker processes.
     """
 
     models: dict[str, str]
@@ -47,6 +50,7 @@ class ReplicaSpec:
     device: str = "auto"
     limits: Limits = field(default_factory=Limits)
     options: ServeOptions = field(default_factory=ServeOptions)
+    malloc_arenas: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class Replica:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        if spec.malloc_arenas:
+            limit_malloc_arenas(spec.malloc_arenas)  # before the model load allocates
         registry, indexes = load_server(spec.models, spec.indexes, device=spec.device)
         self.asgi = create_app(registry, indexes, spec.limits, spec.options)  # ("app" is Ray's wrapper's)
 

@@ -51,7 +51,8 @@ def _serve_on_ray(args: argparse.Namespace, models: dict[str, str], index_dirs: 
     """``--engine ray``: ``--replicas`` replicas of the same app on Ray Serve, until SIGTERM/SIGINT."""
     from promcse.ray_serve import RayServeConfig, ReplicaSpec, serve_on_ray
 
-    spec = ReplicaSpec(models=models, indexes=index_dirs, device=args.device, limits=limits, options=options)
+    spec = ReplicaSpec(models=models, indexes=index_dirs, device=args.device, limits=limits, options=options,
+                       malloc_arenas=args.malloc_arenas)
     config = RayServeConfig(replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
                             gpus_per_replica=1.0 if args.device == "cuda" else 0.0, address=args.address,
                             graceful_timeout_s=args.graceful_timeout)
@@ -126,7 +127,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--malloc-arenas", type=bounded(int, 0, 1024), default=2, metavar="N",
                    help="cap glibc's malloc arenas at N, as MALLOC_ARENA_MAX does: fewer arenas hold less idle "
-                        "memory apart (0: glibc's default of 8 per core; default: %(default)s)")
+                        "memory apart; with --engine ray each replica applies it in its own process (0: glibc's default of 8 per "
+                        "core; default: %(default)s)")
     p.add_argument("--request-timeout", type=bounded(float, 0.001, 86_400), default=30.0, metavar="SECONDS",
                    help="longest a request waits for its embeddings before a 504 (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route (default: "
