@@ -10,7 +10,6 @@ Usage: python experiments/distill_own_column.py [--batch 64] [--train-dir ../sha
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 from pathlib import Path
 
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     import promcse
+    from promcse.data import read_training_file
     from promcse.losses import distill_similarity, same_text_columns
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,10 +29,12 @@ def main() -> None:
     parser.add_argument("--train-dir", default=str(ROOT.parent / "shared" / "data" / "train"))
     parser.add_argument("--teacher", default=str(ROOT / "experiments" / "models" / "all-mpnet-base-v2"))
     args = parser.parse_args()
-    with open(Path(args.train_dir) / "snli_devtest" / "snli_devtest_for_simcse.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    random.Random(0).shuffle(rows)
-    views = [[r[k] for r in rows[: args.batch]] for k in ("sent0", "sent1", "hard_neg")]
+    examples = read_training_file(Path(args.train_dir) / "snli_devtest" / "snli_devtest_for_simcse.csv",
+                                  require_hard_negatives=True)
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)  # the permutation depends only on the length: the same batch as before
+    views = [[column[i] for i in order[: args.batch]] for column in (examples.anchor, examples.positive,
+                                                                       examples.negatives[0])]
     student, teacher = promcse.load("minilm", device="cpu"), promcse.load(args.teacher, device="cpu")
     s = [torch.tensor(student.encode(v)) for v in views]
     t = [torch.tensor(teacher.encode(v)) for v in views]
