@@ -2,6 +2,10 @@
 
 Usage: python experiments/make_report.py [--out docs/results] [--rows row1_frozen,row7_p20,...] [--no-plots]
 (prints the markdown table: every row, or the named rows in that order)
+
+The Quality table of docs/RESULTS.md is built from a labels file (rows in its order, each shown with its label, the
+compact columns) and written in place:
+    python experiments/make_report.py --no-plots --labels experiments/quality_rows.json --update docs/RESULTS.md
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICK-R"]
+# Columns a compact (labelled) table leaves out: they stay in the full table and in the result JSONs.
+COMPACT_DROP = ("align", "uniform", "ckpt", "train s")
 
 
 def load_results() -> dict[str, list[dict]]:
@@ -30,10 +36,31 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(rows: dict[str, list[dict]], order: list[str] | None = None) -> str:
+def load_labels(path: Path) -> dict[str, dict[str, str]]:
+    """Read a labels file: a JSON object ``{row: {"label": str, "trainable": str (optional)}}``, in table order."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{path}: cannot read labels file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: labels file must be a JSON object of row -> {{\"label\": ...}}")
+    for row, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("label"), str):
+            raise SystemExit(f"{path}: row {row!r} needs a string \"label\"")
+        unknown = set(entry) - {"label", "trainable"}
+        if unknown:
+            raise SystemExit(f"{path}: row {row!r} has unknown key(s) {sorted(unknown)}")
+    return data
+
+
+def table(rows: dict[str, list[dict]], order: list[str] | None = None,
+          labels: dict[str, dict[str, str]] | None = None) -> str:
+    """The markdown table; with ``labels``, rows follow the labels file and the compact columns are kept."""
     head = ["row", "seeds", *[t.replace("STSBenchmark", "STS-B") for t in TASKS], "Avg", "CxC", "CxC boot",
             "align", "uniform", "trainable", "ckpt", "train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
+    if labels is not None:
+        order = order or list(labels)
     for name in order or sorted(rows):
         if name not in rows:
             raise SystemExit(f"no results for row {name} under experiments/results/")
@@ -48,8 +75,26 @@ def table(rows: dict[str, list[dict]], order: list[str] | None = None) -> str:
         cells.append(f"{runs[0]['trainable_params']:,}")
         cells.append(f"{runs[0]['checkpoint_bytes'] / 1e6:.2f} MB" if runs[0]["checkpoint_bytes"] else "–")
         cells.append(f"{statistics.mean(r['train_seconds'] for r in runs):.0f}")
+        if labels is not None:
+            entry = labels.get(name, {"label": name})
+            cells[0] = entry["label"]
+            cells[head.index("trainable")] = entry.get("trainable", cells[head.index("trainable")])
+            cells = [c for h, c in zip(head, cells) if h not in COMPACT_DROP]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    shown = [h for h in head if labels is None or h not in COMPACT_DROP]
+    return "\n".join(["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown), *lines])
+
+
+def update_file(path: Path, new_table: str) -> None:
+    """Replace, in ``path``, the markdown table whose header line equals ``new_table``'s (up to the next blank line)."""
+    text = path.read_text()
+    header = new_table.splitlines()[0]
+    start = text.find(header + "\n")
+    if start < 0:
+        raise SystemExit(f"{path}: no table with the header {header!r} to update")
+    end = text.find("\n\n", start)
+    end = len(text) if end < 0 else end
+    path.write_text(text[:start] + new_table + text[end:])
 
 
 def plots(rows: dict[str, list[dict]], out: Path) -> None:
@@ -90,9 +135,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--rows", default="", help="comma-separated rows to print, in this order (default: all)")
     parser.add_argument("--no-plots", action="store_true", help="print the table only")
+    parser.add_argument("--labels", default="", help="JSON file of row -> {label, trainable}: its rows, its labels, "
+                        "compact columns")
+    parser.add_argument("--update", default="", help="markdown file whose table with the same header is replaced")
     args = parser.parse_args()
     rows = load_results()
-    print(table(rows, [r for r in args.rows.split(",") if r] or None))
+    labels = load_labels(Path(args.labels)) if args.labels else None
+    text = table(rows, [r for r in args.rows.split(",") if r] or None, labels)
+    print(text)
+    if args.update:
+        update_file(Path(args.update), text)
     if not args.no_plots:
         plots(rows, Path(args.out))
 
