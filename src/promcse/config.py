@@ -53,7 +53,7 @@ class Source:
 class DataConfig:
     """Where training and model-selection data come from."""
 
-    train_file: str = _f("bundled:snli_triplets.csv", "training file: .txt (unsupervised) or .csv/.tsv/.jsonl with sent0,sent1[,hard_neg | hard_neg_1..k]; 'bundled:NAME' for packaged data")
+    train_file: str = _f("bundled:snli_triplets.csv", "training file: .txt (unsupervised) or .csv/.tsv/.jsonl with sent0,sent1[,hard_neg | hard_neg_1..k] (or sent0[,sent1],label for supcon); 'bundled:NAME' for packaged data")
     sources: list[Source] = field(default_factory=list, metadata={"help": "several training files in one run, replacing train_file: a YAML list of {file, weight, contrastive}; each step's batch comes from one file, drawn by weight"})
     max_length: int = _f(32, "truncate training inputs at this many tokens")
     eval_data_dir: str = _f("", "eval data dir (tsv/original/...); empty: PROMCSE_DATA_DIR or the bundled STS-B dev")
@@ -63,7 +63,7 @@ class DataConfig:
 class LossConfig:
     """Contrastive objective."""
 
-    name: str = _f("nt_xent", "nt_xent | nt_xent_eh (PromCSE supervised: + energy-based hinge, needs hard negatives) | distill (distillation alone; needs loss.distill_teacher)")
+    name: str = _f("nt_xent", "nt_xent | nt_xent_eh (PromCSE supervised: + energy-based hinge, needs hard negatives) | supcon (SupCon: needs a label column) | distill (distillation alone; needs loss.distill_teacher)")
     temperature: float = _f(0.05, "softmax temperature tau")
     hard_negative_weight: float = _f(0.0, "logit bonus w on each row's own hard negative")
     eh_weight: float = _f(10.0, "lambda: weight of the energy-based hinge loss (nt_xent_eh only)")
@@ -217,6 +217,9 @@ def validate(config: RunConfig) -> None:
         (t.keep_states >= 1, "train.keep_states", "must be >= 1"),
         (t.eval_every >= -1, "train.eval_every", "must be >= -1 (-1 = never, 0 = only at the end)"),
         (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
+        (lo.tile_size == 0 or lo.name != "supcon", "loss.tile_size", "tiling is for nt_xent/nt_xent_eh; supcon is dense"),
+        (lo.hard_negative_weight == 0.0 or lo.name != "supcon", "loss.hard_negative_weight",
+         "supcon has no hard-negative bonus (its hard negatives only join the denominators)"),
         (t.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
         (t.gate_lr >= 0.0, "train.gate_lr", "must be >= 0 (0 = train.lr)"),

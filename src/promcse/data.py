@@ -21,6 +21,7 @@ from promcse.errors import PromcseError
 
 PAIR_COLUMNS: tuple[str, ...] = ("sent0", "sent1")
 HARD_NEG_COLUMN = "hard_neg"
+LABEL_COLUMN = "label"  # class label per row, for loss.name=supcon
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,15 @@ class TrainExamples:
         negatives: Hard-negative columns (``hard_neg``, then ``hard_neg_1..k``), each aligned row by row
             with ``anchor``; empty when the data has none.
         source: File they came from, for messages.
+        labels, label_names: Each row's class id (``label`` column; None without one); the labels as written.
     """
 
     anchor: list[str]
     positive: list[str] | None
     negatives: tuple[list[str], ...]
     source: str
+    labels: tuple[int, ...] | None = None
+    label_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -80,6 +84,10 @@ class TrainExamples:
     def is_contrastive(self, rows: np.ndarray) -> bool:
         """Whether the batch takes the contrastive term (always, for one file)."""
         return True
+
+    def labels_of(self, rows: np.ndarray) -> np.ndarray | None:
+        """The class ids of the batch ``rows`` (None when the file has no ``label`` column)."""
+        return None if self.labels is None else np.asarray([self.labels[i] for i in rows], dtype=np.int64)
 
     def texts(self) -> list[str]:
         """Every text of every view, in column order (with repeats)."""
@@ -213,7 +221,8 @@ def negative_columns(path: str | Path, header: list[str]) -> list[str]:
 
 
 def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> TrainExamples:
-    """Read supervised training pairs/triplets with named columns ``sent0, sent1[, hard_neg][, hard_neg_1..k]``.
+    """Read supervised training pairs/triplets with named columns ``sent0, sent1[, hard_neg][, hard_neg_1..k]``,
+    or labelled rows ``sent0[, sent1], label`` (SupCon; without ``sent1`` the positive is a dropout view).
 
     The format follows the extension: ``.csv`` (quoted CSV), ``.tsv`` (tab-separated, no quoting),
     ``.jsonl``/``.json`` (one object per line). Columns are found by name, never by position.
@@ -224,8 +233,7 @@ def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> Tra
     suffix = Path(path).suffix.lower()
     text = read_text(path)
     if suffix in (".jsonl", ".json"):
-        header, objects = jsonl_rows(path, text)
-        dict_rows = objects
+        header, dict_rows = jsonl_rows(path, text)
     elif suffix in (".csv", ".tsv"):
         header, raw_rows = _rows_from_delimited(path, text, "," if suffix == ".csv" else "\t")
         dict_rows = []
@@ -237,20 +245,37 @@ def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> Tra
             dict_rows.append((number, dict(zip(header, fields))))
     else:
         raise PromcseError("unknown training file type: use .txt, .csv, .tsv or .jsonl", path=path)
-    _require_columns(path, header, PAIR_COLUMNS)
+    labelled = LABEL_COLUMN in header
+    has_positive = "sent1" in header or not labelled
+    _require_columns(path, header, PAIR_COLUMNS if has_positive else PAIR_COLUMNS[:1])
     neg_columns = negative_columns(path, header)
     if require_hard_negatives and not neg_columns:
         _require_columns(path, header, PAIR_COLUMNS + (HARD_NEG_COLUMN,))
-    anchor, positive = [], []
+    anchor, positive, label_texts = [], [], []
     negatives: tuple[list[str], ...] = tuple([] for _ in neg_columns)
     for number, row in dict_rows:
         anchor.append(_field(path, number, row, "sent0"))
-        positive.append(_field(path, number, row, "sent1"))
+        if has_positive:
+            positive.append(_field(path, number, row, "sent1"))
+        if labelled:
+            label_texts.append(_label(path, number, row))
         for column, values in zip(neg_columns, negatives):
             values.append(_field(path, number, row, column))
     if not anchor:
         raise PromcseError("no training rows: the file has only a header", path=path)
-    return TrainExamples(anchor, positive, negatives, source=str(path))
+    ids = {name: i for i, name in enumerate(dict.fromkeys(label_texts))}  # class ids by first appearance
+    return TrainExamples(anchor, positive if has_positive else None, negatives, source=str(path),
+                         labels=tuple(ids[t] for t in label_texts) if labelled else None, label_names=tuple(ids))
+
+
+def _label(path: str | Path, number: int, row: dict[str, object]) -> str:
+    """A row's class label as text: a non-empty string, or an integer in JSONL (``true``/``1.5`` are refused)."""
+    value = row.get(LABEL_COLUMN)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise PromcseError("missing or empty label (a class name or an integer)", path=path, line=number, column="label")
 
 
 def read_training_file(path: str | Path, *, require_hard_negatives: bool = False) -> TrainExamples:

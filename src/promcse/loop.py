@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from promcse.checkpoint import save_checkpoint
@@ -133,10 +134,12 @@ def _log(handle: IO[str] | None, record: dict[str, Any]) -> None:
 def _step(run: TrainingRun, step: int) -> dict[str, float]:
     """Take step ``step`` (1-based) on this process's shard; stop on a non-finite loss."""
     rows = run.batches[step - 1]
-    views = run.examples.views(shard_rows(rows, run.dist))
+    local = shard_rows(rows, run.dist)
+    views = run.examples.views(local)
     teacher = run.teacher.views(views) if run.teacher is not None else None
+    labels = torch.from_numpy(run.examples.labels_of(local)) if run.objective.needs_labels else None
     terms = train_step(run.encoder, run.objective, views, run.optimizer, run.scheduler, run.train, run.max_length,
-                       run.dist, teacher, run.examples.is_contrastive(rows))
+                       run.dist, teacher, run.examples.is_contrastive(rows), labels)
     if not math.isfinite(terms["loss"]):
         raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
     return terms

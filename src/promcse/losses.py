@@ -298,7 +298,7 @@ def supcon_views(
     """SupCon over two views, ``cat(anchor, positive)`` with ``labels`` repeated. Hard negatives, if any,
     join with fresh unique labels, so they only ever appear in denominators (never as positives).
 
-    A library function: training does not offer SupCon yet (the training readers carry no labels)."""
+    Training uses it for ``loss.name: supcon`` (labels from the training file's ``label`` column)."""
     for name, x in (("positive", positive), ("negative", negative)):
         if x is not None and x.shape != anchor.shape:
             raise ValueError(f"supcon: {name} shape {tuple(x.shape)} != anchor shape {tuple(anchor.shape)}")

@@ -8,7 +8,12 @@ objectives are the PromCSE objective ``L = L_CL + lambda * L_EH`` (:func:`promcs
     L_EH = (1/B) sum_i max(0, m - cos(h_i, h+_i) + max(max_{j != i} cos(h_i, h+_j), max_j cos(h_i, h-_j)))
 
 ``nt_xent`` is L_CL alone (SimCSE; unsupervised PromCSE), ``nt_xent_eh`` adds the energy-based hinge with
-weight lambda (supervised PromCSE, hard negatives required). With a teacher (``loss.distill_teacher``) every
+weight lambda (supervised PromCSE, hard negatives required). ``supcon`` takes class labels (a ``label`` column)
+instead: SupCon (Khosla et al. 2020, :func:`promcse.losses.supcon_views`) over ``cat(anchors, positives)``,
+every view of the same class a positive::
+
+    L_SC = mean_{i : |P(i)| > 0} -1/|P(i)| sum_{p in P(i)} log( e^{s_ip} / sum_{a != i} e^{s_ia} ),
+    P(i) = {p != i : y_p = y_i}, s_ia = cos(z_i, z_a) / tau With a teacher (``loss.distill_teacher``) every
 objective adds ``mu * L_D``, a distillation term on the local views (:func:`promcse.losses.distill_similarity`,
 leaving out the columns of each anchor's own text, or :func:`promcse.losses.distill_contrastive`); ``distill`` is that term alone. ``loss.tile_size > 0`` computes the same
 values and gradients in tiles (:func:`promcse.tiled.tiled_contrastive_loss`): a parameter, not another loss.
@@ -23,15 +28,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from promcse.losses import contrastive_loss, distill_contrastive, distill_similarity, same_text_columns
+from promcse.losses import contrastive_loss, distill_contrastive, distill_similarity, same_text_columns, supcon_views
 from promcse.tiled import tiled_contrastive_loss
 
 if TYPE_CHECKING:
     from promcse.config import LossConfig
 
 # name -> whether the energy-based hinge term is part of it (and so hard negatives are required).
-OBJECTIVES: dict[str, bool] = {"nt_xent": False, "nt_xent_eh": True, "distill": False}
-CONTRASTIVE = frozenset({"nt_xent", "nt_xent_eh"})  # objectives with the contrastive term L_CL
+OBJECTIVES: dict[str, bool] = {"nt_xent": False, "nt_xent_eh": True, "supcon": False, "distill": False}
+CONTRASTIVE = frozenset({"nt_xent", "nt_xent_eh", "supcon"})  # objectives with a contrastive term (L_CL or L_SC)
 DISTILL_LOSSES = ("similarity", "contrastive")  # loss.distill choices (Objective.distill_terms)
 
 
@@ -86,17 +91,25 @@ class Objective:
 
     @property
     def needs_labels(self) -> bool:
-        """The training data must carry class labels (no objective here does yet)."""
-        return False
+        """The training data must carry class labels (a ``label`` column): ``supcon``."""
+        return self.name == "supcon"
 
-    def __call__(self, views: Sequence[Tensor], offset: int = 0) -> dict[str, Tensor]:
+    def __call__(self, views: Sequence[Tensor], offset: int = 0, labels: Tensor | None = None) -> dict[str, Tensor]:
         """Loss terms of ``views = [anchor (B, D), positive (M, D), negative_1 (M, D), ..., negative_k (M, D)]``.
 
         ``k = 0`` (pairs or dropout views), 1 (triplets) or more (mined ``hard_neg_1..k``); the negatives
         become k column blocks of one similarity matrix. ``offset`` is the row of anchor 0's positive among
-        the positives (> 0 when the positives were gathered from several processes).
+        the positives (> 0 when the positives were gathered from several processes). ``labels``: ``(B,)``
+        class ids of the rows, for ``supcon`` (one process: anchors and positives are the same B rows).
+
+        Raises:
+            ValueError: ``supcon`` without labels, or with positives gathered from several processes.
         """
         negative = torch.cat(list(views[2:])) if len(views) > 2 else None
+        if self.name == "supcon":
+            if labels is None or views[1].shape[0] != views[0].shape[0]:
+                raise ValueError("supcon needs the batch's labels and the anchors' own positives (one process)")
+            return supcon_views(views[0], views[1], negative, labels=labels, temperature=self.temperature)
         kwargs = {"temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight,
                   "eh_weight": self.eh_weight, "eh_margin": self.eh_margin, "offset": offset}
         if self.tile_size > 0:

@@ -69,6 +69,11 @@ class Mixture:
         """Whether the batch's source takes the contrastive term."""
         return self.contrastive[self.part_of(rows)]
 
+    def labels_of(self, rows: np.ndarray) -> np.ndarray | None:
+        """The class ids of a batch, from its source (ids are per file: a batch never mixes files)."""
+        k = self.part_of(rows)
+        return self.parts[k].labels_of(np.asarray(rows) - self.starts[k])
+
     def texts(self) -> list[str]:
         """Every text of every source."""
         return [text for part in self.parts for text in part.texts()]

@@ -33,12 +33,13 @@ def embed_views(encoder: SentenceEncoder, views: list[list[str]], max_length: in
 
 
 def global_loss(objective: Objective, dist: DistContext, teacher: list[torch.Tensor] | None = None,
-                contrastive: bool = True) -> LossFn:
+                contrastive: bool = True, labels: torch.Tensor | None = None) -> LossFn:
     """The step's loss on view embeddings, in fp32 even under autocast.
 
     The contrastive terms (when ``objective.contrastive`` and the batch's source asks for them) are taken
     against every process's columns; the distillation term (given the ``teacher``'s embeddings of the
-    views' texts) on this process's rows: ``loss = L_contrastive + mu * L_D``.
+    views' texts) on this process's rows: ``loss = L_contrastive + mu * L_D``. ``labels``: the rows' class ids
+    (``supcon``).
     """
 
     def loss_fn(embedded: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,7 +48,8 @@ def global_loss(objective: Objective, dist: DistContext, teacher: list[torch.Ten
             terms: dict[str, torch.Tensor] = {}
             if objective.contrastive and contrastive:
                 anchor, positive, negative, offset = gather_columns(local, dist)
-                terms = objective([anchor, positive] + ([negative] if negative is not None else []), offset)
+                terms = objective([anchor, positive] + ([negative] if negative is not None else []), offset,
+                                  labels=None if labels is None else labels.to(anchor.device))
             if teacher is not None:
                 terms["distill"] = objective.distill_terms(local, [t.to(local[0].device) for t in teacher])
                 weighted = objective.distill_weight * terms["distill"]
@@ -74,14 +76,16 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
 
 def train_step(encoder: SentenceEncoder, objective: Objective, views: list[list[str]], optimizer: torch.optim.Optimizer,
                scheduler: Any, train: TrainConfig, max_length: int, dist: DistContext,
-               teacher: list[torch.Tensor] | None = None, contrastive: bool = True) -> dict[str, float]:
+               teacher: list[torch.Tensor] | None = None, contrastive: bool = True,
+               labels: torch.Tensor | None = None) -> dict[str, float]:
     """One optimizer step on this process's ``views`` (its shard of the global batch).
 
     Returns the global loss terms (averaged over processes) as floats. ``train.precision == "bf16"``
     autocasts the encoder passes; the loss is computed in fp32. ``teacher``: the teacher's embeddings of
-    the views' texts (distillation); ``contrastive``: whether the batch's source takes the contrastive term.
+    the views' texts (distillation); ``contrastive``: whether the batch's source takes the contrastive term;
+    ``labels``: the rows' class ids (``supcon``).
     """
-    loss_fn = global_loss(objective, dist, teacher, contrastive)
+    loss_fn = global_loss(objective, dist, teacher, contrastive, labels)
     params = encoder.trainable_parameters()
     optimizer.zero_grad(set_to_none=True)
     autocast = torch.autocast(encoder.device.type, torch.bfloat16, enabled=train.precision == "bf16")

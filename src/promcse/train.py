@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from promcse.backbone import load_backbone, resolve_device, shape_of
 from promcse.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, save_config
-from promcse.data import TrainExamples, batch_order, read_training_file, resolve_train_file
+from promcse.data import LABEL_COLUMN, TrainExamples, batch_order, read_training_file, resolve_train_file
 from promcse.distributed import DistContext, broadcast_parameters, describe_scale, fit_batches, setup, teardown
 from promcse.encode import encode_texts
 from promcse.errors import PromcseError
@@ -44,10 +44,20 @@ def load_examples(data: DataConfig, objective: Objective, batch_size: int) -> Tr
     required of every source only for a hard-negative bonus (EH works over the other positives without them).
     """
     if not data.sources:
-        return _read_source(data.train_file, objective.needs_hard_negatives, batch_size)
+        return _check_labels(_read_source(data.train_file, objective.needs_hard_negatives, batch_size), objective)
     needs = objective.hard_negative_weight != 0.0
-    parts = tuple(_read_source(src.file, needs, batch_size) for src in data.sources)
+    parts = tuple(_check_labels(_read_source(src.file, needs, batch_size), objective) for src in data.sources)
     return Mixture(parts, tuple(src.weight for src in data.sources), tuple(src.contrastive for src in data.sources))
+
+
+def _check_labels(examples: TrainExamples, objective: Objective) -> TrainExamples:
+    """SupCon needs a ``label`` column (refused here, before any model loads)."""
+    if not objective.needs_labels:
+        return examples
+    if examples.labels is None:
+        raise PromcseError(f"loss.name={objective.name} needs a '{LABEL_COLUMN}' column (a class per row)",
+                           path=examples.source, line=1)
+    return examples
 
 
 def _read_source(name: str, require_hard_negatives: bool, batch_size: int) -> TrainExamples:
@@ -149,6 +159,9 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
     try:
         if resume and dist.world_size > 1:
             raise PromcseError("--resume supports single-process runs; restart multi-process runs from the checkpoint")
+        if config.loss.name == "supcon" and dist.world_size > 1:
+            raise PromcseError("loss.name=supcon runs on one process for now (its labels are not gathered across "
+                               "processes); drop torchrun or use nt_xent", key="loss.name")
         out = prepare_output(output_dir) if dist.is_main else Path(output_dir)
         with directory_lock(out, "promcse train") if dist.is_main else contextlib.nullcontext():
             if resume:
