@@ -78,6 +78,7 @@ def test_every_shipped_config_loads() -> None:
         (["model.pooler=cls_before_pooler", "model.head=train_only"], "model.head", "without the MLP head"),
         (["loss.name=simcse"], "loss.name", "must be one of nt_xent, nt_xent_eh, supcon"),
         (["loss.name=supcon", "loss.tile_size=8"], "loss.tile_size", "supcon is dense"),
+        (["loss.name=supcon", "loss.hard_negative_weight=1"], "loss.hard_negative_weight", "no hard-negative bonus"),
         (["model.prompt_dropout=1.0"], "model.prompt_dropout", "must be in"),
         (["loss.eh_weight=-1"], "loss.eh_weight", "must be >= 0"),
         (["data.max_length=1"], "data.max_length", "must be >= 2"),

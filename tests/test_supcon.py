@@ -135,3 +135,14 @@ def test_supcon_without_a_label_column_is_refused_before_training(tiny_bert: Pat
     with pytest.raises(PromcseError, match=r"triplets\.csv, line 1: loss.name=supcon needs a 'label' column"):
         train(config, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_supcon_under_several_processes_is_refused(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import promcse.train as train_module
+
+    path, _ = _labelled_file(tmp_path)
+    monkeypatch.setattr(train_module, "setup", lambda device: DistContext(rank=0, world_size=2))
+    config = tiny_config(tiny_bert, tiny_data, f"data.train_file={path}", "loss.name=supcon")
+    with pytest.raises(PromcseError, match="key 'loss.name': loss.name=supcon runs on one process"):
+        train(config, tmp_path / "run", show_progress=False)
