@@ -224,8 +224,9 @@ def test_supcon_entry_two_views_and_negatives():
 @pytest.mark.parametrize("tile_size", [0, 3])
 def test_registry_contract(name, with_neg, tile_size):
     a, p, n = _inputs(4, 4, with_neg, seed=9)
-    objective = build_objective(LossConfig(name=name, tile_size=tile_size))
-    out = objective([a, p, n] if with_neg else [a, p])
+    objective = build_objective(LossConfig(name=name, tile_size=0 if name == "supcon" else tile_size))
+    labels = torch.tensor([0, 1, 0, 2]) if objective.needs_labels else None  # supcon takes the rows' classes
+    out = objective([a, p, n] if with_neg else [a, p], labels=labels)
     assert isinstance(out, dict) and "loss" in out
     assert ("energy_hinge" in out) == OBJECTIVES[name]
     assert objective.needs_hard_negatives == OBJECTIVES[name]
