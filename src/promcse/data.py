@@ -275,7 +275,7 @@ def _label(path: str | Path, number: int, row: dict[str, object]) -> str:
         return str(value)
     if isinstance(value, str) and value.strip():
         return value.strip()
-    raise PromcseError("missing or empty label (a class name or an integer)", path=path, line=number, column="label")
+    raise PromcseError("missing or empty label (a class name or integer)", path=path, line=number, column=LABEL_COLUMN)
 
 
 def read_training_file(path: str | Path, *, require_hard_negatives: bool = False) -> TrainExamples:

@@ -13,7 +13,9 @@ instead: SupCon (Khosla et al. 2020, :func:`promcse.losses.supcon_views`) over `
 every view of the same class a positive::
 
     L_SC = mean_{i : |P(i)| > 0} -1/|P(i)| sum_{p in P(i)} log( e^{s_ip} / sum_{a != i} e^{s_ia} ),
-    P(i) = {p != i : y_p = y_i}, s_ia = cos(z_i, z_a) / tau With a teacher (``loss.distill_teacher``) every
+    P(i) = {p != i : y_p = y_i}, s_ia = cos(z_i, z_a) / tau
+
+With a teacher (``loss.distill_teacher``) every
 objective adds ``mu * L_D``, a distillation term on the local views (:func:`promcse.losses.distill_similarity`,
 leaving out the columns of each anchor's own text, or :func:`promcse.losses.distill_contrastive`); ``distill`` is that term alone. ``loss.tile_size > 0`` computes the same
 values and gradients in tiles (:func:`promcse.tiled.tiled_contrastive_loss`): a parameter, not another loss.
