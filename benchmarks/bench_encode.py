@@ -124,8 +124,8 @@ def interleaved(fns: dict[str, Callable[[], Any]],
 
 def random_prompt_encoders(base: Any, count: int, length: int) -> list[Any]:
     """``count`` encoders sharing ``base``'s backbone, each with a fresh random prompt (no head, mean pooling)."""
-    from promcse.model import EncoderSpec, build_encoder
-    from promcse.prompt import PromptSpec
+    from promcse.encoder.model import EncoderSpec, build_encoder
+    from promcse.encoder.prompt import PromptSpec
 
     shape = base.spec.shape
     torch.manual_seed(0)
@@ -136,8 +136,8 @@ def random_prompt_encoders(base: Any, count: int, length: int) -> list[Any]:
 
 def onnx_exports(ours: Any, root: Path, prompts: int, length: int, threads: int) -> dict[str, Any]:
     """Export fp32, int8, a one-prompt and a ``prompts``-prompt graph into ``root``; open each (timed)."""
-    from promcse.onnx_graph import export_encoders
-    from promcse.onnx_runtime import OnnxEncoder
+    from promcse.models.onnx_graph import export_encoders
+    from promcse.models.onnx_runtime import OnnxEncoder
 
     prompted = random_prompt_encoders(ours, prompts, length)
     names = [f"random-{k}" for k in range(prompts)]
@@ -223,7 +223,7 @@ def start_st_onnx(args: argparse.Namespace, texts: list[str], root: Path) -> StO
     """The side-venv peer, started (it loads while promcse exports), or None without ``--st-onnx-python``."""
     if not args.st_onnx_python:
         return None
-    from promcse.backbone import minilm_path
+    from promcse.encoder.backbone import minilm_path
 
     peer = StOnnxPeer(args.st_onnx_python, minilm_path(), texts, args.batch_size, torch.get_num_threads(),
                       args.st_onnx_work, root, args.st_onnx_timeout)
@@ -253,8 +253,8 @@ def st_onnx_headline(peer: StOnnxPeer, measured: bool, wall: dict[str, float], c
                                                        "ort_intra_op_threads", "versions")}}
 
 
-def main() -> None:
-    """Run the comparison and print per-library numbers, then the JSON headline."""
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="folder with tsv/original/<TASK>/*.tsv")
     parser.add_argument("--sample", type=int, default=2000, help="sentences to encode (0: all 37,700)")
@@ -273,30 +273,48 @@ def main() -> None:
                         help="cache folder for the peer's ONNX exports (made once)")
     parser.add_argument("--st-onnx-timeout", type=float, default=1800,
                         help="seconds to wait for the peer's start (export included) and for each of its runs")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
+
+def load_inputs(args: argparse.Namespace) -> tuple[list[str], Any, Any]:
+    """(texts, promcse encoder, sentence-transformers model): the sampled STS texts and both encoders."""
     from sentence_transformers import SentenceTransformer
 
     import promcse
-    from promcse.backbone import minilm_path
+    from promcse.encoder.backbone import minilm_path
 
     texts = sts_sentences(args.data_dir or default_data_dir())
     if args.sample and args.sample < len(texts):
         texts = random.Random(0).sample(texts, args.sample)
     ours = promcse.load("minilm", device=args.device)
     peer = SentenceTransformer(str(minilm_path()), device=args.device)  # Transformer + mean Pooling + Normalize
-    bs = args.batch_size
-    fns: dict[str, Callable[[], np.ndarray]] = {
+    return texts, ours, peer
+
+
+def torch_fns(ours: Any, peer: Any, texts: list[str], bs: int,
+              with_prototype: bool) -> dict[str, Callable[[], Any]]:
+    """The PyTorch runs to time: promcse, sentence-transformers and (optionally) the token-sorted prototype."""
+    fns: dict[str, Callable[[], Any]] = {
         "promcse": lambda: ours.encode(texts, batch_size=bs, normalize=True),
         "sentence-transformers": lambda: peer.encode(texts, batch_size=bs, normalize_embeddings=True),
     }
-    if args.with_prototype:
+    if with_prototype:
         fns["promcse token-sorted prototype"] = lambda: encode_token_sorted(ours, texts, bs)
-    warm = texts[:256]  # warm-up (first-call allocations, lazy inits)
+    return fns
+
+
+def warm_up(ours: Any, peer: Any, texts: list[str], bs: int) -> None:
+    """One untimed call of each PyTorch encoder (first-call allocations, lazy inits)."""
+    warm = texts[:256]
     ours.encode(warm, batch_size=bs)
     peer.encode(warm, batch_size=bs)
+
+
+def measure_all(args: argparse.Namespace, ours: Any, fns: dict[str, Callable[[], Any]], texts: list[str]
+                ) -> tuple[dict[str, float], dict[str, float], dict[str, np.ndarray], dict[str, Any]]:
+    """Export the ONNX graphs and start the side-venv peer (where asked), time every run interleaved;
+    (median wall s, median CPU s, outputs, ONNX results)."""
+    bs = args.batch_size
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
         st_onnx = start_st_onnx(args, texts, Path(tmp))
         try:
@@ -314,11 +332,21 @@ def main() -> None:
         finally:
             if st_onnx is not None:
                 st_onnx.close()
-    print(f"texts={len(texts)} batch_size={bs} device={args.device} threads={torch.get_num_threads()} "
+    return seconds, cpu, outputs, onnx_results
+
+
+def print_timings(args: argparse.Namespace, texts: list[str], seconds: dict[str, float],
+                  cpu: dict[str, float]) -> None:
+    """The run's settings, then texts/s, median wall and CPU seconds per run."""
+    print(f"texts={len(texts)} batch_size={args.batch_size} device={args.device} threads={torch.get_num_threads()} "
           f"load average={os.getloadavg()[0]:.1f}")
     for name, sec in seconds.items():
         print(f"{name:<32} {len(texts) / sec:8.1f} sentences/s (median of {args.repeats}: {sec:.2f}s wall, "
               f"{cpu[name]:.2f}s CPU)")
+
+
+def print_onnx(onnx_results: dict[str, Any]) -> None:
+    """The ONNX ratios and the side-venv peer's comparison (or why it is unavailable), where measured."""
     if "onnx_fp32_speedup" in onnx_results:
         print(onnx_summary(onnx_results))
     if onnx_results.get("st_onnx_int8_speedup") is not None:
@@ -329,20 +357,38 @@ def main() -> None:
               f"(its worst cosine {onnx_results['st_onnx_int8_min_cosine']:.4f})")
     elif "st_onnx_unavailable" in onnx_results:
         print(f"{ST_ONNX}: unavailable: {onnx_results['st_onnx_unavailable']}")
+
+
+def headline_of(args: argparse.Namespace, texts: list[str], seconds: dict[str, float], cpu: dict[str, float],
+                outputs: dict[str, np.ndarray], onnx_results: dict[str, Any]) -> dict[str, Any]:
+    """The JSON headline: promcse (and the prototype) vs sentence-transformers, then the ONNX results."""
     reference = outputs["sentence-transformers"]
     headline: dict[str, Any] = {
         "speedup_vs_sentence_transformers": round(seconds["sentence-transformers"] / seconds["promcse"], 3),
         "max_abs_diff": float(np.abs(outputs["promcse"] - reference).max()),
         "cpu_time_speedup": round(cpu["sentence-transformers"] / cpu["promcse"], 3),
-        "texts": len(texts), "batch_size": bs, "repeats": args.repeats}
+        "texts": len(texts), "batch_size": args.batch_size, "repeats": args.repeats}
     if args.with_prototype:
         proto = "promcse token-sorted prototype"
         headline["prototype_speedup"] = round(seconds["sentence-transformers"] / seconds[proto], 3)
         headline["prototype_cpu_time_speedup"] = round(cpu["sentence-transformers"] / cpu[proto], 3)
         headline["prototype_max_abs_diff"] = float(np.abs(outputs[proto] - reference).max())
     headline.update(onnx_results)
-    print(json.dumps(headline))
+    return headline
 
+
+def main() -> None:
+    """Run the comparison and print per-library numbers, then the JSON headline."""
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts, ours, peer = load_inputs(args)
+    fns = torch_fns(ours, peer, texts, args.batch_size, args.with_prototype)
+    warm_up(ours, peer, texts, args.batch_size)
+    seconds, cpu, outputs, onnx_results = measure_all(args, ours, fns, texts)
+    print_timings(args, texts, seconds, cpu)
+    print_onnx(onnx_results)
+    print(json.dumps(headline_of(args, texts, seconds, cpu, outputs, onnx_results)))
 
 if __name__ == "__main__":
     main()

@@ -70,7 +70,7 @@ def distinct_training_sentences(data_root: Path) -> list[str]:
     """Every distinct sentence of the bundled and the shared training files, in a seeded shuffled order."""
     import csv
 
-    from promcse.data import bundled_path
+    from promcse.io.data import bundled_path
 
     texts = [line.strip() for line in bundled_path("wiki_5k.txt").read_text(encoding="utf-8").split("\n")]
     texts += (data_root / "train" / "wiki1m_partial" / "wiki1m_head_11914.txt").read_text(encoding="utf-8").split("\n")
@@ -97,8 +97,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     import promcse
-    from promcse.corpus import EncodeJob, encode_corpus
-    from promcse.data import read_sentences
+    from promcse.corpus.encode import EncodeJob, encode_corpus
+    from promcse.io.data import read_sentences
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,8 +124,8 @@ def ray_child(args: argparse.Namespace) -> None:
     """``--child ray``: the same encode on ``--ray-workers`` actors of a local Ray instance; prints a JSON line."""
     import ray
 
-    from promcse.corpus import EncodeJob
-    from promcse.ray_encode import RayEncodeConfig, encode_files
+    from promcse.corpus.encode import EncodeJob
+    from promcse.corpus.ray_encode import RayEncodeConfig, encode_files
 
     threads = args.ray_threads
     ray.init(num_cpus=args.ray_workers * threads, include_dashboard=False, log_to_driver=False)
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, mode: str, corpus: Path, out: Path) -> dict:
 
 def kill_and_resume(args: argparse.Namespace, corpus: Path, out: Path, whole: Path, seconds: float) -> dict:
     """SIGKILL a streaming child at a random moment, run it again to the end, compare with ``whole``."""
-    from promcse.shards import MANIFEST
+    from promcse.corpus.shards import MANIFEST
 
     delay = random.Random(args.seed).uniform(0.1, 0.9) * seconds
     proc = subprocess.Popen(child_command(args, "streaming", corpus, out), stdout=subprocess.DEVNULL,
@@ -185,7 +185,7 @@ def kill_and_resume(args: argparse.Namespace, corpus: Path, out: Path, whole: Pa
 def compare(today: Path, streamed: Path) -> float:
     import numpy as np
 
-    from promcse.shards import read_manifest, read_vectors
+    from promcse.corpus.shards import read_manifest, read_vectors
 
     shards = np.concatenate([read_vectors(streamed, e) for e in read_manifest(streamed)["shards"]])
     return float(np.abs(np.load(today) - shards).max())
@@ -198,7 +198,11 @@ def same_files(a: Path, b: Path) -> bool:
                                                                    for n in names)
 
 
-def main() -> None:
+Results = dict[str, dict[int, dict]]  # mode -> size -> one child's JSON line
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line (the hidden ``--child``, ``--corpus`` and ``--out`` are for the child processes)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[50000, 200000])  # ~90 texts/s per core on CPU
     parser.add_argument("--shard-size", type=int, default=10000)
@@ -217,42 +221,67 @@ def main() -> None:
     parser.add_argument("--child", choices=("today", "streaming", "ray"), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
+    return parser.parse_args()
+
+
+def run_modes(args: argparse.Namespace, tmp: Path, n: int, corpus: Path, results: Results) -> None:
+    """Run every path wanted at size ``n`` on ``corpus`` into ``results``; print each one's numbers."""
     wanted = {"today": args.today_sizes, "streaming": None, "ray": args.ray_sizes}
-    results: dict[str, dict[int, dict]] = {"today": {}, "streaming": {}, **({"ray": {}} if args.ray_workers else {})}
+    for mode in results:
+        if wanted[mode] is not None and n not in wanted[mode]:
+            continue
+        out = tmp / (f"today-{n}.npy" if mode == "today" else f"{mode}-shards-{n}")
+        results[mode][n] = run(args, mode, corpus, out)
+        r = results[mode][n]
+        print(f"{mode:<9} N={n:>8}: {n / r['seconds']:7.1f} texts/s ({n / r['cpu_seconds']:.1f} per CPU s), "
+              f"peak RSS over the loaded model {(r['peak_kib'] - r['base_kib']) / 1024:7.1f} MiB "
+              f"(process {r['peak_kib'] / 1024:.0f} MiB)", flush=True)
+
+
+def clean_size(tmp: Path, n: int, corpus: Path, sizes: list[int]) -> None:
+    """Remove size ``n``'s corpus and (but at the smallest size) its shard folders: one size on disk at a time."""
+    os.unlink(corpus)
+    for extra in tmp.glob(f"*-{n}*"):
+        if extra.is_dir() and n != min(sizes):
+            for f in extra.iterdir():
+                f.unlink()
+            extra.rmdir()
+
+
+def run_size(args: argparse.Namespace, tmp: Path, n: int, sentences: list[str], results: Results,
+             identical: dict[str, bool]) -> dict:
+    """Every path at size ``n``, the Ray/streaming comparison and, at ``--kill-size``, kill -9 and resume;
+    the kill's results ({} if not run here)."""
+    killed: dict = {}
+    corpus = write_corpus(tmp / f"corpus-{n}.txt", n, sentences)
+    run_modes(args, tmp, n, corpus, results)
+    if n in results.get("ray", {}):
+        identical[str(n)] = same_files(tmp / f"streaming-shards-{n}", tmp / f"ray-shards-{n}")
+    if n == args.kill_size:
+        killed = kill_and_resume(args, corpus, tmp / f"killed-shards-{n}", tmp / f"streaming-shards-{n}",
+                                 results["streaming"][n]["seconds"])
+        print(f"kill -9 at N={n}: {killed}", flush=True)
+    clean_size(tmp, n, corpus, args.sizes)
+    return killed
+
+
+def run_all(args: argparse.Namespace, sentences: list[str]) -> tuple[Results, dict[str, bool], dict, float | None]:
+    """Every size in turn in a temporary folder; (results, ray_identical, kill results, max_abs_diff)."""
+    results: Results = {"today": {}, "streaming": {}, **({"ray": {}} if args.ray_workers else {})}
     identical: dict[str, bool] = {}
     killed: dict = {}
-    sentences = distinct_training_sentences(args.data_root)
-    print(f"corpus: {len(sentences)} distinct training sentences repeated to size", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(args.sizes):
-            corpus = write_corpus(Path(tmp) / f"corpus-{n}.txt", n, sentences)
-            for mode in results:
-                if wanted[mode] is not None and n not in wanted[mode]:
-                    continue
-                out = Path(tmp) / (f"today-{n}.npy" if mode == "today" else f"{mode}-shards-{n}")
-                results[mode][n] = run(args, mode, corpus, out)
-                r = results[mode][n]
-                print(f"{mode:<9} N={n:>8}: {n / r['seconds']:7.1f} texts/s ({n / r['cpu_seconds']:.1f} per CPU s), "
-                      f"peak RSS over the loaded model {(r['peak_kib'] - r['base_kib']) / 1024:7.1f} MiB "
-                      f"(process {r['peak_kib'] / 1024:.0f} MiB)", flush=True)
-            if n in results.get("ray", {}):
-                identical[str(n)] = same_files(Path(tmp) / f"streaming-shards-{n}", Path(tmp) / f"ray-shards-{n}")
-            if n == args.kill_size:
-                killed = kill_and_resume(args, corpus, Path(tmp) / f"killed-shards-{n}",
-                                         Path(tmp) / f"streaming-shards-{n}", results["streaming"][n]["seconds"])
-                print(f"kill -9 at N={n}: {killed}", flush=True)
-            os.unlink(corpus)
-            for extra in Path(tmp).glob(f"*-{n}*"):  # keep the disk use to one size at a time
-                if extra.is_dir() and n != min(args.sizes):
-                    for f in extra.iterdir():
-                        f.unlink()
-                    extra.rmdir()
+            killed = run_size(args, Path(tmp), n, sentences, results, identical) or killed
         small = min(args.sizes)
         diff = compare(Path(tmp) / f"today-{small}.npy", Path(tmp) / f"streaming-shards-{small}") \
             if small in results["today"] else None
+    return results, identical, killed, diff
+
+
+def headline_of(args: argparse.Namespace, sentences: list[str], results: Results, identical: dict[str, bool],
+                killed: dict, diff: float | None) -> dict:
+    """The JSON headline."""
     headline = {
         "corpus": f"{len(sentences)} distinct bundled + shared training sentences, shuffled, repeated to size",
         "model": args.model, "threads": args.threads,
@@ -276,8 +305,18 @@ def main() -> None:
         headline["kill"] = {"size": args.kill_size, **killed}
     headline["streaming_vs_today"] = {str(n): round(r["seconds"] / results["streaming"][n]["seconds"], 3)
                                       for n, r in results["today"].items()}
-    print(json.dumps(headline))
+    return headline
 
+
+def main() -> None:
+    """A child run (``--child``), or every path at every size, then the JSON headline."""
+    args = parse_args()
+    if args.child:
+        return child(args)
+    sentences = distinct_training_sentences(args.data_root)
+    print(f"corpus: {len(sentences)} distinct training sentences repeated to size", flush=True)
+    results, identical, killed, diff = run_all(args, sentences)
+    print(json.dumps(headline_of(args, sentences, results, identical, killed, diff)))
 
 if __name__ == "__main__":
     main()

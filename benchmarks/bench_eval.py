@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from promcse.data import read_sts_tsv
-from promcse.sts import STANDARD_TASKS, TASKS, evaluate, task_files
+from promcse.io.data import read_sts_tsv
+from promcse.evaluation.sts import STANDARD_TASKS, TASKS, evaluate, task_files
 
 
 def peer_eval(model: object, data_dir: Path) -> dict[str, float]:
@@ -48,7 +48,7 @@ def main() -> None:
     data_dir = Path(args.data_dir)
 
     import promcse
-    from promcse.backbone import minilm_path
+    from promcse.encoder.backbone import minilm_path
     from sentence_transformers import SentenceTransformer
 
     ours_model = promcse.load("minilm", device="cpu")

@@ -12,7 +12,7 @@ inner-product top 10 of each query over the whole corpus. The real vectors are c
 the sentences' and model's sha256) so a rerun skips the encoding.
 
 **Builds.** Every kind is built the way ``promcse index build --from-vectors`` builds it: the corpus is written
-as float32 shards (``--shard-size`` rows) and :func:`promcse.search.build_from_vectors` trains on a sample
+as float32 shards (``--shard-size`` rows) and :func:`promcse.corpus.search.build_from_vectors` trains on a sample
 (``--train-size``) and adds shard by shard. Each build is then searched with each of its search settings.
 Reported per (build, search): build seconds, queries/s (one batched search call over all queries, ``--threads``
 FAISS threads), recall@10, and bytes per vector of the saved ``index.faiss``; the compressed kinds also read
@@ -33,11 +33,14 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+Build = tuple[str, str, dict, list[tuple[str, dict]]]  # (label, kind, build settings, [(search label, settings)])
+
 # (label, kind, build settings, [(search label, search settings), ...])
-BUILDS: list[tuple[str, str, dict, list[tuple[str, dict]]]] = [
+BUILDS: list[Build] = [
     ("flat", "flat", {}, [("flat", {})]),
     ("ivf", "ivf", {"nprobe": 16}, [("ivf", {}), ("ivf-nprobe64", {"nprobe": 64})]),
     ("ivfpq", "ivfpq", {"nprobe": 16}, [("ivfpq-norescore", {"rescore": 0}), ("ivfpq", {"rescore": 100}),
@@ -65,7 +68,7 @@ def tsv_columns(path: Path, columns: tuple[str, ...]) -> list[str]:
 
 def available_sentences(data_root: Path) -> list[str]:
     """Every distinct sentence here: STS/SICK, wiki1m head, SNLI dev/test, the bundled training files."""
-    from promcse.data import bundled_path
+    from promcse.io.data import bundled_path
 
     texts: list[str] = []
     for path in sorted((data_root / "eval" / "tsv" / "senteval").glob("*/*.tsv")):
@@ -115,7 +118,7 @@ def exact_top10(base: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def write_shards(root: Path, vectors: np.ndarray, shard_size: int) -> Path:
-    from promcse.shards import FORMAT, FORMAT_VERSION, write_manifest, write_shard
+    from promcse.corpus.shards import FORMAT, FORMAT_VERSION, write_manifest, write_shard
 
     root.mkdir(parents=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": "minilm", "dim": vectors.shape[1],
@@ -133,7 +136,7 @@ def write_shards(root: Path, vectors: np.ndarray, shard_size: int) -> Path:
 
 def build(root: Path, kind: str, settings: dict, train_size: int):
     """One ``build_from_vectors`` run; (index, seconds)."""
-    from promcse.search import build_from_vectors
+    from promcse.corpus.search import build_from_vectors
 
     start = time.perf_counter()
     index = build_from_vectors(root, kind=kind, train_size=train_size, **settings)
@@ -150,7 +153,8 @@ def measure(index, search: dict, queries: np.ndarray, truth: np.ndarray) -> dict
     return {"queries_per_s": round(len(queries) / seconds, 1), "recall_at_10": round(recall, 4)}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="corpus vectors (real + synthetic)")
     parser.add_argument("--queries", type=int, default=1000, help="real sentences held out as queries")
@@ -166,52 +170,86 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", help="builds to run (default: all of " +
                         ", ".join(b[0] for b in BUILDS) + ")")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def set_threads(threads: int) -> None:
+    """FAISS (OpenMP) threads; torch gets at least 2 for the encoding."""
     import faiss
     import torch
 
-    faiss.omp_set_num_threads(args.threads)
-    torch.set_num_threads(max(args.threads, 2))
-    rng = np.random.default_rng(args.seed)
-    texts = available_sentences(args.data_root)
-    real = real_vectors(args.model, texts, 128, args.cache)
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(max(threads, 2))
+
+
+def split_corpus(args: argparse.Namespace, real: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(held-out queries, real corpus vectors, whole corpus): the real corpus vectors plus synthetic mixtures up
+    to ``--n``, shuffled together."""
     order = rng.permutation(len(real))
     queries, corpus_real = real[order[:args.queries]], real[order[args.queries:]]
     base = np.concatenate([corpus_real, mixtures(corpus_real, args.n - len(corpus_real), args.mix, args.noise, rng)])
     base = base[rng.permutation(len(base))]  # real and synthetic vectors spread over every shard
-    truth = exact_top10(base, queries)
-    print(f"{len(texts)} real sentences: {len(queries)} held-out queries, {len(corpus_real)} in a corpus of "
-          f"{len(base)} vectors", flush=True)
-    rows = []
-    flat_bytes = 4.0 * real.shape[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        root = write_shards(Path(tmp) / "vectors", base, args.shard_size)
-        del base
-        for name, kind, settings, searches in BUILDS:
-            if args.kinds and name not in args.kinds:
-                continue
-            index, built = build(root, kind, settings, args.train_size)
-            index.save(Path(tmp) / name)
-            size = (Path(tmp) / name / "index.faiss").stat().st_size / len(index)
-            for label, search in searches:
-                row = {"label": label, "kind": kind, "build_s": round(built, 1), **measure(index, search, queries, truth),
-                       "bytes_per_vector": round(size, 1), "memory_vs_flat": round(flat_bytes / size, 1),
-                       "store_bytes_per_vector": 4 * int(index.dim or 0) if kind in ("ivfpq", "int8", "binary") else 0,
-                       "settings": {**settings, **search, "nlist": index.nlist, "pq_m": index.params.pq_m,
-                                    "pq_bits": index.params.pq_bits}}
-                rows.append(row)
-                print(f"{label:<26} recall@10 {row['recall_at_10']:.3f}  {row['queries_per_s']:>9.1f} q/s  "
-                      f"build {row['build_s']:>7.1f}s  {row['bytes_per_vector']:>7.1f} B/vector "
-                      f"({row['memory_vs_flat']}x less than flat)", flush=True)
-            del index
+    return queries, corpus_real, base
+
+
+def result_row(label: str, kind: str, settings: dict, search: dict, index: Any, built: float, size: float,
+               flat_bytes: float, queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """One (build, search) row: its measurements, bytes per vector and settings; printed."""
+    row = {"label": label, "kind": kind, "build_s": round(built, 1), **measure(index, search, queries, truth),
+           "bytes_per_vector": round(size, 1), "memory_vs_flat": round(flat_bytes / size, 1),
+           "store_bytes_per_vector": 4 * int(index.dim or 0) if kind in ("ivfpq", "int8", "binary") else 0,
+           "settings": {**settings, **search, "nlist": index.nlist, "pq_m": index.params.pq_m,
+                        "pq_bits": index.params.pq_bits}}
+    print(f"{label:<26} recall@10 {row['recall_at_10']:.3f}  {row['queries_per_s']:>9.1f} q/s  "
+          f"build {row['build_s']:>7.1f}s  {row['bytes_per_vector']:>7.1f} B/vector "
+          f"({row['memory_vs_flat']}x less than flat)", flush=True)
+    return row
+
+
+def run_build(args: argparse.Namespace, tmp: Path, root: Path, build_spec: Build,
+              queries: np.ndarray, truth: np.ndarray, flat_bytes: float) -> list[dict[str, Any]]:
+    """Build one kind from the shards under ``root``, save it under ``tmp``, measure each of its searches."""
+    name, kind, settings, searches = build_spec
+    index, built = build(root, kind, settings, args.train_size)
+    index.save(tmp / name)
+    size = (tmp / name / "index.faiss").stat().st_size / len(index)
+    return [result_row(label, kind, settings, search, index, built, size, flat_bytes, queries, truth)
+            for label, search in searches]
+
+
+def add_qps_vs_flat(rows: list[dict[str, Any]]) -> None:
+    """Each row's queries/s over flat's (None without a flat row)."""
     flat_qps = next((r["queries_per_s"] for r in rows if r["label"] == "flat"), None)
     for row in rows:
         row["qps_vs_flat"] = round(row["queries_per_s"] / flat_qps, 1) if flat_qps else None
+
+
+def main() -> None:
+    """Encode the real vectors, make the corpus, build and search every kind, then print the JSON headline."""
+    args = parse_args()
+    set_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    texts = available_sentences(args.data_root)
+    real = real_vectors(args.model, texts, 128, args.cache)
+    queries, corpus_real, base = split_corpus(args, real, rng)
+    truth = exact_top10(base, queries)
+    print(f"{len(texts)} real sentences: {len(queries)} held-out queries, {len(corpus_real)} in a corpus of "
+          f"{len(base)} vectors", flush=True)
+    rows: list[dict[str, Any]] = []
+    flat_bytes = 4.0 * real.shape[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_shards(Path(tmp) / "vectors", base, args.shard_size)
+        del base  # only the shards hold the corpus while the indexes are built
+        for build_spec in BUILDS:
+            if args.kinds and build_spec[0] not in args.kinds:
+                continue
+            rows += run_build(args, Path(tmp), root, build_spec, queries, truth, flat_bytes)
+    add_qps_vs_flat(rows)
     print(json.dumps({"n": args.n, "queries": args.queries, "real_queries": True, "dim": int(real.shape[1]),
                       "real_vectors": len(real), "corpus_real": len(corpus_real), "mix": args.mix,
                       "noise": args.noise, "threads": args.threads, "train_size": args.train_size,
                       "results": rows}))
-
 
 if __name__ == "__main__":
     main()

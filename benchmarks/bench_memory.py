@@ -59,14 +59,14 @@ def child(args: argparse.Namespace) -> None:
     """One step of one configuration at one batch size; prints a JSON line, saves the gradient."""
     import numpy as np
 
-    from promcse.backbone import load_backbone
-    from promcse.config import load_config
-    from promcse.data import batch_views
-    from promcse.distributed import context, shard_rows
-    from promcse.model import build_encoder
-    from promcse.objective import build_objective
-    from promcse.step import train_step
-    from promcse.train import encoder_spec, load_examples
+    from promcse.encoder.backbone import load_backbone
+    from promcse.training.config import load_config
+    from promcse.io.data import batch_views
+    from promcse.training.distributed import context, shard_rows
+    from promcse.encoder.model import build_encoder
+    from promcse.objectives.objective import build_objective
+    from promcse.training.step import train_step
+    from promcse.training.train import encoder_spec, load_examples
 
     overrides = [s.format(chunk=args.chunk) for s in CONFIGS[args.config]]
     config = load_config(None, ["model.backbone=minilm", "model.prompt_length=10", "model.prompt_dropout=0",

@@ -25,10 +25,10 @@ def write_prompts(root: Path, count: int, length: int) -> list[str]:
     """``count`` prompt checkpoints with random prompts on ``minilm``."""
     import torch
 
-    from promcse.backbone import load_backbone, shape_of
-    from promcse.checkpoint import save_checkpoint
-    from promcse.model import EncoderSpec, build_encoder
-    from promcse.prompt import PromptSpec
+    from promcse.encoder.backbone import load_backbone, shape_of
+    from promcse.models.checkpoint import save_checkpoint
+    from promcse.encoder.model import EncoderSpec, build_encoder
+    from promcse.encoder.prompt import PromptSpec
 
     backbone, tokenizer = load_backbone("minilm")
     shape = shape_of(backbone.config)
@@ -46,7 +46,7 @@ def measure(scenario: str, paths: list[str]) -> dict[str, float]:
     import torch
 
     import promcse
-    from promcse.registry import load_many
+    from promcse.serving.registry import load_many
 
     torch.set_num_threads(1)
     process = psutil.Process()

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def sentences(count: int, skip: int = 0) -> list[str]:
 
 
 def build_index(directory: Path, size: int) -> None:
-    from promcse.search import Index
+    from promcse.corpus.search import Index
 
     index = Index("minilm", kind="flat", device="cpu")
     index.add(sentences(size))
@@ -268,7 +269,32 @@ def stop_server(process: subprocess.Popen, timeout: float = 30) -> int | None:
     return process.returncode
 
 
-def main() -> int:
+@dataclass
+class Served:
+    """A running server under test: its process, URL, log, the hard-cap deadline and (``--tracemalloc``) probes."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+    deadline: float
+    trace_dir: Path
+    probes: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Totals:
+    """What the measured rounds add up to: good/bad request records, failures, RSS per round, time, unsent."""
+
+    rss0: float | None = None  # RSS after the warm-up (MiB)
+    records: list[tuple[str, float, bool]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    unsent: int = 0
+
+
+def parse_args() -> tuple[argparse.Namespace, dict[str, str]]:
+    """The command line, checked; (args, the server's extra environment from ``--server-env``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests in all rounds (default: 2000)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
@@ -302,99 +328,147 @@ def main() -> int:
         parser.error("--server-env takes KEY=VALUE")
     if args.requests < 1 or args.clients < 1 or args.rounds < 1 or not 0 <= args.bad_fraction < 1:
         parser.error("--requests, --clients and --rounds must be positive; --bad-fraction in [0, 1)")
-    began = time.monotonic()
-    deadline = began + args.max_seconds
-    rng = random.Random(args.seed)
-    texts = sentences(1000, skip=args.index_size)
+    return args, extra_env
 
+
+def server_command(args: argparse.Namespace, root: Path, port: int,
+                   extra_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of ``promcse serve`` on the index under ``root``; under the tracing wrapper with
+    ``--tracemalloc`` (its probe folder, ``root/trace``, made here)."""
+    argv = [sys.executable, "-m", "promcse", "serve", "--model", "minilm=minilm", "--index",
+            f"docs={root / 'index'}", "--host", HOST, "--port", str(port), "--device", "cpu",
+            "--batching", args.batching, "--idle-trim", args.idle_trim,
+            *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else [])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
+    if args.tracemalloc:
+        (root / "trace").mkdir()
+        argv[1:3] = ["-c", TRACED]  # then "serve", ...: the promcse command line
+        env["BENCH_TRACE_DIR"] = str(root / "trace")
+    if args.server_threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.server_threads)
+    return argv, env
+
+
+def warm_up(args: argparse.Namespace, served: Served, server: psutil.Process, texts: list[str],
+            rng: random.Random) -> float:
+    """The unmeasured warm-up requests, then the server's RSS (MiB) and, with ``--tracemalloc``, probe 0."""
+    warm = run_round(served.url, make_plan(args.warmup, 0.0, texts, rng), args.clients, served.deadline)
+    rss0 = server.memory_info().rss / 2**20
+    print(f"warm-up: {len(warm['records'])} requests, RSS {rss0:.1f} MiB")
+    if args.tracemalloc:
+        served.probes.append(probe_server(served.process, served.trace_dir, 0))
+    return rss0
+
+
+def measured_round(args: argparse.Namespace, served: Served, server: psutil.Process, number: int, share: int,
+                   texts: list[str], rng: random.Random, totals: Totals) -> None:
+    """Round ``number`` of ``share`` requests, added to ``totals``; the server's RSS (and probe) after it, printed."""
+    result = run_round(served.url, make_plan(share, args.bad_fraction, texts, rng), args.clients, served.deadline)
+    totals.records += result["records"]
+    totals.failures += result["failures"]
+    totals.seconds += result["seconds"]
+    totals.unsent += result["unsent"]
+    totals.rss.append(server.memory_info().rss / 2**20)
+    done = len(result["records"])
+    traced = ""
+    if args.tracemalloc:
+        served.probes.append(probe_server(served.process, served.trace_dir, number))
+        held, free = probe_numbers(served.probes[-1])
+        traced = f", traced since warm-up {held:.2f} MiB, glibc heap free {free or 0:.1f} MiB"
+    print(f"round {number}: {done} requests in {result['seconds']:.1f} s "
+          f"({done / max(result['seconds'], 1e-9):.1f} req/s), errors {len(result['failures'])}, "
+          f"server RSS {totals.rss[-1]:.1f} MiB{traced}; {summary_line(result['records'])}")
+
+
+def drive(args: argparse.Namespace, served: Served, began: float, texts: list[str], rng: random.Random,
+          totals: Totals) -> None:
+    """Wait for the server, warm it up, then run the measured rounds into ``totals``."""
+    wait_healthy(served.process, served.url, served.deadline, served.log)
+    server = psutil.Process(served.process.pid)
+    setup_s = time.monotonic() - began
+    print(f"server pid {served.process.pid} on {served.url} up after {setup_s:.1f} s (index: {args.index_size} "
+          f"texts); {args.requests} requests, {args.clients} clients, {args.rounds} rounds, "
+          f"cap {args.max_seconds:.0f} s")
+    totals.rss0 = warm_up(args, served, server, texts, rng)
+    shares = [args.requests // args.rounds + (i < args.requests % args.rounds) for i in range(args.rounds)]
+    for number, share in enumerate(shares, start=1):
+        measured_round(args, served, server, number, share, texts, rng, totals)
+
+
+def serve_and_load(args: argparse.Namespace, extra_env: dict[str, str], began: float, texts: list[str],
+                   rng: random.Random) -> tuple[Totals, list[dict[str, Any]], int | None]:
+    """Build the index, start the server, put it under load, stop it; (totals, probes, server exit code)."""
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         root = Path(tmp)
         build_index(root / "index", args.index_size)
         port, log = free_port(), root / "server.log"
-        url = f"http://{HOST}:{port}"
-        argv = [sys.executable, "-m", "promcse", "serve", "--model", "minilm=minilm", "--index",
-                f"docs={root / 'index'}", "--host", HOST, "--port", str(port), "--device", "cpu",
-                "--batching", args.batching, "--idle-trim", args.idle_trim,
-                *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else [])]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
-        trace_dir = root / "trace"
-        if args.tracemalloc:
-            trace_dir.mkdir()
-            argv[1:3] = ["-c", TRACED]  # then "serve", ...: the promcse command line
-            env["BENCH_TRACE_DIR"] = str(trace_dir)
-        if args.server_threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.server_threads)
-        probes: list[dict[str, Any]] = []
-        rss0: float | None = None
+        argv, env = server_command(args, root, port, extra_env)
         with open(log, "w", encoding="utf-8") as sink:  # a file, not a pipe: access logs never block the server
             process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        served = Served(process, f"http://{HOST}:{port}", log, began + args.max_seconds, root / "trace")
+        totals = Totals()
         try:
-            wait_healthy(process, url, deadline, log)
-            server = psutil.Process(process.pid)
-            setup_s = time.monotonic() - began
-            print(f"server pid {process.pid} on {url} up after {setup_s:.1f} s (index: {args.index_size} texts); "
-                  f"{args.requests} requests, {args.clients} clients, {args.rounds} rounds, "
-                  f"cap {args.max_seconds:.0f} s")
-            warm = run_round(url, make_plan(args.warmup, 0.0, texts, rng), args.clients, deadline)
-            rss0 = server.memory_info().rss / 2**20
-            print(f"warm-up: {len(warm['records'])} requests, RSS {rss0:.1f} MiB")
-            if args.tracemalloc:
-                probes.append(probe_server(process, trace_dir, 0))
-            records: list[tuple[str, float, bool]] = []
-            failures: list[str] = []
-            rss: list[float] = []
-            seconds, unsent = 0.0, 0
-            shares = [args.requests // args.rounds + (i < args.requests % args.rounds) for i in range(args.rounds)]
-            for number, share in enumerate(shares, start=1):
-                result = run_round(url, make_plan(share, args.bad_fraction, texts, rng), args.clients, deadline)
-                records += result["records"]
-                failures += result["failures"]
-                seconds += result["seconds"]
-                unsent += result["unsent"]
-                rss.append(server.memory_info().rss / 2**20)
-                done = len(result["records"])
-                traced = ""
-                if args.tracemalloc:
-                    probes.append(probe_server(process, trace_dir, number))
-                    held, free = probe_numbers(probes[-1])
-                    traced = f", traced since warm-up {held:.2f} MiB, glibc heap free {free or 0:.1f} MiB"
-                print(f"round {number}: {done} requests in {result['seconds']:.1f} s "
-                      f"({done / max(result['seconds'], 1e-9):.1f} req/s), errors {len(result['failures'])}, "
-                      f"server RSS {rss[-1]:.1f} MiB{traced}; {summary_line(result['records'])}")
+            drive(args, served, began, texts, rng, totals)
         finally:
             exit_code = stop_server(process)
-    for line in failures[:10]:
-        print(f"error: {line}")
-    print(f"server exit code after SIGTERM: {exit_code}")
-    good = [r[1] for r in records if r[0] != "bad"]
-    p50, p99 = percentiles_ms(good)
+    return totals, served.probes, exit_code
+
+
+def endpoint_stats(records: list[tuple[str, float, bool]]) -> dict[str, dict[str, Any]]:
+    """Count, p50 and p99 (ms) per endpoint (``bad``: the bad requests)."""
     endpoints = {}
     for name in ("embed", "search", "bad"):
         lat = [r[1] for r in records if r[0] == name]
         e50, e99 = percentiles_ms(lat)
         endpoints[name] = {"n": len(lat), "p50_ms": e50, "p99_ms": e99}
-    headline = {
-        "requests": len(records), "errors": len(failures),
+    return endpoints
+
+
+def headline_of(args: argparse.Namespace, totals: Totals, exit_code: int | None, extra_env: dict[str, str],
+                began: float) -> dict[str, Any]:
+    """The JSON headline (without the ``--tracemalloc`` numbers)."""
+    records, rss, seconds, rss0 = totals.records, totals.rss, totals.seconds, totals.rss0
+    p50, p99 = percentiles_ms([r[1] for r in records if r[0] != "bad"])
+    return {
+        "requests": len(records), "errors": len(totals.failures),
         "throughput_rps": round(len(records) / seconds, 2) if seconds else 0.0,
         "p50_ms": p50, "p99_ms": p99,
         "rss_growth_mib": round(rss[-1] - rss[0], 2) if rss else None,
-        "rss_mib": [round(r, 1) for r in rss], "endpoints": endpoints, "clients": args.clients,
-        "rounds": args.rounds, "warmup": args.warmup, "server_threads": args.server_threads, "unsent": unsent,
-        "server_exit": exit_code, "batching": args.batching, "idle_trim": args.idle_trim,
+        "rss_mib": [round(r, 1) for r in rss], "endpoints": endpoint_stats(records), "clients": args.clients,
+        "rounds": args.rounds, "warmup": args.warmup, "server_threads": args.server_threads,
+        "unsent": totals.unsent, "server_exit": exit_code, "batching": args.batching, "idle_trim": args.idle_trim,
         "malloc_arenas": args.malloc_arenas if args.malloc_arenas is not None else "server default (2)",
         "server_env": extra_env, "rss_warmup_mib": round(rss0, 1) if rss0 is not None else None,
         "wall_s": round(time.monotonic() - began, 1),
     }
+
+
+def add_trace(headline: dict[str, Any], probes: list[dict[str, Any]]) -> None:
+    """With two probes or more: traced and glibc-free MiB per probe into ``headline``; print the top growth."""
     if len(probes) > 1:
         numbers = [probe_numbers(p) for p in probes]
         headline["traced_mib"] = [round(t, 2) for t, _ in numbers]  # [0] right after tracing started
         headline["heap_free_mib"] = [round(f, 1) if f is not None else None for _, f in numbers]
         for line in top_growth(probes[0], probes[-1]):
             print(f"growth since warm-up: {line}")
-    print(json.dumps(headline))
-    grew = bool(rss) and rss[-1] - rss[0] > args.rss_tolerance_mib
-    return 0 if not failures and not unsent and exit_code == 0 and not grew else 1
 
+
+def main() -> int:
+    """Run the load test and print the report, then the JSON headline; 0 if all went well, else 1."""
+    args, extra_env = parse_args()
+    began = time.monotonic()
+    rng = random.Random(args.seed)
+    texts = sentences(1000, skip=args.index_size)
+    totals, probes, exit_code = serve_and_load(args, extra_env, began, texts, rng)
+    for line in totals.failures[:10]:
+        print(f"error: {line}")
+    print(f"server exit code after SIGTERM: {exit_code}")
+    headline = headline_of(args, totals, exit_code, extra_env, began)
+    add_trace(headline, probes)
+    print(json.dumps(headline))
+    rss = totals.rss
+    grew = bool(rss) and rss[-1] - rss[0] > args.rss_tolerance_mib
+    return 0 if not totals.failures and not totals.unsent and exit_code == 0 and not grew else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,10 +74,10 @@ def make_prompts(root: Path, count: int) -> list[str]:
     """``count`` prompt checkpoints over the bundled MiniLM (random N(0, 0.02) tables, P = 10)."""
     import torch
 
-    from promcse.backbone import load_backbone, shape_of
-    from promcse.checkpoint import save_checkpoint
-    from promcse.model import EncoderSpec, build_encoder
-    from promcse.prompt import PromptSpec
+    from promcse.encoder.backbone import load_backbone, shape_of
+    from promcse.models.checkpoint import save_checkpoint
+    from promcse.encoder.model import EncoderSpec, build_encoder
+    from promcse.encoder.prompt import PromptSpec
 
     backbone, tokenizer = load_backbone("minilm")
     shape = shape_of(backbone.config)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sts_texts(data_dir: Path, sample: int, seed: int = 0) -> list[str]:
     """Distinct sentences of the STS test files (a seeded sample)."""
-    from promcse.data import read_sts_tsv
+    from promcse.io.data import read_sts_tsv
 
     texts: set[str] = set()
     for path in sorted((data_dir / "tsv" / "original").rglob("*.tsv")):

@@ -33,15 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from promcse.backbone import load_backbone, minilm_path
-from promcse.config import RunConfig, load_config
-from promcse.data import TrainExamples, batch_order, batch_views
-from promcse.distributed import context, shard_rows
-from promcse.gradcache import length_chunks
-from promcse.model import build_encoder
-from promcse.objective import build_objective
-from promcse.step import train_step
-from promcse.train import encoder_spec, load_examples
+from promcse.encoder.backbone import load_backbone, minilm_path
+from promcse.training.config import RunConfig, load_config
+from promcse.io.data import TrainExamples, batch_order, batch_views
+from promcse.training.distributed import context, shard_rows
+from promcse.training.gradcache import length_chunks
+from promcse.encoder.model import build_encoder
+from promcse.objectives.objective import build_objective
+from promcse.training.step import train_step
+from promcse.training.train import encoder_spec, load_examples
 
 MODES = {"unsup": ("bundled:wiki_5k.txt", "nt_xent"), "sup": ("bundled:snli_triplets.csv", "nt_xent_eh")}
 PROMPT = 10
@@ -58,7 +58,7 @@ def our_config(mode: str, args: argparse.Namespace) -> RunConfig:
 
 
 def ours(config: RunConfig, examples: TrainExamples, total: int) -> tuple[Callable[[np.ndarray], None], Any]:
-    """A step function for promcse (calls :func:`promcse.step.train_step`, as the loop does) and its encoder."""
+    """A step function for promcse (calls :func:`promcse.training.step.train_step`, as the loop does) and its encoder."""
     backbone, tokenizer = load_backbone(config.model.backbone)
     torch.manual_seed(0)
     encoder = build_encoder(encoder_spec(config.model, backbone), backbone, tokenizer).train()
@@ -99,7 +99,7 @@ def encoder_flops(encoder: Any, texts: list[str], max_length: int) -> float:
     """FLOPs of one frozen-encoder forward + backward-to-activations over ``texts`` as our step pads them.
 
     Our step forwards length-sorted groups, each padded to its own longest row
-    (:func:`promcse.gradcache.length_chunks`). Per layer and group of N rows, T tokens, P prefix
+    (:func:`promcse.training.gradcache.length_chunks`). Per layer and group of N rows, T tokens, P prefix
     slots, hidden H, FFN I: linear forward ``2 N T (4 H^2 + 2 H I)``, attention forward
     ``4 N T (T + P) H``. Backward with frozen weights needs no weight-gradient matmuls: one more
     linear pass (input gradients) and two more attention passes.

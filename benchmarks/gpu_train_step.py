@@ -3,7 +3,7 @@
 Speed does not need trained weights: the backbone is ``BertModel(BertConfig())`` (12 layers, hidden
 768, 110 M parameters) with random weights, and a word-level tokenizer over 30,522 made-up words
 written to a temporary directory, so nothing is downloaded. Sentences are random words (8-40, so
-many are truncated at max_len 32). The step timed is :func:`promcse.step.train_step` itself
+many are truncated at max_len 32). The step timed is :func:`promcse.training.step.train_step` itself
 (tokenization, forward, loss, backward, AdamW), prompt mode with P = 16 (the BERT-base recipe).
 
 Measured (medians over ``--steps`` after ``--warmup``; CUDA synchronised around each step):
@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from promcse.config import RunConfig, load_config
-from promcse.data import TrainExamples, batch_views
-from promcse.distributed import context, shard_rows
-from promcse.gradcache import chunked_reference_step, grad_cache_step, length_chunks
-from promcse.model import SentenceEncoder, build_encoder
-from promcse.objective import build_objective
-from promcse.step import train_step
-from promcse.train import encoder_spec
+from promcse.training.config import RunConfig, load_config
+from promcse.io.data import TrainExamples, batch_views
+from promcse.training.distributed import context, shard_rows
+from promcse.training.gradcache import chunked_reference_step, grad_cache_step, length_chunks
+from promcse.encoder.model import SentenceEncoder, build_encoder
+from promcse.objectives.objective import build_objective
+from promcse.training.step import train_step
+from promcse.training.train import encoder_spec
 
 
 def build_backbone(directory: Path, smoke: bool) -> tuple[BertModel, BertTokenizerFast, list[str]]:
@@ -84,7 +84,7 @@ def make_encoder(backbone: BertModel, tokenizer: BertTokenizerFast, config: RunC
 
 def run_step(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, rows: np.ndarray,
              opt: torch.optim.Optimizer, sched: Any) -> dict[str, float]:
-    """One :func:`promcse.step.train_step` on this process's shard of ``rows``, as the training loop calls it."""
+    """One :func:`promcse.training.step.train_step` on this process's shard of ``rows``, as the training loop calls it."""
     dist = context()
     return train_step(encoder, build_objective(config.loss), batch_views(ex, shard_rows(rows, dist)), opt, sched,
                       config.train, config.data.max_length, dist)

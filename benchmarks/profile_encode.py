@@ -3,7 +3,7 @@
 Two views of one encode of the same texts (a seeded sample of the STS test sentences, as in
 benchmarks/bench_encode.py), batch size and threads:
 
-1. **Stages** of ``promcse.encode.encode_texts``, timed by running its own pieces in order (tokenize all
+1. **Stages** of ``promcse.encoder.encode.encode_texts``, timed by running its own pieces in order (tokenize all
    texts once, sort by token count, pad each batch, forward, normalise and copy back), and the same split for
    sentence-transformers' ``encode`` (which tokenizes per batch after sorting by character length). It also
    reports the padding of each (padded token slots / real tokens) and the tokens per second of the forward.
@@ -55,7 +55,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def promcse_stages(encoder: Any, texts: list[str], bs: int) -> tuple[dict[str, float], list[dict[str, torch.Tensor]],
                                                                        np.ndarray]:
     """Seconds per stage of ``encode_texts`` (its own functions, in its order), the padded batches, the vectors."""
-    from promcse.encode import pad_batch, token_length_order, tokenize_all
+    from promcse.encoder.encode import pad_batch, token_length_order, tokenize_all
 
     stages: dict[str, float] = defaultdict(float)
     tokens, stages["tokenize"] = timed(lambda: tokenize_all(encoder, texts, None))
@@ -133,7 +133,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     import promcse
-    from promcse.backbone import minilm_path
+    from promcse.encoder.backbone import minilm_path
 
     texts = sts_sentences(args.data_dir or default_data_dir())
     texts = random.Random(0).sample(texts, min(args.sample, len(texts)))

@@ -27,8 +27,8 @@ def off_diagonal(vectors: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     import promcse
-    from promcse.data import read_training_file
-    from promcse.teacher import build_teacher_cache
+    from promcse.io.data import read_training_file
+    from promcse.training.teacher import build_teacher_cache
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", type=int, default=512)

@@ -1,5 +1,5 @@
 """How much of the teacher's in-batch similarity mass sits on each anchor's own column, and the KL with and
-without those columns (the finding behind ``same_text_columns`` in promcse.losses).
+without those columns (the finding behind ``same_text_columns`` in promcse.objectives.losses).
 
 One seeded batch of SNLI triplets (anchor, positive, hard negative), frozen MiniLM as the student and
 all-mpnet-base-v2 (experiments/fetch_mpnet.sh) as the teacher, anchors against all 3B views.
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     import promcse
-    from promcse.data import read_training_file
-    from promcse.losses import distill_similarity, same_text_columns
+    from promcse.io.data import read_training_file
+    from promcse.objectives.losses import distill_similarity, same_text_columns
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)

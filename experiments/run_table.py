@@ -26,7 +26,7 @@ TEACHER = ROOT / "experiments" / "models" / "all-mpnet-base-v2"  # experiments/f
 def evaluate_model(model: str, data_dir: str, cxc: str) -> dict:
     """7-task STS 'all', CxC plain + bootstrap, alignment/uniformity."""
     import promcse
-    from promcse.sts import evaluate
+    from promcse.evaluation.sts import evaluate
 
     encoder = promcse.load(model, device="cpu")
     return evaluate(lambda t: encoder.encode(t, batch_size=128), "all", data_dir, cxc=cxc)

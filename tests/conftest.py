@@ -89,10 +89,10 @@ def make_prompt_checkpoint(
     ``length=0`` builds no prompt (e.g. with ``mode="full"``). The backbone is recorded as the path
     string given (not resolved). ``extra`` is merged into the checkpoint's ``config.json``.
     """
-    from promcse.backbone import load_backbone, shape_of
-    from promcse.checkpoint import save_checkpoint
-    from promcse.model import EncoderSpec, build_encoder
-    from promcse.prompt import PromptSpec
+    from promcse.encoder.backbone import load_backbone, shape_of
+    from promcse.models.checkpoint import save_checkpoint
+    from promcse.encoder.model import EncoderSpec, build_encoder
+    from promcse.encoder.prompt import PromptSpec
 
     backbone, tokenizer = load_backbone(str(backbone_dir))
     shape = shape_of(backbone.config)
@@ -147,7 +147,7 @@ def tiny_data(tmp_path: Path) -> dict[str, Path]:
     return {"txt": txt, "csv": csv, "data_dir": data_dir}
 
 
-# Tiny random encoders of every family in promcse.backbone.FAMILIES (model_type -> config factory).
+# Tiny random encoders of every family in promcse.encoder.backbone.FAMILIES (model_type -> config factory).
 def _family_configs() -> dict[str, object]:
     from transformers import (CamembertConfig, DistilBertConfig, ElectraConfig, MPNetConfig, XLMRobertaConfig)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from promcse.config import load_config, save_config
+from promcse.training.config import load_config, save_config
 from promcse.errors import PromcseError
 
 
@@ -97,12 +97,12 @@ def test_validate_checks_every_choice_before_any_model_loads(overrides: list[str
 def test_data_without_hard_negatives_is_refused_before_the_model_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss: list[str], kind: str
 ) -> None:
-    import promcse.train
+    import promcse.training.train
 
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the backbone must not load before the data is checked")
 
-    monkeypatch.setattr(promcse.train, "load_backbone", no_model)
+    monkeypatch.setattr(promcse.training.train, "load_backbone", no_model)
     if kind == "txt":
         data = tmp_path / "train.txt"
         data.write_text("".join(f"sentence number {i}\n" for i in range(8)), encoding="utf-8")
@@ -111,5 +111,5 @@ def test_data_without_hard_negatives_is_refused_before_the_model_loads(
         data.write_text("sent0,sent1\n" + "".join(f"a {i},b {i}\n" for i in range(8)), encoding="utf-8")
     config = load_config(None, [f"data.train_file={data}", "train.batch_size=4", *loss])
     with pytest.raises(PromcseError, match="hard negative|hard_neg") as info:
-        promcse.train.train(config, tmp_path / "out", show_progress=False)
+        promcse.training.train.train(config, tmp_path / "out", show_progress=False)
     assert str(data) in str(info.value)

@@ -16,10 +16,10 @@ import pytest
 
 from conftest import make_sentences
 from promcse.cli import main
-from promcse.corpus import EncodeJob, encode_corpus, fingerprint, iter_corpus, parse_part
-from promcse.encode import encode_texts
+from promcse.corpus.encode import EncodeJob, encode_corpus, fingerprint, iter_corpus, parse_part
+from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
-from promcse.shards import MANIFEST, dequantize, merge, quantize, read_manifest, read_rows, read_vectors
+from promcse.corpus.shards import MANIFEST, dequantize, merge, quantize, read_manifest, read_rows, read_vectors
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_cli_bad_row_exits_2(tiny_bert: Path, tmp_path: Path, capsys: pytest.Cap
 # A child that encodes slowly (a pause after each manifest update), so that the test can kill it mid-run.
 SLOW_CHILD = """
 import sys, time
-import promcse.corpus as corpus
+import promcse.corpus.encode as corpus
 real = corpus.write_manifest
 def slow(root, manifest):
     real(root, manifest)
@@ -195,7 +195,7 @@ def test_resume_skips_verified_shards_and_redoes_corrupt_ones(encoder, texts: li
     (job.output / "shard-00002.npy").write_bytes(b"garbage")
     (job.output / ".shard-00003.npy.abc.tmp").write_bytes(b"half-written")
     calls: list[int] = []
-    import promcse.corpus as corpus
+    import promcse.corpus.encode as corpus
 
     real = corpus.encode_texts
     monkeypatch.setattr(corpus, "encode_texts", lambda enc, t, **kw: calls.append(len(t)) or real(enc, t, **kw))
@@ -213,7 +213,7 @@ def test_each_encoded_shard_hands_free_heap_back(encoder, texts: list[str], tmp_
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 13/15: after each shard it encodes (not the skipped ones) the encode calls malloc_trim, so that the
     free holes left by batches of every shape do not pile up over a long corpus (RSS bounded by the shard)."""
-    import promcse.corpus as corpus
+    import promcse.corpus.encode as corpus
 
     trims: list[int] = []
     monkeypatch.setattr(corpus, "malloc_trim", lambda: trims.append(1) or True)
@@ -237,7 +237,7 @@ def test_split_parts_merge_to_one_run(encoder, texts: list[str], tmp_path: Path)
         merge([tmp_path / "p0"], tmp_path / "merged")
     encode_corpus(encoder, job("p1", (1, 2)), "m")
     with pytest.raises(PromcseError, match="part 0/2"):
-        from promcse.shards import require_complete
+        from promcse.corpus.shards import require_complete
 
         require_complete(tmp_path / "p0")
     with pytest.raises(PromcseError, match="in both"):

@@ -1,4 +1,4 @@
-"""Tests of promcse.cxc: the CxC layouts, and the bootstrap against the PromCSE reference's draw (CocoCXCEval)."""
+"""Tests of promcse.evaluation.cxc: the CxC layouts, and the bootstrap against the PromCSE reference's draw (CocoCXCEval)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from scipy.stats import spearmanr
 from test_sts import WORDS, CountingEncoder, data_dir, fake_encode, pair_cosines, write_tsv  # noqa: F401
 
-from promcse import cxc, sts
-from promcse.data import read_table
+from promcse.evaluation import cxc, sts
+from promcse.io.data import read_table
 from promcse.errors import PromcseError
 
 SHARED = Path("/work/shared/data/eval/cxc")

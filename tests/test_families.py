@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import FAMILY_TYPES, make_prompt_checkpoint
-from promcse.backbone import FAMILIES, PREFIX_FAMILIES, load_backbone, position_limit
+from promcse.encoder.backbone import FAMILIES, PREFIX_FAMILIES, load_backbone, position_limit
 from promcse.errors import PromcseError
-from promcse.loading import load
+from promcse.models.loading import load
 
 TEXTS = ["a man is playing a guitar .", "two dogs run on the beach", "the child reads a book"]
 

@@ -19,15 +19,15 @@ import torch
 
 import promcse
 from conftest import make_prompt_checkpoint, make_sentences
-from promcse.backbone import PREFIX_FAMILIES, load_backbone, shape_of
-from promcse.checkpoint import load_checkpoint, save_checkpoint
-from promcse.config import ModelConfig, load_config
+from promcse.encoder.backbone import PREFIX_FAMILIES, load_backbone, shape_of
+from promcse.models.checkpoint import load_checkpoint, save_checkpoint
+from promcse.training.config import ModelConfig, load_config
 from promcse.errors import PromcseError
-from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
-from promcse.multiprompt import build_bank, encode_bank, encode_mixed
-from promcse.prompt import GATED_ATTENTION, PromptSpec, run_encoder
-from promcse.registry import PromptRegistry
-from promcse.train import encoder_spec
+from promcse.encoder.model import EncoderSpec, SentenceEncoder, build_encoder
+from promcse.encoder.multiprompt import build_bank, encode_bank, encode_mixed
+from promcse.encoder.prompt import GATED_ATTENTION, PromptSpec, run_encoder
+from promcse.serving.registry import PromptRegistry
+from promcse.training.train import encoder_spec
 
 TEXTS = ["a man is playing the guitar in the park", "the dog runs", "two children are eating food outside",
          "a red car", "people are walking on the beach near the water and the sun is big"]
@@ -259,7 +259,7 @@ def test_mixed_prompt_encoding_carries_the_gates(tiny_bert: Path, tmp_path: Path
 
 def test_onnx_export_refuses_a_gated_prompt(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("onnx")
-    from promcse.onnx_graph import export_encoders
+    from promcse.models.onnx_graph import export_encoders
 
     ckpt = save_checkpoint(gated_encoder(tiny_bert), tmp_path / "gated")
     with pytest.raises(PromcseError, match="model.prompt_gate") as err:
@@ -271,7 +271,7 @@ def test_onnx_export_refuses_a_gated_prompt(tiny_bert: Path, tmp_path: Path, mon
 
 
 def test_sentence_transformers_export_refuses_a_gated_prompt(tiny_bert: Path, tmp_path: Path) -> None:
-    from promcse.export import export_sentence_transformers
+    from promcse.export.sentence_transformers import export_sentence_transformers
 
     ckpt = save_checkpoint(gated_encoder(tiny_bert), tmp_path / "gated")
     with pytest.raises(PromcseError, match="model.prompt_gate") as err:
@@ -280,8 +280,8 @@ def test_sentence_transformers_export_refuses_a_gated_prompt(tiny_bert: Path, tm
 
 
 def test_gate_lr_gives_the_gates_their_own_learning_rate(tiny_bert: Path) -> None:
-    from promcse.config import TrainConfig
-    from promcse.train import make_optimizer
+    from promcse.training.config import TrainConfig
+    from promcse.training.train import make_optimizer
 
     encoder = gated_encoder(tiny_bert, gate_std=0.5, std=0.02).train()  # open gates: the prefix gets gradients too
     optimizer, scheduler = make_optimizer(encoder, TrainConfig(lr=1e-3, gate_lr=0.5), total_steps=10)
@@ -299,8 +299,8 @@ def test_gate_lr_gives_the_gates_their_own_learning_rate(tiny_bert: Path) -> Non
 
 
 def test_gate_lr_default_and_misuse(tiny_bert: Path) -> None:
-    from promcse.config import TrainConfig
-    from promcse.train import make_optimizer
+    from promcse.training.config import TrainConfig
+    from promcse.training.train import make_optimizer
 
     optimizer, _ = make_optimizer(gated_encoder(tiny_bert), TrainConfig(lr=1e-3), total_steps=10)
     assert len(optimizer.param_groups) == 1  # 0: the gates train at train.lr with the rest

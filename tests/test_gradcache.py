@@ -1,6 +1,6 @@
 """GradCache gradients == full-batch gradients (relative 1e-4), with dropout replayed per chunk.
 
-Two definitions of "the full-batch step" (see promcse.gradcache):
+Two definitions of "the full-batch step" (see promcse.training.gradcache):
 * dropout on: plain back-propagation through the same chunked forwards from the same random state
   (dropout masks depend on tensor shapes, so this is the only step with the same masks);
 * dropout off: the true single-forward plain ``train_step``.
@@ -15,23 +15,23 @@ import pytest
 import torch
 
 from conftest import make_sentences
-from promcse.backbone import load_backbone
-from promcse.config import RunConfig, load_config
-from promcse.data import TrainExamples
-from promcse.gradcache import chunked_reference_step, forward_chunks, grad_cache_step, length_chunks
-from promcse.model import SentenceEncoder, build_encoder
-from promcse.data import batch_views
-from promcse.distributed import context, shard_rows
-from promcse.objective import build_objective
-from promcse.step import train_step
-from promcse.train import encoder_spec
+from promcse.encoder.backbone import load_backbone
+from promcse.training.config import RunConfig, load_config
+from promcse.io.data import TrainExamples
+from promcse.training.gradcache import chunked_reference_step, forward_chunks, grad_cache_step, length_chunks
+from promcse.encoder.model import SentenceEncoder, build_encoder
+from promcse.io.data import batch_views
+from promcse.training.distributed import context, shard_rows
+from promcse.objectives.objective import build_objective
+from promcse.training.step import train_step
+from promcse.training.train import encoder_spec
 
 ROWS = 10
 
 
 def run_step(encoder: SentenceEncoder, config: RunConfig, ex: TrainExamples, rows: np.ndarray, opt: torch.optim.Optimizer,
              sched: object) -> dict[str, float]:
-    """One :func:`promcse.step.train_step` on this process's shard of ``rows``, as the loop takes it."""
+    """One :func:`promcse.training.step.train_step` on this process's shard of ``rows``, as the loop takes it."""
     dist = context()
     return train_step(encoder, build_objective(config.loss), batch_views(ex, shard_rows(rows, dist)), opt, sched,
                       config.train, config.data.max_length, dist)
@@ -100,7 +100,7 @@ def test_replay_is_what_makes_it_equal(tiny_bert: Path) -> None:
     inputs = encoder.tokenize(["a man is playing a guitar"] * 2)
     assert not torch.allclose(encoder(inputs)[0], encoder(inputs)[1])
     _, ref = step_grads(encoder, config, examples(False), 4, grad_cache=False)
-    import promcse.gradcache as gc
+    import promcse.training.gradcache as gc
 
     original = gc.RngState.replay
     try:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import promcse.shards
+import promcse.corpus.shards
 from promcse.cli import main
 from promcse.errors import PromcseError
-from promcse.search import FAISS_FILE, META_FILE, Index, build_from_vectors
-from promcse.shards import FORMAT, FORMAT_VERSION, write_manifest, write_shard
+from promcse.corpus.search import FAISS_FILE, META_FILE, Index, build_from_vectors
+from promcse.corpus.shards import FORMAT, FORMAT_VERSION, write_manifest, write_shard
 
 faiss = pytest.importorskip("faiss")
 
@@ -122,7 +122,7 @@ def test_build_from_vectors_holds_one_shard_at_a_time(kind: str, clustered, trut
     root = write_vectors(tmp_path / "vectors", base)
     alive: list[weakref.ref] = []
     most = [0]
-    real = promcse.shards.read_vectors
+    real = promcse.corpus.shards.read_vectors
 
     def tracked(*args, **kwargs):
         most[0] = max(most[0], sum(ref() is not None for ref in alive))  # shards still held at this load
@@ -130,7 +130,7 @@ def test_build_from_vectors_holds_one_shard_at_a_time(kind: str, clustered, trut
         alive.append(weakref.ref(vectors))
         return vectors
 
-    monkeypatch.setattr(promcse.shards, "read_vectors", tracked)
+    monkeypatch.setattr(promcse.corpus.shards, "read_vectors", tracked)
     build, search, threshold = THRESHOLDS[kind]
     index = build_from_vectors(root, kind=kind, train_size=2000, **build)
     assert most[0] == 0 and len(alive) >= 8  # every shard loaded (and sampled), none kept while loading another

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import promcse.files
-from promcse import index_kinds
+import promcse.io.files
+from promcse.corpus import index_kinds
 from promcse.errors import PromcseError
-from promcse.search import META_FILE, Index, build_from_vectors
+from promcse.corpus.search import META_FILE, Index, build_from_vectors
 
 pytest.importorskip("faiss")
 
@@ -54,7 +54,7 @@ def test_every_file_is_listed_and_every_kind_of_damage_is_named(kind: str, vecto
     assert sorted(meta["files"]) == files and len(files) >= 2
     for name in files:
         data = (out / name).read_bytes()
-        assert meta["files"][name] == {"bytes": len(data), "sha256": promcse.files.sha256_file(out / name)}
+        assert meta["files"][name] == {"bytes": len(data), "sha256": promcse.io.files.sha256_file(out / name)}
     assert top_text(out, vectors[7])[0] == "t7"
     for name in files:
         original = (out / name).read_bytes()
@@ -97,7 +97,7 @@ def test_older_formats_without_a_manifest_load_but_format_3_needs_one(vectors: n
 def test_resaving_keeps_the_old_index_loadable_until_the_new_one_is_complete(
         kind: str, exchange: bool, vectors: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not exchange:
-        monkeypatch.setattr(promcse.files, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(promcse.io.files, "_exchange", lambda a, b: False)
     out = tmp_path / "idx"
     build(kind, vectors, prefix="old").save(out)
     new = build(kind, vectors[::-1].copy(), prefix="new")  # other texts at other ids
@@ -134,7 +134,7 @@ def test_a_save_killed_mid_way_leaves_the_old_index(vectors: np.ndarray, tmp_pat
     build("numpy", vectors, prefix="old").save(out)
     script = f"""
 import os, signal, numpy as np
-from promcse.search import Index
+from promcse.corpus.search import Index
 index = Index(None, kind="numpy", model_ref="none")
 index.add_vectors(["new"] * {N}, np.load({str(tmp_path / 'v.npy')!r})[::-1].copy())  # other vectors
 real = np.save
@@ -155,7 +155,7 @@ index.save({str(out)!r})
 
 
 def test_saving_over_other_files_or_the_rescored_shards_is_refused(vectors: np.ndarray, tmp_path: Path) -> None:
-    from promcse.shards import FORMAT, FORMAT_VERSION, write_manifest, write_shard
+    from promcse.corpus.shards import FORMAT, FORMAT_VERSION, write_manifest, write_shard
 
     mine = tmp_path / "mine"
     mine.mkdir()

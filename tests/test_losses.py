@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from promcse.config import LossConfig
-from promcse.losses import (
+from promcse.training.config import LossConfig
+from promcse.objectives.losses import (
     contrastive_loss,
     energy_hinge,
     nt_xent,
@@ -16,7 +16,7 @@ from promcse.losses import (
     supcon,
     supcon_views,
 )
-from promcse.objective import OBJECTIVES, build_objective
+from promcse.objectives.objective import OBJECTIVES, build_objective
 
 D = 5
 

@@ -17,10 +17,10 @@ import pytest
 from conftest import make_sentences
 
 from promcse.cli import main
-from promcse.data import TrainExamples, read_training_file
+from promcse.io.data import TrainExamples, read_training_file
 from promcse.errors import PromcseError
-from promcse.mine import MineConfig, MinedResult, mine_hard_negatives, parse_range
-from promcse.mine_files import format_report, read_corpus, write_mined
+from promcse.corpus.mine import MineConfig, MinedResult, mine_hard_negatives, parse_range
+from promcse.corpus.mine_files import format_report, read_corpus, write_mined
 
 DIM = 16
 
@@ -318,7 +318,7 @@ def write_pairs_csv(path: Path, n: int = 24) -> Path:
 
 def test_cli_mines_writes_the_training_format_and_reports(tiny_bert: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from promcse.loading import load
+    from promcse.models.loading import load
 
     pairs_path = write_pairs_csv(tmp_path / "pairs.csv")
     out = tmp_path / "mined.csv"

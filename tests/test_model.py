@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import write_tiny_bert
-from promcse.backbone import load_backbone, shape_of
-from promcse.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from promcse.encoder.backbone import load_backbone, shape_of
+from promcse.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from promcse.errors import PromcseError
-from promcse.model import EncoderSpec, build_encoder
-from promcse.pooling import POOLERS
-from promcse.prompt import PromptSpec, run_encoder
+from promcse.encoder.model import EncoderSpec, build_encoder
+from promcse.encoder.pooling import POOLERS
+from promcse.encoder.prompt import PromptSpec, run_encoder
 
 TEXTS = ["a man is playing guitar", "the dog runs in the park with a ball", "two women are eating"]
 
@@ -131,8 +131,8 @@ def test_encode_restores_input_order(tiny_bert: Path) -> None:
 
 def test_head_and_projection_mlp_use_the_reference_init() -> None:
     """The reference's cl_init ends with init_weights(): every nn.Linear N(0, 0.02), bias 0 (not PyTorch's default)."""
-    from promcse.pooling import MLPHead
-    from promcse.prompt import DeepPrompt, PromptSpec
+    from promcse.encoder.pooling import MLPHead
+    from promcse.encoder.prompt import DeepPrompt, PromptSpec
 
     torch.manual_seed(0)
     head = MLPHead(64)

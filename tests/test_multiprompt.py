@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import make_prompt_checkpoint, make_sentences
-from promcse.multiprompt import build_bank, encode_mixed
-from promcse.registry import PromptRegistry
+from promcse.encoder.multiprompt import build_bank, encode_mixed
+from promcse.serving.registry import PromptRegistry
 
 # (name, checkpoint options): P = 5 / 20, projection MLP, shift true and false, head none / always
 PROMPTS = {

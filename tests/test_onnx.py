@@ -19,12 +19,12 @@ ort = pytest.importorskip("onnxruntime")
 
 import promcse  # noqa: E402
 from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
-from promcse.backbone import FAMILIES  # noqa: E402
+from promcse.encoder.backbone import FAMILIES  # noqa: E402
 from promcse.cli import main  # noqa: E402
 from promcse.errors import PromcseError  # noqa: E402
-from promcse.onnx_export import export_onnx  # noqa: E402
-from promcse.onnx_graph import META_FILE, export_encoders  # noqa: E402
-from promcse.onnx_runtime import OnnxEncoder, is_onnx_export  # noqa: E402
+from promcse.export.onnx import export_onnx  # noqa: E402
+from promcse.models.onnx_graph import META_FILE, export_encoders  # noqa: E402
+from promcse.models.onnx_runtime import OnnxEncoder, is_onnx_export  # noqa: E402
 
 # different lengths, an empty text, and one cut at the position limit (64 positions less the prompt's shift)
 TEXTS = make_sentences(13, seed=5) + ["", "a " * 80, "the", " ".join(make_sentences(6, seed=2))]

@@ -2,7 +2,7 @@
 
 A bad output (under a regular file, in /proc, the input itself, a directory where a file belongs and vice
 versa, a directory holding other files) stops the command with exit 2 and one message naming the path
-*before* the model loads: ``promcse.loading.load`` is replaced by a function that fails the test. Missing
+*before* the model loads: ``promcse.models.loading.load`` is replaced by a function that fails the test. Missing
 parent directories are created, as for every promcse output. The single ``.npy`` file is written atomically:
 a write that fails part-way leaves nothing under the final name. Each command names what it wrote.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import promcse.loading
+import promcse.models.loading
 from conftest import make_sentences
 from promcse.cli import main
 from promcse.errors import PromcseError
@@ -71,7 +71,7 @@ def test_encode_refuses_bad_outputs_before_loading_the_model(workspace: Path, mo
                                                              output: str, message: str) -> None:
     if "fifo" in output and not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs here")
-    monkeypatch.setattr(promcse.loading, "load", never_load)
+    monkeypatch.setattr(promcse.models.loading, "load", never_load)
     before = sorted(p.relative_to(workspace).as_posix() for p in workspace.rglob("*"))
     argv = ENCODE + ["--input", source.format(tmp=workspace), "--output", output.format(tmp=workspace)]
     assert main(argv) == 2
@@ -94,12 +94,12 @@ INDEX_CASES = [
 def test_index_build_refuses_bad_outputs_before_any_work(workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str], source: list[str],
                                                          output: str, message: str) -> None:
-    import promcse.data
-    import promcse.search
+    import promcse.io.data
+    import promcse.corpus.search
 
-    monkeypatch.setattr(promcse.loading, "load", never_load)
-    monkeypatch.setattr(promcse.search, "build_from_vectors", never_load)
-    monkeypatch.setattr(promcse.data, "read_sentences", never_load)
+    monkeypatch.setattr(promcse.models.loading, "load", never_load)
+    monkeypatch.setattr(promcse.corpus.search, "build_from_vectors", never_load)
+    monkeypatch.setattr(promcse.io.data, "read_sentences", never_load)
     argv = ["index", "build", "--model", "unused", "--device", "cpu", "--output", output.format(tmp=workspace)]
     assert main(argv + [part.format(tmp=workspace) for part in source]) == 2
     err = capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_a_failed_npy_write_leaves_nothing_under_the_final_name(tiny_bert: Path,
 
 
 def test_a_hard_link_to_the_input_is_the_input(tmp_path: Path) -> None:
-    from promcse.files import check_output_file
+    from promcse.io.files import check_output_file
 
     source = tmp_path / "s.npy"
     source.write_text("a\n", encoding="utf-8")
@@ -160,7 +160,7 @@ def test_a_hard_link_to_the_input_is_the_input(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root writes anywhere")
 def test_an_unwritable_directory_is_refused(tmp_path: Path) -> None:
-    from promcse.files import check_output_dir, check_output_file
+    from promcse.io.files import check_output_dir, check_output_file
 
     locked = tmp_path / "locked"
     locked.mkdir()

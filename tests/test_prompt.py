@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from promcse.backbone import BackboneShape, position_limit, shape_of
-from promcse.pooling import MLPHead
-from promcse.prompt import DeepPrompt, PromptSpec, prefixed_attention_mask, run_encoder
+from promcse.encoder.backbone import BackboneShape, position_limit, shape_of
+from promcse.encoder.pooling import MLPHead
+from promcse.encoder.prompt import DeepPrompt, PromptSpec, prefixed_attention_mask, run_encoder
 
 BERT_BASE = BackboneShape("bert", num_layers=12, num_heads=12, hidden_size=768, vocab_size=30522)
 
@@ -247,7 +247,7 @@ def test_unshifted_positions_option_matches_manual_attention(tiny_bert: Path) ->
 
 
 def test_unshifted_roberta_positions_equal_the_models_own(tiny_roberta: Path) -> None:
-    from promcse.backbone import unshifted_position_ids
+    from promcse.encoder.backbone import unshifted_position_ids
 
     model = AutoModel.from_pretrained(str(tiny_roberta))
     ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])

@@ -15,10 +15,10 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed: pip i
 
 from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
 from promcse.cli import main  # noqa: E402
-from promcse.corpus import EncodeJob, encode_corpus  # noqa: E402
+from promcse.corpus.encode import EncodeJob, encode_corpus  # noqa: E402
 from promcse.errors import PromcseError  # noqa: E402
-from promcse.ray_encode import RayEncodeConfig, encode_dataset  # noqa: E402
-from promcse.shards import MANIFEST, read_manifest, read_rows, read_vectors  # noqa: E402
+from promcse.corpus.ray_encode import RayEncodeConfig, encode_dataset  # noqa: E402
+from promcse.corpus.shards import MANIFEST, read_manifest, read_rows, read_vectors  # noqa: E402
 
 TEXTS = make_sentences(230, seed=11)
 IDS: list[Any] = [f"doc-{i}" if i % 3 else i for i in range(len(TEXTS))]  # strings and integers mixed

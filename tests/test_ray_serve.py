@@ -22,9 +22,9 @@ serve = pytest.importorskip("ray.serve")
 
 from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
 from promcse.cli import main  # noqa: E402
-import promcse.ray_serve as ray_serve_module  # noqa: E402
-from promcse.ray_serve import APP_NAME, RayServeConfig, Replica, ReplicaSpec  # noqa: E402
-from promcse.registry import load_many  # noqa: E402
+import promcse.serving.ray_serve as ray_serve_module  # noqa: E402
+from promcse.serving.ray_serve import APP_NAME, RayServeConfig, Replica, ReplicaSpec  # noqa: E402
+from promcse.serving.registry import load_many  # noqa: E402
 
 TEXTS = make_sentences(24, seed=5)
 

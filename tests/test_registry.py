@@ -12,7 +12,7 @@ import pytest
 import promcse
 from conftest import make_prompt_checkpoint, make_sentences
 from promcse.errors import PromcseError
-from promcse.registry import PromptRegistry, backbone_key, load_many
+from promcse.serving.registry import PromptRegistry, backbone_key, load_many
 
 TEXTS = make_sentences(12, seed=4)
 

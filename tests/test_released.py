@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from promcse.errors import PromcseError
-from promcse.released import SIDECAR, is_released, load_released
+from promcse.models.released import SIDECAR, is_released, load_released
 
 TEXTS = ["a man is playing guitar", "the dog runs in the park with a ball near the water", "two women eat"]
 P = 3

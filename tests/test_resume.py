@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from promcse.checkpoint import load_checkpoint, save_checkpoint
+from promcse.models.checkpoint import load_checkpoint, save_checkpoint
 from promcse.errors import PromcseError
 
 
@@ -97,6 +97,6 @@ def test_resume_without_state_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "run_config.yaml").write_text("train: {lr: 0.01}\n")
     assert main(["train", "--resume", str(tmp_path)]) == 2
     with pytest.raises(PromcseError):
-        from promcse.resume import latest_state
+        from promcse.training.resume import latest_state
 
         latest_state(tmp_path)

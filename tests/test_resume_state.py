@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from promcse.errors import PromcseError
-from promcse.resume import LoopState, latest_state, list_states, load_state, save_state
+from promcse.training.resume import LoopState, latest_state, list_states, load_state, save_state
 
 
 def setup(seed: int = 0):

@@ -13,7 +13,7 @@ import promcse
 import promcse.cli
 from conftest import make_sentences
 from promcse.errors import PromcseError
-from promcse.search import FAISS_FILE, META_FILE, NUMPY_FILE, TEXTS_FILE, Index, default_nlist
+from promcse.corpus.search import FAISS_FILE, META_FILE, NUMPY_FILE, TEXTS_FILE, Index, default_nlist
 
 faiss = pytest.importorskip("faiss")
 
@@ -99,7 +99,7 @@ def test_ivf_over_texts_and_auto_choice(encoder, corpus: list[str], monkeypatch:
     flat.add(corpus)
     queries = make_sentences(8, seed=2)
     assert [r[0].id for r in ivf.search(queries, 1)] == [r[0].id for r in flat.search(queries, 1)]
-    monkeypatch.setattr("promcse.search.AUTO_IVF_MIN", 100)
+    monkeypatch.setattr("promcse.corpus.search.AUTO_IVF_MIN", 100)
     auto = Index(encoder)
     auto.add(corpus)
     assert auto.kind == "ivf" and auto.nlist == default_nlist(len(corpus))

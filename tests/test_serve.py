@@ -20,9 +20,9 @@ from conftest import make_prompt_checkpoint, make_sentences
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-from promcse.search import Index  # noqa: E402
-from promcse.launch import BackgroundServer, load_server  # noqa: E402
-from promcse.serve import Limits, create_app  # noqa: E402
+from promcse.corpus.search import Index  # noqa: E402
+from promcse.serving.launch import BackgroundServer, load_server  # noqa: E402
+from promcse.serving.app import Limits, create_app  # noqa: E402
 
 CORPUS = list(dict.fromkeys(make_sentences(40, seed=12)))
 LIMITS = Limits(max_texts=8, max_chars=200, max_body_bytes=20_000, max_top_k=10)

@@ -13,11 +13,11 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
-from promcse.batching import BatchEngine, EngineConfig, QueueFull  # noqa: E402
+from promcse.serving.batching import BatchEngine, EngineConfig, QueueFull  # noqa: E402
 from promcse.errors import PromcseError  # noqa: E402
-from promcse.launch import BackgroundServer, check_server_options  # noqa: E402
-from promcse.registry import PromptRegistry  # noqa: E402
-from promcse.serve import Limits, ServeOptions, create_app  # noqa: E402
+from promcse.serving.launch import BackgroundServer, check_server_options  # noqa: E402
+from promcse.serving.registry import PromptRegistry  # noqa: E402
+from promcse.serving.app import Limits, ServeOptions, create_app  # noqa: E402
 
 TEXTS = make_sentences(48, seed=21)
 
@@ -181,7 +181,7 @@ def test_batching_off_keeps_the_one_request_path(registry) -> None:
 
 def test_engine_trims_the_heap_when_its_queue_drains(registry, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 15: malloc_trim runs once the queue is empty (not while rows wait), at most every TRIM_INTERVAL_S."""
-    import promcse.batching as batching
+    import promcse.serving.batching as batching
 
     events: list[str] = []
     monkeypatch.setattr(batching, "malloc_trim", lambda: events.append("trim") or True)
@@ -225,7 +225,7 @@ def test_engine_trims_the_heap_when_its_queue_drains(registry, monkeypatch: pyte
 def test_malloc_trim_is_a_safe_call_everywhere() -> None:
     import sys
 
-    from promcse.allocator import malloc_trim
+    from promcse.io.allocator import malloc_trim
 
     assert malloc_trim() in (True, False)
     if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
@@ -255,7 +255,7 @@ def test_malloc_arena_cap_is_set_before_the_model_loads(monkeypatch: pytest.Monk
     with pytest.raises(SystemExit) as exit_info:  # refused by the option's range, before anything runs
         main(["serve", "--model", "m=unused", "--malloc-arenas", "-1"])
     assert exit_info.value.code == 2 and calls == ["load"]
-    code = ("import sys, platform; from promcse.allocator import limit_malloc_arenas as f; "
+    code = ("import sys, platform; from promcse.io.allocator import limit_malloc_arenas as f; "
             "glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'; "
             "sys.exit(0 if (f(2) is glibc and f(0) is False) else 1)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -27,9 +27,9 @@ from conftest import make_sentences
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-from promcse.search import Index  # noqa: E402
-from promcse.launch import BackgroundServer, load_server  # noqa: E402
-from promcse.serve import Limits, create_app  # noqa: E402
+from promcse.corpus.search import Index  # noqa: E402
+from promcse.serving.launch import BackgroundServer, load_server  # noqa: E402
+from promcse.serving.app import Limits, create_app  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

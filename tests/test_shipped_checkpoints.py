@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import promcse
-from promcse.sts import evaluate
+from promcse.evaluation.sts import evaluate
 
 CHECKPOINTS = sorted((Path(__file__).parents[1] / "checkpoints").glob("*/config.json"))
 

@@ -23,8 +23,8 @@ from promcse.errors import PromcseError
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
-from promcse.launch import BackgroundServer, check_connection_options, load_server, uvicorn_config  # noqa: E402
-from promcse.serve import Limits, ServeOptions, create_app  # noqa: E402
+from promcse.serving.launch import BackgroundServer, check_connection_options, load_server, uvicorn_config  # noqa: E402
+from promcse.serving.app import Limits, ServeOptions, create_app  # noqa: E402
 
 HEADER_S, BODY_S, KEEP_ALIVE_S = 1.0, 1.0, 1.0
 SLACK = 4.0  # seconds past a deadline before the test calls the connection "held"

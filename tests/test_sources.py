@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from conftest import write_tiny_bert
-from promcse.config import load_config, save_config
-from promcse.data import TrainExamples
+from promcse.training.config import load_config, save_config
+from promcse.io.data import TrainExamples
 from promcse.errors import PromcseError
-from promcse.sources import Mixture, mixture_batch_order
-from promcse.train import train
+from promcse.io.sources import Mixture, mixture_batch_order
+from promcse.training.train import train
 from test_train import tiny_config
 
 

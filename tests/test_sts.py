@@ -1,4 +1,4 @@
-"""Tests of promcse.sts (STS protocol, alignment/uniformity, score_split, the table) and promcse.plots,
+"""Tests of promcse.evaluation.sts (STS protocol, alignment/uniformity, score_split, the table) and promcse.evaluation.plots,
 with a fake encoder. CxC: tests/test_cxc.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from promcse import sts
+from promcse.evaluation import sts
 from promcse.errors import PromcseError
 
 WORDS = "a man woman dog cat plays runs eats sits on the red big small park guitar ball table food".split()
@@ -269,7 +269,7 @@ def test_score_split_matches_evaluate(data_dir: Path, monkeypatch: pytest.Monkey
 
 
 def test_format_table_has_one_home() -> None:
-    from promcse import plots
+    from promcse.evaluation import plots
 
     assert plots.format_table is sts.format_table
     assert plots.STANDARD_REPORTS == tuple(sts.TASKS[t].report for t in sts.STANDARD_TASKS)
@@ -277,7 +277,7 @@ def test_format_table_has_one_home() -> None:
 
 def test_plot_results(tmp_path: Path, data_dir: Path) -> None:
     pytest.importorskip("matplotlib")
-    from promcse.plots import plot_results
+    from promcse.evaluation.plots import plot_results
 
     one = sts.evaluate(fake_encode, "all", data_dir=data_dir)
     two = sts.evaluate(lambda t: fake_encode(t, dim=32), "sts12,stsb", data_dir=data_dir)

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import promcse.objective as objective_module
+import promcse.objectives.objective as objective_module
 from conftest import make_sentences
-from promcse.config import load_config
-from promcse.data import read_training_file
-from promcse.distributed import DistContext
+from promcse.training.config import load_config
+from promcse.io.data import read_training_file
+from promcse.training.distributed import DistContext
 from promcse.errors import PromcseError
-from promcse.objective import build_objective
-from promcse.step import global_loss
-from promcse.train import train
+from promcse.objectives.objective import build_objective
+from promcse.training.step import global_loss
+from promcse.training.train import train
 from test_train import changed_tensors, fresh_encoder, snapshot, tiny_config
 
 
@@ -119,7 +119,7 @@ def test_training_with_supcon_sees_each_batch_labels(tiny_bert: Path, tiny_data:
     encoder = fresh_encoder(tiny_bert, config)
     backbone_before, prompt_before = snapshot(encoder.backbone), snapshot(encoder.prompt)
     result = train(config, tmp_path / "run", show_progress=False, encoder=encoder)
-    from promcse.data import batch_order
+    from promcse.io.data import batch_order
 
     order = batch_order(len(labels), config.train.batch_size, config.train.epochs, config.train.seed)
     assert seen == [[labels[i] for i in rows] for rows in order[: result.steps]]
@@ -139,7 +139,7 @@ def test_supcon_without_a_label_column_is_refused_before_training(tiny_bert: Pat
 
 def test_supcon_under_several_processes_is_refused(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import promcse.train as train_module
+    import promcse.training.train as train_module
 
     path, _ = _labelled_file(tmp_path)
     monkeypatch.setattr(train_module, "setup", lambda device: DistContext(rank=0, world_size=2))

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from promcse.config import load_config
-from promcse.losses import contrastive_loss
-import promcse.objective
-from promcse.objective import build_objective
-from promcse.tiled import tiled_contrastive_loss
+from promcse.training.config import load_config
+from promcse.objectives.losses import contrastive_loss
+import promcse.objectives.objective
+from promcse.objectives.objective import build_objective
+from promcse.objectives.tiled import tiled_contrastive_loss
 
 
 def run(fn, anchor, positive, negative, **kwargs):
@@ -119,7 +119,7 @@ def test_similarity_matrix_is_never_formed() -> None:
     assert probe.largest < rows * 2 * rows
 
 
-@pytest.mark.parametrize("name", sorted(promcse.objective.CONTRASTIVE - {"supcon"}))  # supcon is dense only
+@pytest.mark.parametrize("name", sorted(promcse.objectives.objective.CONTRASTIVE - {"supcon"}))  # supcon is dense only
 def test_config_key_selects_the_tiled_loss(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(5)
     views = [torch.randn(12, 8, generator=g) for _ in range(3)]
@@ -130,7 +130,7 @@ def test_config_key_selects_the_tiled_loss(name: str, monkeypatch: pytest.Monkey
         calls.append(int(kwargs["tile_size"]))  # type: ignore[arg-type]
         return tiled_contrastive_loss(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(promcse.objective, "tiled_contrastive_loss", spy)
+    monkeypatch.setattr(promcse.objectives.objective, "tiled_contrastive_loss", spy)
     tiled = build_objective(load_config(None, [f"loss.name={name}", "loss.tile_size=5"]).loss)(views)
     assert calls == [5] and set(tiled) == set(dense)
     for k in dense:

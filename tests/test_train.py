@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from promcse.checkpoint import load_checkpoint
-from promcse.config import load_config
-from promcse.data import batch_order
-from promcse.train import train
+from promcse.models.checkpoint import load_checkpoint
+from promcse.training.config import load_config
+from promcse.io.data import batch_order
+from promcse.training.train import train
 
 
 def tiny_config(tiny_bert: Path, data: dict[str, Path], *extra: str):
@@ -25,9 +25,9 @@ def tiny_config(tiny_bert: Path, data: dict[str, Path], *extra: str):
 
 def fresh_encoder(tiny_bert: Path, config):
     """The encoder ``train`` would build for ``config``, built here so the test holds the in-memory objects."""
-    from promcse.backbone import load_backbone
-    from promcse.model import build_encoder
-    from promcse.train import encoder_spec
+    from promcse.encoder.backbone import load_backbone
+    from promcse.encoder.model import build_encoder
+    from promcse.training.train import encoder_spec
 
     backbone, tokenizer = load_backbone(str(tiny_bert))
     torch.manual_seed(config.train.seed)
@@ -92,7 +92,7 @@ def test_full_mode_updates_backbone(tiny_bert: Path, tiny_data: dict[str, Path],
     config = tiny_config(tiny_bert, tiny_data, "model.mode=full", "model.prompt_length=0", "train.lr=1e-3")
     train(config, tmp_path / "full", show_progress=False)
     loaded = load_checkpoint(tmp_path / "full")
-    from promcse.backbone import load_backbone
+    from promcse.encoder.backbone import load_backbone
 
     original = load_backbone(str(tiny_bert))[0].state_dict()
     changed = [k for k, v in loaded.backbone.state_dict().items() if not torch.equal(v, original[k])]
@@ -114,9 +114,9 @@ def test_batch_order_covers_every_row_once_per_epoch() -> None:
 
 
 def test_truncation_is_counted_and_reported(tiny_bert: Path) -> None:
-    from promcse.backbone import load_backbone
-    from promcse.data import TrainExamples
-    from promcse.train import report_truncation
+    from promcse.encoder.backbone import load_backbone
+    from promcse.io.data import TrainExamples
+    from promcse.training.train import report_truncation
 
     _, tokenizer = load_backbone(str(tiny_bert))
     examples = TrainExamples(["a man", "a man " * 40, "the dog " * 3], None, (), "x")
@@ -140,11 +140,11 @@ def test_second_run_into_the_same_directory_is_refused(tmp_path: Path) -> None:
     import sys
 
     from promcse.errors import PromcseError
-    from promcse.files import directory_lock
+    from promcse.io.files import directory_lock
 
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom promcse.files import directory_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom promcse.io.files import directory_lock\n"
                                f"with directory_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(30)"],
                               stdout=subprocess.PIPE, text=True)
     try:

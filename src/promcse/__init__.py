@@ -12,8 +12,8 @@ from promcse.errors import PromcseError
 
 
 def load(model: str, device: str = "auto", **kwargs: Any) -> Any:
-    """Load an encoder (checkpoint dir, HF name or path, or ``minilm``); see :func:`promcse.loading.load`."""
-    from promcse.loading import load as _load
+    """Load an encoder (checkpoint dir, HF name or path, or ``minilm``); see :func:`promcse.models.loading.load`."""
+    from promcse.models.loading import load as _load
 
     return _load(model, device=device, **kwargs)
 
@@ -21,7 +21,7 @@ def load(model: str, device: str = "auto", **kwargs: Any) -> Any:
 def __getattr__(name: str) -> Any:
     """Lazy attributes: ``promcse.Index`` imports FAISS only when used."""
     if name == "Index":
-        from promcse.search import Index
+        from promcse.corpus.search import Index
 
         return Index
     raise AttributeError(f"module 'promcse' has no attribute {name!r}")

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import fuzz_examples, make_prompt_checkpoint
-from promcse.backbone import load_backbone
+from promcse.encoder.backbone import load_backbone
 from promcse.errors import PromcseError
-from promcse.loading import load
+from promcse.models.loading import load
 
 HOSTILE = [None, "no", "yes", "", -1, 0, 1, 5.0, 0.5, 2**62, 1e308, True, False, [], {}, [1, 2], "x" * 300,
            {"a": 1}, 18_000_000_000_000]
@@ -144,7 +144,7 @@ def test_index_texts_survive_a_save_and_load(tmp_path: Path, texts: list[str]) -
     """Arbitrary Unicode (U+2028, U+2029, U+0085, NUL, ...) round-trips through an index folder."""
     import numpy as np
 
-    from promcse.search import Index
+    from promcse.corpus.search import Index
 
     texts = texts + ["line\u2028sep", "para\u2029sep", "nel\x85x", "cr\rlf\r\n"]
     index = Index(None, kind="numpy", model_ref="none")

@@ -17,9 +17,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import fuzz_examples, make_prompt_checkpoint, make_sentences  # noqa: E402
 from promcse.errors import PromcseError  # noqa: E402
-from promcse.launch import BackgroundServer, load_server  # noqa: E402
-from promcse.search import Index  # noqa: E402
-from promcse.serve import Limits, ServeOptions, create_app  # noqa: E402
+from promcse.serving.launch import BackgroundServer, load_server  # noqa: E402
+from promcse.corpus.search import Index  # noqa: E402
+from promcse.serving.app import Limits, ServeOptions, create_app  # noqa: E402
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

@@ -14,9 +14,9 @@ def _encode_single_file(args: argparse.Namespace) -> int:
     """``--output FILE.npy``: one text per line into one matrix (the original behaviour)."""
     import numpy as np
 
-    from promcse.data import read_sentences
-    from promcse.files import atomic_write, check_output_file
-    from promcse.loading import load
+    from promcse.io.data import read_sentences
+    from promcse.io.files import atomic_write, check_output_file
+    from promcse.models.loading import load
 
     output = check_output_file(args.output, inputs=[args.input])  # before any work: nothing lost to a bad path
     texts = read_sentences(args.input).anchor
@@ -33,7 +33,7 @@ def _encode_single_file(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from promcse.shards import merge
+    from promcse.corpus.shards import merge
 
     manifest = merge(args.merge, args.output)
     print(f"merged {len(args.merge)} part(s): {manifest['num_shards']} shards, {manifest['total_rows']} rows "
@@ -42,8 +42,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _encode_corpus(args: argparse.Namespace) -> int:
-    from promcse.corpus import EncodeJob, check_output, encode_corpus, parse_part
-    from promcse.loading import load
+    from promcse.corpus.encode import EncodeJob, check_output, encode_corpus, parse_part
+    from promcse.models.loading import load
 
     if args.backend != "torch":
         raise PromcseError("--backend onnx writes one .npy file only; shard directories use the torch backend")
@@ -66,8 +66,8 @@ def _encode_corpus(args: argparse.Namespace) -> int:
 
 
 def _encode_on_ray(args: argparse.Namespace, job: Any) -> dict[str, Any]:
-    """``--engine ray``: the same encode on a pool of Ray actors (promcse.ray_encode)."""
-    from promcse.ray_encode import RayEncodeConfig, encode_files
+    """``--engine ray``: the same encode on a pool of Ray actors (promcse.corpus.ray_encode)."""
+    from promcse.corpus.ray_encode import RayEncodeConfig, encode_files
 
     device = "cpu" if args.device == "auto" else args.device  # a worker sees only the GPUs Ray gave it
     config = RayEncodeConfig(workers=args.workers or 2, cpus_per_worker=args.cpus_per_worker or 1.0,

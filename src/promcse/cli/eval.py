@@ -12,8 +12,8 @@ from promcse.cli.common import add_common
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate one or more encoders on the STS suite."""
-    from promcse.loading import load
-    from promcse.sts import evaluate, format_table, parse_tasks
+    from promcse.models.loading import load
+    from promcse.evaluation.sts import evaluate, format_table, parse_tasks
 
     tasks = parse_tasks(args.tasks)
     results = []
@@ -31,7 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         print(f"wrote {args.json}")
     if args.plot:
-        from promcse.plots import plot_results
+        from promcse.evaluation.plots import plot_results
 
         plot_results(results, [str(m) for m in args.model], args.plot)
         print(f"wrote {args.plot}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from promcse.export import FORMATS, export_sentence_transformers, read_eval_results
+from promcse.export.sentence_transformers import FORMATS, export_sentence_transformers, read_eval_results
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     """``promcse export --format onnx``: one graph for --model and every --also prompt."""
-    from promcse.onnx_export import export_onnx
+    from promcse.export.onnx import export_onnx
 
     out = export_onnx([args.model, *(args.also or [])], args.output, quantize=args.quantize)
     print(f"exported to {out}; load with promcse.load({str(out)!r}, backend='onnx') or --backend onnx")

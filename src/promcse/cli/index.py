@@ -7,8 +7,8 @@ from typing import Any
 
 from promcse.cli.common import NON_NEGATIVE_INT, POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
-from promcse.files import check_output_dir
-from promcse.search import AUTO_IVF_MIN, DEFAULT_TRAIN_SIZE, KINDS, Index, index_file
+from promcse.io.files import check_output_dir
+from promcse.corpus.search import AUTO_IVF_MIN, DEFAULT_TRAIN_SIZE, KINDS, Index, index_file
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -24,14 +24,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     check_output_dir(args.output, ours=index_file, inputs=[args.input or args.from_vectors], replaced=True,
                      what="promcse index")  # before any work: nothing lost to a bad path
     if args.from_vectors is not None:
-        from promcse.search import build_from_vectors
+        from promcse.corpus.search import build_from_vectors
 
         index = build_from_vectors(args.from_vectors, kind=args.kind, model_ref=args.model,
                                    train_size=args.train_size, show_progress=not args.no_progress,
                                    **_settings(args))
         source = "vectors"
     else:
-        from promcse.data import read_sentences
+        from promcse.io.data import read_sentences
 
         if not args.model:
             raise PromcseError("index build --input needs --model")

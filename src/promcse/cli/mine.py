@@ -12,10 +12,10 @@ from promcse.errors import PromcseError
 
 def cmd_mine(args: argparse.Namespace) -> int:
     """Read the pairs (and corpus), mine, write the rows atomically and print the report."""
-    from promcse.data import read_training_file, resolve_train_file
-    from promcse.loading import load
-    from promcse.mine import MineConfig, mine_hard_negatives, parse_range
-    from promcse.mine_files import format_report, read_corpus, write_mined
+    from promcse.io.data import read_training_file, resolve_train_file
+    from promcse.models.loading import load
+    from promcse.corpus.mine import MineConfig, mine_hard_negatives, parse_range
+    from promcse.corpus.mine_files import format_report, read_corpus, write_mined
 
     low, high = parse_range(args.range)
     config = MineConfig(range_min=low, range_max=high, margin=args.margin, max_score=args.max_score,
@@ -36,7 +36,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``mine`` to the ``promcse`` command line."""
-    from promcse.search import KINDS
+    from promcse.corpus.search import KINDS
 
     p = subparsers.add_parser(
         "mine", help="mine hard negatives for training pairs with a model and a search index",

@@ -1,17 +1,17 @@
-"""``promcse serve``: a thin caller of :func:`promcse.launch.run_server` (``--engine ray``:
-:func:`promcse.ray_serve.serve_on_ray`)."""
+"""``promcse serve``: a thin caller of :func:`promcse.serving.launch.run_server` (``--engine ray``:
+:func:`promcse.serving.ray_serve.serve_on_ray`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from promcse.allocator import limit_malloc_arenas
-from promcse.batching import EngineConfig
+from promcse.io.allocator import limit_malloc_arenas
+from promcse.serving.batching import EngineConfig
 from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
-from promcse.launch import api_key_from, check_server_options, load_server, parse_named, run_server
-from promcse.serve import Limits, ServeOptions
+from promcse.serving.launch import api_key_from, check_server_options, load_server, parse_named, run_server
+from promcse.serving.app import Limits, ServeOptions
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_on_ray(args: argparse.Namespace, models: dict[str, str], index_dirs: dict[str, str], limits: Limits,
                   options: ServeOptions) -> Any:
     """``--engine ray``: ``--replicas`` replicas of the same app on Ray Serve, until SIGTERM/SIGINT."""
-    from promcse.ray_serve import RayServeConfig, ReplicaSpec, serve_on_ray
+    from promcse.serving.ray_serve import RayServeConfig, ReplicaSpec, serve_on_ray
 
     spec = ReplicaSpec(models=models, indexes=index_dirs, device=args.device, limits=limits, options=options,
                        malloc_arenas=args.malloc_arenas)

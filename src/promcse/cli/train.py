@@ -16,9 +16,9 @@ QUICKSTART_CONFIG = "quickstart.yaml"
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a prompt (or a full fine-tune) from a config."""
-    from promcse.config import load_config
-    from promcse.loop import TrainingInterrupted
-    from promcse.train import train
+    from promcse.training.config import load_config
+    from promcse.training.loop import TrainingInterrupted
+    from promcse.training.train import train
 
     overrides = list(args.set or [])
     if args.train_file:
@@ -56,11 +56,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     """Score the frozen MiniLM on STS-B test, train the quick-start prompt, score it again."""
     from importlib import resources
 
-    from promcse.config import load_config
-    from promcse.loading import load
-    from promcse.model import SentenceEncoder
-    from promcse.sts import score_split
-    from promcse.train import train
+    from promcse.training.config import load_config
+    from promcse.models.loading import load
+    from promcse.encoder.model import SentenceEncoder
+    from promcse.evaluation.sts import score_split
+    from promcse.training.train import train
 
     config_path = Path(str(resources.files("promcse") / "resources" / QUICKSTART_CONFIG))
     config = load_config(config_path, list(args.set or []))
@@ -79,7 +79,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``train`` and ``quickstart`` to the ``promcse`` command line."""
-    from promcse.config import describe
+    from promcse.training.config import describe
 
     p = subparsers.add_parser("train", help="train a prompt or fine-tune", formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Train from a YAML config; override any key with --set section.key=value.",

@@ -1,4 +1,4 @@
-"""Streaming corpus encoding: ``promcse encode --input FILE|DIR --output DIR`` (the files: :mod:`promcse.shards`).
+"""Streaming corpus encoding: ``promcse encode --input FILE|DIR --output DIR`` (the files: :mod:`promcse.corpus.shards`).
 
 The input is read as a stream of rows, one shard (``shard_size`` rows) at a time, so memory is bounded by
 the shard size, not the corpus. Formats, by extension (a directory: every such file under it, sorted by
@@ -16,7 +16,7 @@ line that is not JSON, or a missing field is a :class:`~promcse.errors.PromcseEr
 Resuming: a re-run with the same settings skips every shard the manifest lists whose checksums match,
 and re-encodes the rest (encoding is deterministic, so the result is byte-identical to an uninterrupted
 run). With ``part=(i, N)`` only shards ``i, i+N, i+2N, ...`` are encoded (every part still reads the
-whole stream, to know where its shards start); :func:`promcse.shards.merge` joins the parts.
+whole stream, to know where its shards start); :func:`promcse.corpus.shards.merge` joins the parts.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from promcse.allocator import malloc_trim
-from promcse.encode import encode_texts
+from promcse.io.allocator import malloc_trim
+from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
-from promcse.files import check_output_dir
-from promcse.loading import reference_key
-from promcse.model import SentenceEncoder
-from promcse.shards import (FORMAT, FORMAT_VERSION, MANIFEST, SAME_RUN, canonical_dtype, owned_name, read_manifest,
+from promcse.io.files import check_output_dir
+from promcse.models.loading import reference_key
+from promcse.encoder.model import SentenceEncoder
+from promcse.corpus.shards import (FORMAT, FORMAT_VERSION, MANIFEST, SAME_RUN, canonical_dtype, owned_name, read_manifest,
                             verify_shard, write_manifest, write_shard)
 
 SUFFIXES: dict[str, str] = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -236,7 +236,7 @@ def _remove_temporaries(out: Path) -> None:
 
 def check_output(output: str | Path, source: str | Path) -> Path:
     """Refuse, before any model loads, a shard directory that cannot be written, is a file, holds other files,
-    holds the input or lies inside an input directory (see :func:`promcse.files.check_output_dir`)."""
+    holds the input or lies inside an input directory (see :func:`promcse.io.files.check_output_dir`)."""
     if Path(output).exists() and not Path(output).is_dir():
         raise PromcseError("--output must be a directory (or end in .npy for one file)", path=output)
     return check_output_dir(output, ours=owned_name, inputs=[source], scanned=[source], what="vector directory")

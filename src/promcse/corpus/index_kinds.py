@@ -1,4 +1,4 @@
-"""The FAISS index kinds behind :class:`promcse.search.Index`, and exact rescoring from stored vectors.
+"""The FAISS index kinds behind :class:`promcse.corpus.search.Index`, and exact rescoring from stored vectors.
 
 All kinds score by inner product over L2-normalised vectors (cosine similarity):
 
@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from promcse.data import jsonl_lines
+from promcse.io.data import jsonl_lines
 from promcse.errors import PromcseError
-from promcse.schema import load_array
-from promcse.files import atomic_write, verify_manifest
-from promcse.shards import MANIFEST, dequantize, read_vectors, require_complete, sha256_file
+from promcse.io.schema import load_array
+from promcse.io.files import atomic_write, verify_manifest
+from promcse.corpus.shards import MANIFEST, dequantize, read_vectors, require_complete, sha256_file
 
 META_FILE = "meta.json"
 TEXTS_FILE = "texts.jsonl"

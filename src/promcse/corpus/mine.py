@@ -1,10 +1,10 @@
 """Hard-negative mining (``promcse mine``): for each training pair, corpus sentences close to the anchor that
-are not its positive, found with the :class:`~promcse.search.Index`.
+are not its positive, found with the :class:`~promcse.corpus.search.Index`.
 
 The semantics follow sentence-transformers' ``util.mine_hard_negatives``:
 
 - The corpus (by default every distinct sentence of the input: ``sent0``, ``sent1`` and ``hard_neg``) is
-  embedded once with the model and put in an :class:`~promcse.search.Index` (exact ``flat`` below 100,000
+  embedded once with the model and put in an :class:`~promcse.corpus.search.Index` (exact ``flat`` below 100,000
   sentences under ``index_kind="auto"``, IVF above; the exact numpy scan when faiss is not installed).
   Duplicate corpus texts are kept once.
 - The candidates of an anchor are its corpus neighbours by cosine similarity, best first, **without the
@@ -24,8 +24,8 @@ drops neighbours scoring above ``1 - m`` and ``max_score r`` those above ``r`` â
 removes near-duplicates of the sentence. The rank range applies as above (the sentence itself is skipped).
 
 The result's columns are ``sent0,sent1,hard_neg``, or ``sent0,sent1,hard_neg_1..hard_neg_K`` for ``K > 1``;
-:mod:`promcse.mine_files` reads ``--corpus`` files, writes the rows atomically (CSV or JSON Lines, the format
-:func:`promcse.data.read_training_file` reads) and formats the report.
+:mod:`promcse.corpus.mine_files` reads ``--corpus`` files, writes the rows atomically (CSV or JSON Lines, the format
+:func:`promcse.io.data.read_training_file` reads) and formats the report.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from promcse.data import HARD_NEG_COLUMN, PAIR_COLUMNS, TrainExamples
+from promcse.io.data import HARD_NEG_COLUMN, PAIR_COLUMNS, TrainExamples
 from promcse.errors import PromcseError
-from promcse.search import KINDS, Index
+from promcse.corpus.search import KINDS, Index
 
 STRATEGIES: tuple[str, ...] = ("top", "random")
 SCORE_BUDGET = 50_000_000  # query x corpus scores per search call (the numpy fallback holds them all at once)
@@ -53,7 +53,7 @@ _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
 class Encoder(Protocol):
-    """What the miner needs from a model: :meth:`promcse.model.SentenceEncoder.encode`'s signature."""
+    """What the miner needs from a model: :meth:`promcse.encoder.model.SentenceEncoder.encode`'s signature."""
 
     def encode(self, texts: list[str], batch_size: int = ..., normalize: bool = ..., **kwargs: Any) -> Any: ...
 
@@ -71,7 +71,7 @@ class MineConfig:
         strategy: ``top`` (the hardest passing candidates) or ``random`` (``K`` of them, seeded).
         seed: Seed of the ``random`` strategy.
         batch_size: Texts per forward pass when embedding the corpus.
-        index_kind: The :class:`~promcse.search.Index` kind (``auto``: exact flat below 100,000 sentences).
+        index_kind: The :class:`~promcse.corpus.search.Index` kind (``auto``: exact flat below 100,000 sentences).
         show_progress: Show tqdm bars (embedding, search).
     """
 
@@ -295,7 +295,7 @@ def _search_all(index: Index, vectors: np.ndarray, ids: dict[str, int], groups: 
 def _pair_rows(pairs: TrainExamples) -> tuple[list[str], list[str], bool]:
     """Anchors, positives (the anchors themselves for unsupervised input) and whether the input is unsupervised."""
     if isinstance(pairs, (str, Path)) or not hasattr(pairs, "anchor"):
-        raise PromcseError("mine_hard_negatives expects TrainExamples (see promcse.data.read_training_file)")
+        raise PromcseError("mine_hard_negatives expects TrainExamples (see promcse.io.data.read_training_file)")
     if len(pairs.anchor) == 0:
         raise PromcseError("no rows to mine for", path=pairs.source or None)
     if pairs.positive is None:
@@ -309,7 +309,7 @@ def mine_hard_negatives(model: Encoder, pairs: TrainExamples, corpus: list[str] 
 
     Args:
         model: Anything with ``encode(texts, batch_size=, normalize=, show_progress=)`` (e.g. ``promcse.load(ref)``).
-        pairs: Rows from :func:`promcse.data.read_training_file` (``positive is None``: unsupervised).
+        pairs: Rows from :func:`promcse.io.data.read_training_file` (``positive is None``: unsupervised).
         corpus: Candidate sentences (default: :func:`default_corpus` of ``pairs``); duplicates are kept once.
         config: The options (default: :class:`MineConfig()`).
 

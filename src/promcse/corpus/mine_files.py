@@ -1,9 +1,9 @@
-"""The miner's files (:mod:`promcse.mine`): the ``--corpus`` reader, the atomic writer and the report.
+"""The miner's files (:mod:`promcse.corpus.mine`): the ``--corpus`` reader, the atomic writer and the report.
 
 A corpus file is ``.txt`` (one sentence a line), or ``.csv``/``.tsv``/``.jsonl`` with a ``text`` column, else
 every training column (``sent0``, ``sent1``, ``hard_neg``, ``hard_neg_N``). The mined rows are written as
-quoted CSV or JSON Lines through :func:`promcse.files.atomic_write_text`, readable by
-:func:`promcse.data.read_training_file`.
+quoted CSV or JSON Lines through :func:`promcse.io.files.atomic_write_text`, readable by
+:func:`promcse.io.data.read_training_file`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from promcse.data import jsonl_rows, read_sentences, read_table, read_text
+from promcse.io.data import jsonl_rows, read_sentences, read_table, read_text
 from promcse.errors import PromcseError
-from promcse.files import atomic_write_text
-from promcse.mine import MinedResult
+from promcse.io.files import atomic_write_text
+from promcse.corpus.mine import MinedResult
 
 _SENTENCE_COLUMN = re.compile(r"^(sent0|sent1|hard_neg|hard_neg_\d+)$")
 

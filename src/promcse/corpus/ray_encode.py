@@ -2,11 +2,11 @@
 
 ``promcse encode --engine ray --workers N [--address ...]`` (:func:`encode_files`) and, from Python,
 :func:`encode_dataset` (any ``ray.data.Dataset`` with a text column) run the encode of
-:func:`promcse.corpus.encode_corpus` on ``N`` Ray actors, one model each. Each actor reserves
+:func:`promcse.corpus.encode.encode_corpus` on ``N`` Ray actors, one model each. Each actor reserves
 ``cpus_per_worker`` CPUs and runs as many torch threads, so the actors never oversubscribe a node's cores.
 
 - ``encode_files``: ``map_batches`` of :class:`PartEncoder` over the ``N`` parts of the job, one per actor.
-  Actor ``i`` streams the input with promcse's own strict readers (:func:`promcse.corpus.iter_corpus`, as a
+  Actor ``i`` streams the input with promcse's own strict readers (:func:`promcse.corpus.encode.iter_corpus`, as a
   ``--shard i/N`` job does) and encodes shards ``i, i+N, ...`` whole, each by one ``encode_texts`` call, so
   the shard files are byte-identical to a single process's (same model, dtype and torch threads). A
   resumed run skips the shards already written. The input must be readable at the same path on every node
@@ -16,7 +16,7 @@
   with a single process to float rounding (~1e-7) rather than bit for bit.
 
 Only this process writes: the encoded rows come back to it and every shard and the manifest are written
-through :func:`promcse.corpus.store_shard`, as in a single process, so the output directory need not be
+through :func:`promcse.corpus.encode.store_shard`, as in a single process, so the output directory need not be
 shared. Models must be readable at the same path (or hub name) on every node.
 
 ``ray`` is an optional extra (``pip install 'promcse[ray]'``), imported only when these functions run.
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from promcse.corpus import EncodeJob, finish_manifest, fingerprint, iter_corpus, resume_state, store_shard
-from promcse.encode import encode_texts
+from promcse.corpus.encode import EncodeJob, finish_manifest, fingerprint, iter_corpus, resume_state, store_shard
+from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
 
 VECTOR, SHARD, SHARD_ROWS, POSITION, ID_JSON = "_vector", "_shard", "_shard_rows", "_position", "_id_json"
@@ -76,13 +76,13 @@ class _ActorModel:
     def __init__(self, model_ref: str, device: str, threads: int, job: EncodeJob) -> None:
         import torch
 
-        from promcse.loading import load
+        from promcse.models.loading import load
 
         torch.set_num_threads(max(1, threads))
         self.encoder, self.job = load(model_ref, device=device), job
 
     def vectors(self, texts: list[str]) -> np.ndarray:
-        """``texts`` encoded exactly as :func:`promcse.corpus.encode_corpus` encodes a shard."""
+        """``texts`` encoded exactly as :func:`promcse.corpus.encode.encode_corpus` encodes a shard."""
         job = self.job
         return np.asarray(encode_texts(self.encoder, texts, batch_size=job.batch_size, normalize=job.normalize,
                                        max_length=job.max_length), dtype=np.float32)
@@ -221,7 +221,7 @@ def _unwrapped() -> Iterator[None]:
 
 def _model_dim(model_ref: str) -> int:
     """The model's embedding size (for the manifest), from one load on this process's CPU."""
-    from promcse.loading import load
+    from promcse.models.loading import load
 
     return int(load(model_ref, device="cpu").dim)
 
@@ -263,7 +263,7 @@ def encode_dataset(dataset: Any, job: EncodeJob, model_ref: str, config: RayEnco
 
 
 def encode_files(job: EncodeJob, model_ref: str, config: RayEncodeConfig | None = None) -> dict[str, Any]:
-    """``promcse encode --engine ray``: :func:`promcse.corpus.encode_corpus` on a Ray actor pool, resuming the
+    """``promcse encode --engine ray``: :func:`promcse.corpus.encode.encode_corpus` on a Ray actor pool, resuming the
     same way (shards already written are skipped); returns the final manifest.
 
     Uses this process's Ray connection, else ``config.address``, else a new local instance (shut down after).

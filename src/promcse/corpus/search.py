@@ -1,7 +1,7 @@
 """Semantic search: an inner-product index over L2-normalised sentence embeddings.
 
 Kinds (all return cosine similarities, since vectors are normalised; the FAISS ones are described in
-:mod:`promcse.index_kinds`):
+:mod:`promcse.corpus.index_kinds`):
 
 - ``flat``: FAISS ``IndexFlatIP``, exact.
 - ``ivf``: FAISS ``IndexIVFFlat``, approximate (``nprobe`` lists per query). ``auto`` picks it from
@@ -35,10 +35,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from promcse import index_kinds, shards
+from promcse.corpus import index_kinds, shards
 from promcse.errors import PromcseError
-from promcse.schema import read_versioned
-from promcse.index_kinds import (COMPRESSED, DEFAULT_RESCORE, FAISS_FILE, IVF_POINTS_PER_LIST,  # noqa: F401
+from promcse.io.schema import read_versioned
+from promcse.corpus.index_kinds import (COMPRESSED, DEFAULT_RESCORE, FAISS_FILE, IVF_POINTS_PER_LIST,  # noqa: F401
                                  META_FILE, NEEDS_TRAINING, NUMPY_FILE, TEXTS_FILE, KindParams, MemoryStore,
                                  ShardStore, default_nlist, index_file, load_npy, numpy_top_k, read_records,
                                  training_sample, verify_files)
@@ -77,9 +77,9 @@ class Index:
         model_ref: The reference saved in ``meta.json`` so :meth:`load` can find the encoder again (default:
             ``encoder`` when it is a string).
         kind: One of :data:`KINDS` (see the module docstring).
-        nlist, nprobe, pq_m, pq_bits, hnsw_m, ef_search: FAISS settings (:class:`~promcse.index_kinds.KindParams`).
+        nlist, nprobe, pq_m, pq_bits, hnsw_m, ef_search: FAISS settings (:class:`~promcse.corpus.index_kinds.KindParams`).
         rescore: Candidates rescored exactly per query for the compressed kinds (default:
-            :data:`~promcse.index_kinds.DEFAULT_RESCORE`; 0: the codes' own scores).
+            :data:`~promcse.corpus.index_kinds.DEFAULT_RESCORE`; 0: the codes' own scores).
         batch_size: Texts per encoder forward pass.
         device: Device for a model loaded from a reference.
     """
@@ -90,7 +90,7 @@ class Index:
         if kind not in KINDS:
             raise PromcseError(f"unknown index kind '{kind}'; choose one of {', '.join(KINDS)}")
         if isinstance(encoder, (str, Path)):
-            from promcse.loading import load
+            from promcse.models.loading import load
 
             model_ref = model_ref or str(encoder)
             encoder = load(str(encoder), device=device)
@@ -251,13 +251,13 @@ class Index:
         return DEFAULT_RESCORE.get(self.kind, 0) if self.rescore is None else self.rescore
 
     def save(self, directory: str | Path) -> Path:
-        """Write the index to ``directory`` as a whole and return it (see :func:`promcse.files.atomic_directory`).
+        """Write the index to ``directory`` as a whole and return it (see :func:`promcse.io.files.atomic_directory`).
 
         The directory is created (parents too) or replaced: an index already there stays loadable until the
         new one is complete. A directory holding anything but index files is refused, as is one holding the
         shard directory this index rescores from.
         """
-        from promcse.files import atomic_directory, check_output_dir
+        from promcse.io.files import atomic_directory, check_output_dir
 
         if self.kind == "auto" or (self._index is None and self._vectors is None):
             raise PromcseError("cannot save an empty index: add texts first")
@@ -269,8 +269,8 @@ class Index:
     def _write(self, out: Path) -> None:
         """Every file of the index into the (temporary) directory ``out``; ``meta.json`` last, listing the
         size and sha256 of each of the others."""
-        from promcse.checkpoint import versions
-        from promcse.files import file_manifest
+        from promcse.models.checkpoint import versions
+        from promcse.io.files import file_manifest
 
         if self.kind == "numpy":
             np.save(out / NUMPY_FILE, self._vectors, allow_pickle=False)
@@ -300,7 +300,7 @@ class Index:
         if encoder is None:
             if not meta.get("model"):
                 raise PromcseError("the index records no model reference: pass the encoder", path=root / META_FILE)
-            from promcse.loading import load
+            from promcse.models.loading import load
 
             encoder = load(str(meta["model"]), device=device)
         settings = {k: meta[k] for k in ("nlist", "pq_m", "pq_bits", "hnsw_m", "ef_search", "rescore") if k in meta}

@@ -11,7 +11,7 @@ A directory holds fixed-size shards (the last may be shorter) and one ``manifest
 Int8 is symmetric per-vector quantisation: ``scale = max|x| / 127`` and ``codes = round(x / scale)``, so
 each coordinate is off by at most ``scale / 2`` (cosine error ~1e-4 at D=384 for unit vectors).
 
-Every file is written with :func:`promcse.files.atomic_write`, the shard's files before the manifest entry
+Every file is written with :func:`promcse.io.files.atomic_write`, the shard's files before the manifest entry
 that names them, so a shard is either listed with checksums that match or treated as not done.
 Nothing is pickled (``numpy.load(allow_pickle=False)``).
 """
@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from promcse.data import jsonl_lines
+from promcse.io.data import jsonl_lines
 from promcse.errors import PromcseError
-from promcse.schema import load_array, read_versioned
-from promcse.files import atomic_write, atomic_write_text, check_output_dir, sha256_file  # noqa: F401
+from promcse.io.schema import load_array, read_versioned
+from promcse.io.files import atomic_write, atomic_write_text, check_output_dir, sha256_file  # noqa: F401
 
 FORMAT = "promcse-vectors"
 FORMAT_VERSION = 1

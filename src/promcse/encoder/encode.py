@@ -1,4 +1,4 @@
-"""Encoding texts to vectors with a loaded encoder (what a model reference means: :mod:`promcse.loading`).
+"""Encoding texts to vectors with a loaded encoder (what a model reference means: :mod:`promcse.models.loading`).
 
 Texts are sorted by length so each batch pads to similar lengths, encoded under
 ``torch.inference_mode``, and returned in the caller's order.
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from promcse.errors import PromcseError
 
 if TYPE_CHECKING:  # only for annotations: the encoder module calls into this one
-    from promcse.model import SentenceEncoder
+    from promcse.encoder.model import SentenceEncoder
 
 
 def tokenize_all(encoder: SentenceEncoder, texts: list[str], max_length: int | None) -> dict[str, list[list[int]]]:

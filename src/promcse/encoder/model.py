@@ -9,11 +9,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from promcse.backbone import BackboneShape, check_prompt_support, freeze, load_backbone, position_limit, shape_of
+from promcse.encoder.backbone import BackboneShape, check_prompt_support, freeze, load_backbone, position_limit, shape_of
 from promcse.errors import PromcseError
-from promcse.pooling import HEAD_MODES, POOLERS, MLPHead
-from promcse.prompt import DeepPrompt, PromptSpec, run_encoder, use_gated_attention
-from promcse.schema import read_encoder
+from promcse.encoder.pooling import HEAD_MODES, POOLERS, MLPHead
+from promcse.encoder.prompt import DeepPrompt, PromptSpec, run_encoder, use_gated_attention
+from promcse.io.schema import read_encoder
 
 MODES: tuple[str, ...] = ("prompt", "full", "frozen")
 
@@ -27,7 +27,7 @@ class EncoderSpec:
         shape: The backbone's shape facts, checked on load.
         mode: ``prompt`` (frozen backbone + deep prompt), ``full`` (fine-tuned backbone) or ``frozen``.
         prompt: Prompt spec, or None without a prompt.
-        pooler: Key of :data:`promcse.pooling.POOLERS`.
+        pooler: Key of :data:`promcse.encoder.pooling.POOLERS`.
         head: ``none``, ``train_only`` or ``always``.
     """
 
@@ -49,7 +49,7 @@ class EncoderSpec:
 
     @classmethod
     def from_dict(cls, data: object) -> "EncoderSpec":
-        """Inverse of :meth:`to_dict`, every field type- and range-checked (:func:`promcse.schema.read_encoder`).
+        """Inverse of :meth:`to_dict`, every field type- and range-checked (:func:`promcse.io.schema.read_encoder`).
 
         Raises:
             PromcseError: Naming the key (``encoder.prompt.length``, ...) that is wrong.
@@ -157,14 +157,14 @@ class SentenceEncoder(nn.Module):
         return self.head(pooled) if self.use_head() else pooled
 
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True, **kwargs: Any) -> Any:
-        """Encode texts to an (N, D) array in input order; see :func:`promcse.encode.encode_texts`."""
-        from promcse.encode import encode_texts
+        """Encode texts to an (N, D) array in input order; see :func:`promcse.encoder.encode.encode_texts`."""
+        from promcse.encoder.encode import encode_texts
 
         return encode_texts(self, texts, batch_size=batch_size, normalize=normalize, **kwargs)
 
     def similarity(self, a: list[str], b: list[str], batch_size: int = 64) -> Any:
         """Cosine similarity matrix (len(a), len(b)) between two lists of texts."""
-        from promcse.encode import similarity
+        from promcse.encoder.encode import similarity
 
         return similarity(self, a, b, batch_size=batch_size)
 

@@ -4,7 +4,7 @@ A deep prompt is per-row key/value data, so a batch can carry a different prompt
 encoders over one backbone module have their prefix tables stacked once into a :class:`PromptBank`
 ``(K, P_max, L*2*H)`` (shorter prompts zero-padded); each row gathers its table by prompt id, its padded
 slots (all P_max of them for a bare-backbone row) are masked out of attention, and its real tokens get its
-own prompt's position shift (:func:`promcse.prompt.run_encoder_rows`). Pooler and head are then applied per
+own prompt's position shift (:func:`promcse.encoder.prompt.run_encoder_rows`). Pooler and head are then applied per
 group of rows of the same model. Rows whose backbone differs (full fine-tunes, released checkpoints with
 their own weights) form their own groups, and so do gated prompts (``model.prompt_gate``): their attention
 takes the prefix through a separate, gated softmax, so a bank holds gated or ungated prompts, never both
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from promcse.encode import pad_batch, token_length_order, tokenize_all
+from promcse.encoder.encode import pad_batch, token_length_order, tokenize_all
 from promcse.errors import PromcseError
-from promcse.model import SentenceEncoder
-from promcse.prompt import run_encoder_rows
+from promcse.encoder.model import SentenceEncoder
+from promcse.encoder.prompt import run_encoder_rows
 
 
 @dataclass(frozen=True)

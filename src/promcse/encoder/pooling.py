@@ -1,6 +1,6 @@
 """Poolers: from encoder hidden states to one vector per sentence, over real tokens only.
 
-The prefix never appears here: :func:`promcse.prompt.run_encoder` returns hidden states of the real
+The prefix never appears here: :func:`promcse.encoder.prompt.run_encoder` returns hidden states of the real
 tokens only, and every pooler takes the tokens' own attention mask.
 """
 
@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from promcse.backbone import reference_init_
+from promcse.encoder.backbone import reference_init_
 
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from promcse.backbone import BackboneShape, reference_init_, row_position_ids, unshifted_position_ids
+from promcse.encoder.backbone import BackboneShape, reference_init_, row_position_ids, unshifted_position_ids
 from promcse.errors import PromcseError
 
 GATED_ATTENTION = "promcse_gated_sdpa"  # the AttentionInterface name of gated_attention

@@ -1,7 +1,7 @@
 """Crisscrossed Captions (CxC) STS as PromCSE reports it: reading the pairs, and the reference's bootstrap.
 
 The bootstrap draws exactly what SentEval's ``CocoCXCEval`` in the PromCSE repository draws
-(``SentEval/senteval/sts.py``). :func:`promcse.sts.evaluate` calls into this module for ``cxc=``.
+(``SentEval/senteval/sts.py``). :func:`promcse.evaluation.sts.evaluate` calls into this module for ``cxc=``.
 See docs/EVALUATION.md.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from promcse.data import read_table, read_text
+from promcse.io.data import read_table, read_text
 from promcse.errors import PromcseError
-from promcse.sts import EncodeFn, Lookup, spearman
+from promcse.evaluation.sts import EncodeFn, Lookup, spearman
 
 ROUNDS = 1000  # the reference's B
 SEED = 123  # the reference's np.random.seed(123)

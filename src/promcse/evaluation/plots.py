@@ -1,6 +1,6 @@
-"""Figures of STS evaluation results (:func:`promcse.sts.evaluate` dicts).
+"""Figures of STS evaluation results (:func:`promcse.evaluation.sts.evaluate` dicts).
 
-The text table is :func:`promcse.sts.format_table` (also importable from here). matplotlib is optional
+The text table is :func:`promcse.evaluation.sts.format_table` (also importable from here). matplotlib is optional
 (``pip install matplotlib``) and imported only when a figure is drawn.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from promcse.errors import PromcseError
-from promcse.sts import STANDARD_TASKS, TASKS, format_table  # noqa: F401  (format_table re-exported)
+from promcse.evaluation.sts import STANDARD_TASKS, TASKS, format_table  # noqa: F401  (format_table re-exported)
 
 STANDARD_REPORTS: tuple[str, ...] = tuple(TASKS[t].report for t in STANDARD_TASKS)  # the 7 standard tasks
 
@@ -68,7 +68,7 @@ def plot_results(results: list[dict[str, Any]], names: list[str], path: str | Pa
     """Save a PNG: grouped bars of the 7 STS tasks + Avg per model, and an alignment-uniformity scatter.
 
     Args:
-        results: Dicts returned by :func:`promcse.sts.evaluate`, one per model.
+        results: Dicts returned by :func:`promcse.evaluation.sts.evaluate`, one per model.
         names: Model names, one per result (legend and point labels).
         path: PNG file to write; its parent folder is created.
 

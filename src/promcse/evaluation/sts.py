@@ -1,7 +1,7 @@
 """STS evaluation as SimCSE/PromCSE report it (SentEval protocol), alignment/uniformity, and the text table.
 
 Works with any encoder (:data:`EncodeFn`); every distinct sentence is encoded once. CxC lives in
-:mod:`promcse.cxc`, which :func:`evaluate` calls for ``cxc=``. See docs/EVALUATION.md.
+:mod:`promcse.evaluation.cxc`, which :func:`evaluate` calls for ``cxc=``. See docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import stats
 
-from promcse.data import StsPairs, read_sts_tsv
-from promcse.encode import unit_rows
+from promcse.io.data import StsPairs, read_sts_tsv
+from promcse.encoder.encode import unit_rows
 from promcse.errors import PromcseError
 
-if TYPE_CHECKING:  # promcse.cxc imports this module; evaluate imports it lazily
-    from promcse.cxc import CxcPairs
+if TYPE_CHECKING:  # promcse.evaluation.cxc imports this module; evaluate imports it lazily
+    from promcse.evaluation.cxc import CxcPairs
 
 EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (len(texts), dim), e.g. SentenceTransformer.encode
 
@@ -50,7 +50,7 @@ STANDARD_TASKS: tuple[str, ...] = ("sts12", "sts13", "sts14", "sts15", "sts16", 
 ALIASES: dict[str, str] = {"sts-b": "stsb", "stsbenchmark": "stsb", "sick-r": "sickr", "sick": "sickr"}
 TEXT_VARIANTS: tuple[str, ...] = ("original", "senteval")
 DATA_ENV = "PROMCSE_DATA_DIR"
-BUNDLED_DIR = Path(__file__).parent / "resources" / "data" / "sts"
+BUNDLED_DIR = Path(__file__).parents[1] / "resources" / "data" / "sts"
 POSITIVE_THRESHOLD = 4.0  # SimCSE: STS-B pairs with gold > 4 are the positives for alignment
 
 
@@ -129,7 +129,7 @@ def _extra_files(paths: Sequence[str | Path], taken: set[str]) -> list[StsPairs]
 class Lookup:
     """Unit embeddings of distinct texts, by text: one ``encode_fn`` call (or chunks of ``batch_texts``).
 
-    Calling it maps texts to their rows; shared with :mod:`promcse.cxc`."""
+    Calling it maps texts to their rows; shared with :mod:`promcse.evaluation.cxc`."""
 
     def __init__(self, encode_fn: EncodeFn, texts: list[str], batch_texts: int | None = None) -> None:
         self.unique = list(dict.fromkeys(texts))
@@ -227,7 +227,7 @@ def evaluate(
         data_dir: Root holding ``tsv/<text>/<TASK>/*.tsv``; None: ``$PROMCSE_DATA_DIR``, else bundled STS-B.
         text: ``"original"`` (untokenised) or ``"senteval"`` (as SentEval feeds it).
         tsv_files: Extra ``sentence1<TAB>sentence2<TAB>score`` files, reported by file stem.
-        cxc: A CxC file (see :func:`promcse.cxc.load_cxc`) or loaded :class:`promcse.cxc.CxcPairs`.
+        cxc: A CxC file (see :func:`promcse.evaluation.cxc.load_cxc`) or loaded :class:`promcse.evaluation.cxc.CxcPairs`.
         alignment_uniformity: Add "alignment"/"uniformity" (only when "stsb" is among the tasks).
         batch_texts: At most this many texts per ``encode_fn`` call; None: one call.
 
@@ -243,7 +243,7 @@ def evaluate(
     names = parse_tasks(tasks) if tasks else []
     if not names and not tsv_files and cxc is None:
         raise PromcseError("nothing to evaluate: give STS tasks, --tsv files or a CxC file")
-    from promcse.cxc import cxc_scores, load_cxc  # lazily: promcse.cxc imports this module
+    from promcse.evaluation.cxc import cxc_scores, load_cxc  # lazily: promcse.evaluation.cxc imports this module
     root = resolve_data_dir(data_dir) if names else None
     sets = {TASKS[t].report: [read_sts_tsv(p) for p in task_files(t, root, text)] for t in names}
     extra = _extra_files(tsv_files, set(sets))

@@ -1,4 +1,4 @@
-"""``promcse export --format onnx``: model references -> one ONNX export directory (:mod:`promcse.onnx_graph`).
+"""``promcse export --format onnx``: model references -> one ONNX export directory (:mod:`promcse.models.onnx_graph`).
 
 The first model and every ``--also`` model are loaded with one shared backbone cache (as the server's
 registry does), so that prompts over the same frozen backbone end up in one graph with a ``prompt_id`` input.
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from promcse.backbone import load_backbone
+from promcse.encoder.backbone import load_backbone
 from promcse.errors import PromcseError
-from promcse.loading import backbone_key, load
-from promcse.onnx_graph import check_output, export_encoders
+from promcse.models.loading import backbone_key, load
+from promcse.models.onnx_graph import check_output, export_encoders
 
 
 def parse_models(models: Sequence[str]) -> list[tuple[str, str]]:

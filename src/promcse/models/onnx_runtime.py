@@ -1,4 +1,4 @@
-"""Encoding with ONNX Runtime: :class:`OnnxEncoder` over an export of :mod:`promcse.onnx_graph`.
+"""Encoding with ONNX Runtime: :class:`OnnxEncoder` over an export of :mod:`promcse.models.onnx_graph`.
 
 ``promcse.load(M, backend="onnx")`` lands here (:func:`load_onnx`): an export directory is opened as it is;
 any other model reference (checkpoint, ``minilm``, HF name or path) is exported once into a cache folder,
@@ -25,14 +25,14 @@ import numpy as np
 
 from promcse.errors import PromcseError
 
-META_FILE = "promcse_onnx.json"  # promcse.onnx_graph.META_FILE (not imported: that module pulls in torch)
+META_FILE = "promcse_onnx.json"  # promcse.models.onnx_graph.META_FILE (not imported: that module pulls in torch)
 FORMAT = "promcse-onnx"
 FORMAT_VERSION = 1
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
 
 
 def is_onnx_export(path: str | Path) -> bool:
-    """True if ``path`` is a directory written by :func:`promcse.onnx_graph.export_encoders`."""
+    """True if ``path`` is a directory written by :func:`promcse.models.onnx_graph.export_encoders`."""
     meta = Path(path) / META_FILE
     if not meta.is_file():
         return False
@@ -197,7 +197,7 @@ class OnnxEncoder:
         """
         from tqdm.auto import tqdm
 
-        from promcse.encode import token_length_order
+        from promcse.encoder.encode import token_length_order
 
         if isinstance(texts, str):
             raise PromcseError("encode expects a list of texts, not a single string")
@@ -217,7 +217,7 @@ class OnnxEncoder:
     def similarity(self, a: list[str], b: list[str], batch_size: int = 64,
                    prompt: str | Sequence[str] | None = None) -> np.ndarray:
         """Cosine similarity matrix (len(a), len(b)) of two lists of texts, float32."""
-        from promcse.encode import cosine_matrix
+        from promcse.encoder.encode import cosine_matrix
 
         va = self.encode(a, batch_size=batch_size, normalize=False, prompt=prompt)
         vb = self.encode(b, batch_size=batch_size, normalize=False, prompt=prompt)
@@ -247,8 +247,8 @@ def cache_key(model_ref: str, quantize: str = "none") -> str:
     import transformers
 
     from promcse import __version__
-    from promcse.backbone import resolve_backbone
-    from promcse.checkpoint import is_checkpoint, read_spec
+    from promcse.encoder.backbone import resolve_backbone
+    from promcse.models.checkpoint import is_checkpoint, read_spec
 
     path = Path(resolve_backbone(model_ref))
     parts: dict[str, Any] = {"ref": str(path.resolve()) if path.exists() else model_ref, "files": _file_facts(path),
@@ -277,7 +277,7 @@ def load_onnx(model_ref: str, load_torch: Callable[[str], Any], quantize: str = 
     _runtime()
     target = cache_root() / cache_key(model_ref, quantize)
     if not is_onnx_export(target):
-        from promcse.onnx_graph import export_encoders
+        from promcse.models.onnx_graph import export_encoders
 
         name = Path(model_ref).name or model_ref
         try:

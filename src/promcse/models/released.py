@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from promcse.backbone import load_backbone, resolve_device, shape_of
+from promcse.encoder.backbone import load_backbone, resolve_device, shape_of
 from promcse.errors import PromcseError
-from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
-from promcse.pooling import POOLERS
-from promcse.prompt import PromptSpec
+from promcse.encoder.model import EncoderSpec, SentenceEncoder, build_encoder
+from promcse.encoder.pooling import POOLERS
+from promcse.encoder.prompt import PromptSpec
 
 SIDECAR = "promcse.json"
 PREFIX_KEY = "prefix_encoder.embedding.weight"

@@ -2,23 +2,23 @@
 
 An :class:`Objective` maps the views of a batch, ``[anchor, positive(, hard negative)]`` embeddings, to
 named loss terms (``loss`` is minimised; the others are logged), and says what data it needs. Both
-objectives are the PromCSE objective ``L = L_CL + lambda * L_EH`` (:func:`promcse.losses.contrastive_loss`)::
+objectives are the PromCSE objective ``L = L_CL + lambda * L_EH`` (:func:`promcse.objectives.losses.contrastive_loss`)::
 
     L_CL = -(1/B) sum_i log( e^{s_ii} / (sum_j e^{s_ij} + sum_j e^{cos(z1_i, z3_j)/tau + w [j = i]}) )
     L_EH = (1/B) sum_i max(0, m - cos(h_i, h+_i) + max(max_{j != i} cos(h_i, h+_j), max_j cos(h_i, h-_j)))
 
 ``nt_xent`` is L_CL alone (SimCSE; unsupervised PromCSE), ``nt_xent_eh`` adds the energy-based hinge with
 weight lambda (supervised PromCSE, hard negatives required). ``supcon`` takes class labels (a ``label`` column)
-instead: SupCon (Khosla et al. 2020, :func:`promcse.losses.supcon_views`) over ``cat(anchors, positives)``,
+instead: SupCon (Khosla et al. 2020, :func:`promcse.objectives.losses.supcon_views`) over ``cat(anchors, positives)``,
 every view of the same class a positive::
 
     L_SC = mean_{i : |P(i)| > 0} -1/|P(i)| sum_{p in P(i)} log( e^{s_ip} / sum_{a != i} e^{s_ia} ),
     P(i) = {p != i : y_p = y_i}, s_ia = cos(z_i, z_a) / tau
 
 With a teacher (``loss.distill_teacher``) every
-objective adds ``mu * L_D``, a distillation term on the local views (:func:`promcse.losses.distill_similarity`,
-leaving out the columns of each anchor's own text, or :func:`promcse.losses.distill_contrastive`); ``distill`` is that term alone. ``loss.tile_size > 0`` computes the same
-values and gradients in tiles (:func:`promcse.tiled.tiled_contrastive_loss`): a parameter, not another loss.
+objective adds ``mu * L_D``, a distillation term on the local views (:func:`promcse.objectives.losses.distill_similarity`,
+leaving out the columns of each anchor's own text, or :func:`promcse.objectives.losses.distill_contrastive`); ``distill`` is that term alone. ``loss.tile_size > 0`` computes the same
+values and gradients in tiles (:func:`promcse.objectives.tiled.tiled_contrastive_loss`): a parameter, not another loss.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from promcse.losses import contrastive_loss, distill_contrastive, distill_similarity, same_text_columns, supcon_views
-from promcse.tiled import tiled_contrastive_loss
+from promcse.objectives.losses import contrastive_loss, distill_contrastive, distill_similarity, same_text_columns, supcon_views
+from promcse.objectives.tiled import tiled_contrastive_loss
 
 if TYPE_CHECKING:
-    from promcse.config import LossConfig
+    from promcse.training.config import LossConfig
 
 # name -> whether the energy-based hinge term is part of it (and so hard negatives are required).
 OBJECTIVES: dict[str, bool] = {"nt_xent": False, "nt_xent_eh": True, "supcon": False, "distill": False}
@@ -77,7 +77,7 @@ class Objective:
         """The distillation term on this process's views and the teacher's embeddings of the same texts.
 
         ``similarity``: KL of in-batch similarity distributions, anchors against every view but those of the
-        anchor's own text (:func:`promcse.losses.same_text_columns`);
+        anchor's own text (:func:`promcse.objectives.losses.same_text_columns`);
         ``contrastive``: student anchors against the teacher's anchors (same dimension).
         """
         if self.distill == "contrastive":
@@ -120,7 +120,7 @@ class Objective:
 
 
 def build_objective(loss: LossConfig) -> Objective:
-    """The objective a ``loss`` config section describes (names checked by :func:`promcse.config.validate`)."""
+    """The objective a ``loss`` config section describes (names checked by :func:`promcse.training.config.validate`)."""
     eh = OBJECTIVES[loss.name]
     return Objective(name=loss.name, temperature=loss.temperature, hard_negative_weight=loss.hard_negative_weight,
                      eh_weight=loss.eh_weight if eh else 0.0, eh_margin=loss.eh_margin, tile_size=loss.tile_size,

@@ -1,6 +1,6 @@
 """Tiled contrastive loss: NT-Xent and the energy hinge without ever forming the similarity matrix.
 
-The dense loss (:func:`promcse.losses.contrastive_loss`) builds ``sim = a @ [p; n]^T`` of shape
+The dense loss (:func:`promcse.objectives.losses.contrastive_loss`) builds ``sim = a @ [p; n]^T`` of shape
 ``(B, M)`` or ``(B, 2M)`` and keeps it (plus its softmax) for backward: O(B^2) memory, 64 MB per copy at
 B = 4096 with hard negatives. Here rows and columns are visited in ``t x t`` tiles (Inf-CL, "Breaking
 the Memory Barrier", Cheng et al. 2024; the online log-sum-exp of FlashAttention):
@@ -10,8 +10,8 @@ the Memory Barrier", Cheng et al. 2024; the online log-sum-exp of FlashAttention
 * backward recomputes each tile's cosines and uses ``softmax_ij = e^{l_ij - lse_i}``, so peak extra
   memory is O(t^2 + B) instead of O(B * M).
 
-Values and gradients equal the dense loss (same formulas; see :func:`promcse.losses.nt_xent` and
-:func:`promcse.losses.energy_hinge`), including ``offset`` (distributed columns), ``M > B``, the paired
+Values and gradients equal the dense loss (same formulas; see :func:`promcse.objectives.losses.nt_xent` and
+:func:`promcse.objectives.losses.energy_hinge`), including ``offset`` (distributed columns), ``M > B``, the paired
 hard-negative bonus ``w`` and ties in the hinge's inner max (gradient shared equally, as ``amax``).
 Pure PyTorch: runs wherever ``torch.mm`` does.
 """
@@ -158,7 +158,7 @@ def tiled_contrastive_loss(
 ) -> dict[str, Tensor]:
     """PromCSE objective ``L = L_CL + lambda * L_EH`` in ``tile_size``-square tiles (memory O(t^2 + B)).
 
-    Same formulas, arguments and result as :func:`promcse.losses.contrastive_loss`::
+    Same formulas, arguments and result as :func:`promcse.objectives.losses.contrastive_loss`::
 
         L_CL = -(1/B) sum_i log( e^{s_{i,o+i}} / (sum_j e^{s_ij} + sum_j e^{n_ij + w [j = o+i]}) )
         L_EH = (1/B) sum_i max(0, m - cos_{i,o+i} + max(max_{j != o+i} cos(h_i, h+_j), max_j cos(h_i, h-_j)))

@@ -12,7 +12,7 @@ the real tokens' position ids start at P; without it they are passed explicitly 
 tokens only.
 
 Every fact this module needs about the encoder is recorded by ``promcse export`` in
-``promcse_st_config.json``; the pooler functions are a copy of ``promcse.pooling`` (this file must run
+``promcse_st_config.json``; the pooler functions are a copy of ``promcse.encoder.pooling`` (this file must run
 without promcse), and promcse's tests check that the copies agree.
 """
 

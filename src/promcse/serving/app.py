@@ -6,12 +6,12 @@ Endpoints (JSON in and out; every error is ``{"error": {"status": int, "message"
 - ``POST /embed`` ``{"texts": [...], "model": NAME, "normalize": true}`` -> ``{"embeddings", "dim", "model"}``
 - ``POST /similarity`` ``{"a": [...], "b": [...], "model": NAME}`` -> ``{"scores": [[...]], "model"}``
 - ``POST /search`` ``{"query": "...", "index": NAME, "top_k": k, "threshold": t}`` -> ``{"results": [...]}``
-- ``POST /v1/embeddings``, ``GET /v1/models``: the OpenAI embeddings API (:mod:`promcse.openai_api`);
+- ``POST /v1/embeddings``, ``GET /v1/models``: the OpenAI embeddings API (:mod:`promcse.serving.openai_api`);
 - ``GET /metrics`` (Prometheus), ``GET /health``, ``GET /models``, ``GET /`` (the page: search an index,
   the same query against two indexes side by side, compare two sentences).
 
 With batching on (the default) every text of every request goes through one engine that packs texts of any
-prompt into token-bounded forward passes (:mod:`promcse.batching`); a full queue answers 503 with
+prompt into token-bounded forward passes (:mod:`promcse.serving.batching`); a full queue answers 503 with
 ``Retry-After``, a request waiting longer than ``request_timeout_s`` 504, and a client that disconnects
 leaves no work behind. With an API key every route but ``/`` and ``/health`` needs ``Authorization: Bearer
 KEY``; with ``allowed_hosts`` other ``Host`` headers are refused (DNS rebinding of a loopback server).
@@ -36,15 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from promcse.batching import BatchEngine, EngineConfig, Job, QueueFull
-from promcse.encode import cosine_matrix, unit_rows
+from promcse.serving.batching import BatchEngine, EngineConfig, Job, QueueFull
+from promcse.encoder.encode import cosine_matrix, unit_rows
 from promcse.errors import PromcseError
-from promcse.guards import ApiError, BodyLimit, GuardMiddleware, error_body
-from promcse.metrics import MetricsMiddleware, ServerMetrics
-from promcse.search import Index
+from promcse.serving.guards import ApiError, BodyLimit, GuardMiddleware, error_body
+from promcse.serving.metrics import MetricsMiddleware, ServerMetrics
+from promcse.corpus.search import Index
 
 if TYPE_CHECKING:  # the registry pulls in torch and transformers: not at `promcse --help` time
-    from promcse.registry import PromptRegistry
+    from promcse.serving.registry import PromptRegistry
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -203,10 +203,10 @@ async def _wait(job: Job, request: Any, timeout: float) -> np.ndarray:
 
 def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]] | None = None,
                limits: Limits | None = None, options: ServeOptions | None = None) -> Any:
-    """The FastAPI application for ``registry`` (see :func:`promcse.launch.load_server`), ``indexes``
+    """The FastAPI application for ``registry`` (see :func:`promcse.serving.launch.load_server`), ``indexes``
     (``{name: (index, model name in registry)}``), request ``limits`` and ``options`` (batching, auth).
 
-    ``app.state.close()`` drains the batching engine; :func:`promcse.launch.run_server` calls it on exit.
+    ``app.state.close()`` drains the batching engine; :func:`promcse.serving.launch.run_server` calls it on exit.
     """
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, Response
@@ -240,7 +240,7 @@ def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
         return {"models": listed, "indexes": idx, "default_model": registry.names[0] if registry.names else None,
                 "limits": ctx.limits.__dict__, "batching": ctx.engine is not None}
 
-    from promcse.openai_api import add_openai_routes
+    from promcse.serving.openai_api import add_openai_routes
 
     _add_model_routes(app, ctx)
     _add_search_route(app, ctx)

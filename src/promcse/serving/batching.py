@@ -4,7 +4,7 @@ Requests (``submit``) enter a queue as jobs of texts, each text counted in token
 batch as soon as work is waiting, lingers up to ``max_wait_ms`` for more, and takes texts under a
 ``max_batch_tokens`` budget (padded size: rows x longest row), visiting the waiting jobs round-robin so that
 a large request cannot hold the model while small ones wait; rows of different prompts share the forward
-pass (:meth:`promcse.registry.PromptRegistry.encode_rows`). Results go back through each job's future.
+pass (:meth:`promcse.serving.registry.PromptRegistry.encode_rows`). Results go back through each job's future.
 
 Backpressure: the queue is bounded in tokens (``max_queue_tokens``); a full queue refuses the job at once
 (:class:`QueueFull`, answered 503 + Retry-After by the server), never an unbounded backlog. A cancelled job
@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from promcse.allocator import malloc_trim
+from promcse.io.allocator import malloc_trim
 from promcse.errors import PromcseError
 
 if TYPE_CHECKING:
-    from promcse.registry import PromptRegistry
+    from promcse.serving.registry import PromptRegistry
 
 
 SUB_BATCH = 32  # rows per forward pass inside one engine batch (rows of similar length, after sorting)

@@ -1,6 +1,6 @@
 """Request guards of the HTTP server: error bodies, body size limit, Host check, API key.
 
-Kept apart from :mod:`promcse.serve` (the routes) so both the routes and the ASGI middleware answer errors
+Kept apart from :mod:`promcse.serving.app` (the routes) so both the routes and the ASGI middleware answer errors
 in the same two shapes: ours, and OpenAI's on ``/v1/`` routes.
 """
 

@@ -5,7 +5,7 @@ runs an app on a loopback port in a thread (tests, notebooks). On SIGTERM or SIG
 accepting connections, finishes the requests in flight (the batching engine drains its queue) and returns.
 Both run uvicorn with the same settings (:func:`uvicorn_config`): the h11 protocol with a deadline on each
 request's headers (:func:`timed_h11`), a keep-alive timeout and a connection limit; the body deadline is
-the app's (:class:`promcse.guards.BodyLimit`).
+the app's (:class:`promcse.serving.guards.BodyLimit`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from promcse.batching import EngineConfig
+from promcse.serving.batching import EngineConfig
 from promcse.errors import PromcseError
-from promcse.search import Index, read_meta
-from promcse.serve import NAME_RE, Limits, ServeOptions, create_app
+from promcse.corpus.search import Index, read_meta
+from promcse.serving.app import NAME_RE, Limits, ServeOptions, create_app
 
 if TYPE_CHECKING:
-    from promcse.registry import PromptRegistry
+    from promcse.serving.registry import PromptRegistry
 
 API_KEY_ENV = "PROMCSE_API_KEY"
 
@@ -55,7 +55,7 @@ def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None
 
     An index whose model is not among ``models`` gets it loaded as ``<index name>-encoder``.
     """
-    from promcse.registry import load_many
+    from promcse.serving.registry import load_many
 
     registry = load_many(models, device=device)
     indexes: dict[str, tuple[Index, str]] = {}

@@ -6,7 +6,7 @@ Request ``{"input": str | [str], "model": NAME, "encoding_format": "float" | "ba
 OpenAI's are); ``dimensions`` keeps the first d components and renormalises them (OpenAI's shortening; our
 models were not trained for it, so expect lower quality than the full vector); ``base64`` is the
 little-endian float32 bytes, what the official client requests by default. Errors use OpenAI's body
-(``{"error": {"message", "type", "param", "code"}}``, see :func:`promcse.guards.error_body`). ``model`` is
+(``{"error": {"message", "type", "param", "code"}}``, see :func:`promcse.serving.guards.error_body`). ``model`` is
 any served model or prompt name, so an OpenAI client picks a domain prompt by name.
 """
 
@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from promcse.encode import unit_rows
-from promcse.guards import ApiError
-from promcse.serve import ServeContext, check_texts, fast_json
+from promcse.encoder.encode import unit_rows
+from promcse.serving.guards import ApiError
+from promcse.serving.app import ServeContext, check_texts, fast_json
 
 
 def _schema() -> type:

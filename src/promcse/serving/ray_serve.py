@@ -1,4 +1,4 @@
-"""Scale-out on Ray Serve: the same server (:func:`promcse.serve.create_app`) in N replicas behind Ray's proxy.
+"""Scale-out on Ray Serve: the same server (:func:`promcse.serving.app.create_app`) in N replicas behind Ray's proxy.
 
 ``promcse serve --engine ray --replicas N`` deploys one Ray Serve application, ``promcse``, whose one deployment
 runs N replicas of :class:`Replica`. Each replica is a Ray actor that loads every ``--model`` and ``--index``
@@ -7,7 +7,7 @@ once (prompts over one backbone share it, as in ``promcse serve``) and serves th
 and authentication. Ray's HTTP proxy listens on ``--host``/``--port`` and spreads requests over the replicas.
 
 The prompt travels in the request (``"model": NAME``), so every replica can answer every request, and batching
-stays ours inside each replica: its :class:`promcse.batching.BatchEngine` packs the texts of all the requests
+stays ours inside each replica: its :class:`promcse.serving.batching.BatchEngine` packs the texts of all the requests
 it holds, of any prompt, into shared forward passes (Ray Serve's ``@serve.batch`` and model multiplexing would
 split them by model). A replica takes ``cpus_per_replica`` CPUs from Ray and runs that many torch threads.
 
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from promcse.allocator import limit_malloc_arenas
+from promcse.io.allocator import limit_malloc_arenas
 from promcse.errors import PromcseError
-from promcse.launch import check_connection_options, check_server_options, host_guarded, load_server
-from promcse.serve import Limits, ServeOptions, create_app
+from promcse.serving.launch import check_connection_options, check_server_options, host_guarded, load_server
+from promcse.serving.app import Limits, ServeOptions, create_app
 
 APP_NAME = "promcse"
 MAX_ONGOING_REQUESTS = 256  # per replica; Ray's default (5) would starve the batching engine of requests
@@ -141,7 +141,7 @@ def check_deployment(spec: ReplicaSpec, config: RayServeConfig, host: str, port:
     """Check every option before Ray starts (cheap).
 
     Raises:
-        PromcseError: Naming the option (see :func:`promcse.launch.check_server_options`).
+        PromcseError: Naming the option (see :func:`promcse.serving.launch.check_server_options`).
     """
     config.check()
     check_server_options(port, config.graceful_timeout_s, host, spec.options.api_key, spec.options.insecure,

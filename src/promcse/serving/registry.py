@@ -2,10 +2,10 @@
 
 A prompt checkpoint is ~0.1-1 MB while its backbone is 90 MB-1.4 GB. :class:`PromptRegistry` loads every
 checkpoint that names the same backbone (same resolved directory or hub name) onto one shared backbone
-module object; :class:`promcse.model.SentenceEncoder` passes its own prompt to that backbone on every forward
+module object; :class:`promcse.encoder.model.SentenceEncoder` passes its own prompt to that backbone on every forward
 call, so the encoders do not interfere. Bare backbones (``minilm``, an HF name) are registered the same way,
 as a frozen encoder with mean pooling. Full fine-tunes and released PromCSE checkpoints (see
-:mod:`promcse.released`; their pooler comes from ``promcse.json``) carry their own backbone and are not shared.
+:mod:`promcse.models.released`; their pooler comes from ``promcse.json``) carry their own backbone and are not shared.
 
 Calls through the registry are serialised by one lock: the backbone's ``train``/``eval`` flag is shared
 state, and on CPU one forward already uses every core.
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from promcse.backbone import load_backbone, resolve_device
-from promcse.encode import similarity
+from promcse.encoder.backbone import load_backbone, resolve_device
+from promcse.encoder.encode import similarity
 from promcse.errors import PromcseError
-from promcse.loading import backbone_key, load, reference_key
-from promcse.model import SentenceEncoder
-from promcse.multiprompt import PromptBank, build_bank, encode_bank
+from promcse.models.loading import backbone_key, load, reference_key
+from promcse.encoder.model import SentenceEncoder
+from promcse.encoder.multiprompt import PromptBank, build_bank, encode_bank
 
 
 class PromptRegistry:
@@ -116,7 +116,7 @@ class PromptRegistry:
 
     def encode(self, texts: list[str], model: str | None = None, batch_size: int = 64, normalize: bool = True,
                output: Literal["numpy", "torch"] = "numpy", show_progress: bool = False) -> np.ndarray | torch.Tensor:
-        """Encode with the prompt of model ``model``; see :func:`promcse.encode.encode_texts`."""
+        """Encode with the prompt of model ``model``; see :func:`promcse.encoder.encode.encode_texts`."""
         encoder = self.get(model)
         with self.lock:
             return encoder.encode(texts, batch_size=batch_size, normalize=normalize, output=output,
@@ -146,7 +146,7 @@ class PromptRegistry:
 
     def encode_rows(self, texts: Sequence[str], models: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Encode ``texts[i]`` with model ``models[i]``: rows of every model sharing a backbone go through the
-        same forward passes (:mod:`promcse.multiprompt`). Returns raw (not normalised) float32 vectors."""
+        same forward passes (:mod:`promcse.encoder.multiprompt`). Returns raw (not normalised) float32 vectors."""
         if len(texts) != len(models):
             raise PromcseError(f"{len(texts)} texts but {len(models)} model names")
         out: np.ndarray | None = None

@@ -188,8 +188,8 @@ def validate(config: RunConfig) -> None:
     """
     # Imported here, not at the top: the choices live with the code that implements them, and those
     # modules load torch/transformers, which `promcse --help` should not wait for.
-    from promcse.model import check_choices
-    from promcse.objective import OBJECTIVES
+    from promcse.encoder.model import check_choices
+    from promcse.objectives.objective import OBJECTIVES
 
     m, lo, t = config.model, config.loss, config.train
     check_choices(m.mode, m.pooler, m.head, m.prompt_length)
@@ -233,7 +233,7 @@ def validate(config: RunConfig) -> None:
 
 def _distill_and_source_checks(lo: LossConfig, data: DataConfig) -> list[tuple[bool, str, str]]:
     """``(ok, key, message)`` rules for distillation and ``data.sources``."""
-    from promcse.objective import DISTILL_LOSSES
+    from promcse.objectives.objective import DISTILL_LOSSES
 
     return [
         (lo.distill in DISTILL_LOSSES, "loss.distill", f"must be one of {', '.join(DISTILL_LOSSES)}"),
@@ -255,7 +255,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     config = RunConfig()
     if path is not None:
-        from promcse.data import read_text
+        from promcse.io.data import read_text
 
         try:
             raw = yaml.safe_load(read_text(path)) or {}

@@ -19,7 +19,7 @@ exactly that of one process with the concatenated batch:
   global loss.
 
 Backends: NCCL when training on CUDA, gloo on CPU. Evaluation and checkpoints happen on rank 0
-only (see :func:`promcse.train.train`).
+only (see :func:`promcse.training.train.train`).
 """
 
 from __future__ import annotations

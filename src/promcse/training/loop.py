@@ -1,6 +1,6 @@
 """The training loop, run by every process: steps, then (main process only) logs, evaluation, checkpoints.
 
-Every ``train.save_every`` steps the full training state is written atomically (:mod:`promcse.resume`);
+Every ``train.save_every`` steps the full training state is written atomically (:mod:`promcse.training.resume`);
 ``promcse train --resume DIR`` continues from the newest one and, on CPU, ends bit-identical to an
 uninterrupted run. On the main process SIGINT/SIGTERM finish the current step, save a state and stop
 with :class:`TrainingInterrupted`. Under ``torchrun`` the other processes run the same loop in lockstep
@@ -23,17 +23,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from promcse.checkpoint import save_checkpoint
-from promcse.config import TrainConfig
-from promcse.data import TrainExamples
-from promcse.distributed import DistContext, shard_rows
+from promcse.models.checkpoint import save_checkpoint
+from promcse.training.config import TrainConfig
+from promcse.io.data import TrainExamples
+from promcse.training.distributed import DistContext, shard_rows
 from promcse.errors import PromcseError
-from promcse.model import SentenceEncoder
-from promcse.objective import Objective
-from promcse.resume import LoopState, save_state
-from promcse.sources import Mixture
-from promcse.step import train_step
-from promcse.teacher import TeacherCache
+from promcse.encoder.model import SentenceEncoder
+from promcse.objectives.objective import Objective
+from promcse.training.resume import LoopState, save_state
+from promcse.io.sources import Mixture
+from promcse.training.step import train_step
+from promcse.training.teacher import TeacherCache
 
 
 class TrainingInterrupted(Exception):
@@ -67,7 +67,7 @@ class TrainResult:
 
 @dataclass
 class TrainingRun:
-    """Everything the loop works on, built by :func:`promcse.train.train`.
+    """Everything the loop works on, built by :func:`promcse.training.train.train`.
 
     Attributes:
         encoder: The model being trained.

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from promcse.errors import PromcseError
-from promcse.files import atomic_directory
+from promcse.io.files import atomic_directory
 
 STATE_PREFIX = "state-"
 

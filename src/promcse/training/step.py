@@ -1,10 +1,10 @@
 """One optimizer step of contrastive training, on every process alike.
 
 Tokenize every view of the (local shard of the) batch together, forward in length-sorted groups, split
-into anchor / positive / hard-negative embeddings, the objective's terms (:mod:`promcse.objective`) against
-the views of every process (:mod:`promcse.distributed`), backward, one gradient all-reduce, clip, AdamW,
+into anchor / positive / hard-negative embeddings, the objective's terms (:mod:`promcse.objectives.objective`) against
+the views of every process (:mod:`promcse.training.distributed`), backward, one gradient all-reduce, clip, AdamW,
 schedule. With ``train.grad_cache_chunk > 0`` the same loss and gradients come from GradCache
-(:mod:`promcse.gradcache`) in the memory of one chunk.
+(:mod:`promcse.training.gradcache`) in the memory of one chunk.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from promcse.config import TrainConfig
-from promcse.distributed import DistContext, all_reduce_gradients, gather_columns
-from promcse.gradcache import LossFn, forward_chunks, grad_cache_step, length_chunks
-from promcse.model import SentenceEncoder
-from promcse.objective import Objective
+from promcse.training.config import TrainConfig
+from promcse.training.distributed import DistContext, all_reduce_gradients, gather_columns
+from promcse.training.gradcache import LossFn, forward_chunks, grad_cache_step, length_chunks
+from promcse.encoder.model import SentenceEncoder
+from promcse.objectives.objective import Objective
 
 
 def embed_views(encoder: SentenceEncoder, views: list[list[str]], max_length: int) -> list[torch.Tensor]:
     """Embed all views: one tokenization, forwards grouped by length (each row its own dropout masks).
 
     Rows are sorted by token count and forwarded in a few groups, each padded only to its own
-    longest row (:func:`promcse.gradcache.length_chunks`): same embeddings, far fewer padded tokens.
+    longest row (:func:`promcse.training.gradcache.length_chunks`): same embeddings, far fewer padded tokens.
     """
     flat = [text for view in views for text in view]
     embeddings = forward_chunks(encoder, length_chunks(encoder.tokenize(flat, max_length)))

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from promcse.errors import PromcseError
-from promcse.files import atomic_write, atomic_write_text, sha256_file
-from promcse.loading import load, reference_key
-from promcse.schema import load_array, read_versioned
+from promcse.io.files import atomic_write, atomic_write_text, sha256_file
+from promcse.models.loading import load, reference_key
+from promcse.io.schema import load_array, read_versioned
 
 FORMAT = "promcse-teacher-cache"
 VERSION = 1

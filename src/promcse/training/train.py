@@ -1,8 +1,8 @@
-"""Setting up a training run: data, encoder, optimizer, output directory; then :func:`promcse.loop.run_loop`.
+"""Setting up a training run: data, encoder, optimizer, output directory; then :func:`promcse.training.loop.run_loop`.
 
 Everything that can be wrong with the data, the config or the output directory is checked here before
-the model loads and before the first step. The step itself is :mod:`promcse.step`, the loop
-:mod:`promcse.loop`.
+the model loads and before the first step. The step itself is :mod:`promcse.training.step`, the loop
+:mod:`promcse.training.loop`.
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from promcse.backbone import load_backbone, resolve_device, shape_of
-from promcse.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, save_config
-from promcse.data import LABEL_COLUMN, TrainExamples, batch_order, read_training_file, resolve_train_file
-from promcse.distributed import DistContext, broadcast_parameters, describe_scale, fit_batches, setup, teardown
-from promcse.encode import encode_texts
+from promcse.encoder.backbone import load_backbone, resolve_device, shape_of
+from promcse.training.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, save_config
+from promcse.io.data import LABEL_COLUMN, TrainExamples, batch_order, read_training_file, resolve_train_file
+from promcse.training.distributed import DistContext, broadcast_parameters, describe_scale, fit_batches, setup, teardown
+from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
-from promcse.files import directory_lock
-from promcse.loop import TrainingRun, TrainResult, run_loop
-from promcse.model import EncoderSpec, SentenceEncoder, build_encoder
-from promcse.objective import Objective, build_objective
-from promcse.prompt import PromptSpec
-from promcse.resume import LoopState, latest_state, load_state
-from promcse.sources import Mixture, mixture_batch_order
-from promcse.teacher import TeacherCache, build_source_caches
+from promcse.io.files import directory_lock
+from promcse.training.loop import TrainingRun, TrainResult, run_loop
+from promcse.encoder.model import EncoderSpec, SentenceEncoder, build_encoder
+from promcse.objectives.objective import Objective, build_objective
+from promcse.encoder.prompt import PromptSpec
+from promcse.training.resume import LoopState, latest_state, load_state
+from promcse.io.sources import Mixture, mixture_batch_order
+from promcse.training.teacher import TeacherCache, build_source_caches
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def make_optimizer(encoder: SentenceEncoder, train: TrainConfig, total_steps: in
 
 def dev_scorer(data: DataConfig) -> Callable[[SentenceEncoder], float]:
     """A function scoring an encoder on STS-B dev (Spearman x100)."""
-    from promcse.sts import score_split
+    from promcse.evaluation.sts import score_split
 
     data_dir = data.eval_data_dir or None
     return lambda encoder: score_split(lambda texts: encode_texts(encoder, texts, batch_size=128), "stsb-dev", data_dir)

@@ -1,0 +1,1 @@
+"""Corpus scale: vectors on disk (shards), corpus encoding (local and Ray), index kinds, search and hard-negative mining."""

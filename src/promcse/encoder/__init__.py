@@ -1,0 +1,1 @@
+"""The encoder: frozen backbone + deep soft prompt + pooler -> (B, D) embeddings, and batched encoding."""

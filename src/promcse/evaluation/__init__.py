@@ -1,0 +1,1 @@
+"""Evaluation of any encode function: the STS protocol, Crisscrossed Captions and result plots."""

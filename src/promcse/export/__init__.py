@@ -1,0 +1,1 @@
+"""Interop: export to sentence-transformers / MTEB and to ONNX."""
