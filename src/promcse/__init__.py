@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 __all__ = ["__version__", "load", "Index", "PromcseError"]
 
 from promcse.errors import PromcseError
+from promcse.version import __version__
 
 
 def load(model: str, device: str = "auto", **kwargs: Any) -> Any:

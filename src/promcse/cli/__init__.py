@@ -31,7 +31,7 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render --help)."""
-    from promcse import __version__
+    from promcse.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="promcse",

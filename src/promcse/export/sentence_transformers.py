@@ -138,7 +138,7 @@ def _st_config() -> dict[str, Any]:
     import torch
     import transformers
 
-    from promcse import __version__
+    from promcse.version import __version__
 
     return {"model_type": "SentenceTransformer", "__version__": {
         "sentence_transformers": sentence_transformers.__version__, "transformers": transformers.__version__,

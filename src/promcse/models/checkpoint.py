@@ -31,7 +31,7 @@ def versions() -> dict[str, str]:
     """Library versions recorded in every checkpoint."""
     import transformers
 
-    from promcse import __version__
+    from promcse.version import __version__
 
     return {"promcse": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 

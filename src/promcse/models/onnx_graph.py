@@ -235,7 +235,7 @@ def graph_meta(encoders: Sequence[SentenceEncoder], names: Sequence[str], source
     import onnx
     import transformers
 
-    from promcse import __version__
+    from promcse.version import __version__
 
     first = encoders[0]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "file": GRAPH_FILES[quantize],

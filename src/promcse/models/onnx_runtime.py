@@ -246,7 +246,7 @@ def cache_key(model_ref: str, quantize: str = "none") -> str:
     import torch
     import transformers
 
-    from promcse import __version__
+    from promcse.version import __version__
     from promcse.encoder.backbone import resolve_backbone
     from promcse.models.checkpoint import is_checkpoint, read_spec
 

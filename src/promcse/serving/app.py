@@ -348,6 +348,6 @@ def _install_error_handlers(app: Any) -> None:
 
 
 def _version() -> str:
-    from promcse import __version__
+    from promcse.version import __version__
 
     return __version__
