@@ -64,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
     from promcse.io.data import batch_views
     from promcse.training.distributed import context, shard_rows
     from promcse.encoder.model import build_encoder
-    from promcse.objectives.objective import build_objective
+    from promcse.training.config import build_objective
     from promcse.training.step import train_step
     from promcse.training.train import encoder_spec, load_examples
 

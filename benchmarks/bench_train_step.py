@@ -39,7 +39,7 @@ from promcse.io.data import TrainExamples, batch_order, batch_views
 from promcse.training.distributed import context, shard_rows
 from promcse.training.gradcache import length_chunks
 from promcse.encoder.model import build_encoder
-from promcse.objectives.objective import build_objective
+from promcse.training.config import build_objective
 from promcse.training.step import train_step
 from promcse.training.train import encoder_spec, load_examples
 

@@ -42,7 +42,7 @@ from promcse.io.data import TrainExamples, batch_views
 from promcse.training.distributed import context, shard_rows
 from promcse.training.gradcache import chunked_reference_step, grad_cache_step, length_chunks
 from promcse.encoder.model import SentenceEncoder, build_encoder
-from promcse.objectives.objective import build_objective
+from promcse.training.config import build_objective
 from promcse.training.step import train_step
 from promcse.training.train import encoder_spec
 

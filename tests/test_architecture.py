@@ -1,9 +1,9 @@
-"""The package's shape: stages import only earlier stages (no cycle), small functions, small modules.
+"""The package's shape: one folder per stage, each importing only earlier folders; small functions and modules.
 
-Each module is imported alone, in a fresh interpreter, and every promcse module that import pulls in
-must come earlier in :data:`STAGES` (docs/ARCHITECTURE.md explains the order). A new module must be
-placed in the list. Imports inside functions (done lazily at call time) are not module-level
-dependencies and are not counted.
+Every ``import`` counts: at module level, inside a function (deferred) and under ``TYPE_CHECKING``. Inside a
+folder, modules may import each other, but never in a circle. The one documented exception is the package's
+public face, ``promcse/__init__.py``, whose lazy ``load`` and ``Index`` reach into later folders.
+docs/ARCHITECTURE.md explains the order and what each folder holds (checked by tests/test_architecture_doc.py).
 """
 
 from __future__ import annotations
@@ -16,19 +16,94 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "promcse"
 
-STAGES: tuple[str, ...] = (
-    "errors", "allocator", "files", "schema", "data", "sources", "config",               # inputs
-    "backbone", "prompt", "pooling", "model", "encode", "multiprompt",      # the encoder and encoding
-    "checkpoint", "released", "onnx_graph", "onnx_runtime", "loading",      # what a model reference means
-    "losses", "tiled", "objective",                                         # objectives on embeddings
-    "distributed", "gradcache", "step", "teacher", "resume", "loop", "train",  # training
-    "sts", "cxc", "plots",                                                  # evaluation
-    "shards", "corpus", "ray_encode", "index_kinds",                        # corpus scale: vectors on disk
-    "search", "registry", "batching", "metrics", "guards", "serve", "openai_api", "launch", "ray_serve",  # serving
-    "export", "onnx_export",                                                # interop
-    "mine", "mine_files",                                                   # training data mined with the Index
-    "cli",                                                                  # the command line, last
+# Earlier first: a module may import its own folder and the folders before it, never one after it.
+FOLDERS: tuple[str, ...] = (
+    "errors", "version",  # the one error type and the version string (top-level modules, import nothing)
+    "io",                 # files, artifact schemas, training data and its sources
+    "encoder",            # backbone + prompt + pooler -> (B, D), batched encoding, mixed-prompt forward
+    "models",             # checkpoints, released prompts, model references, the ONNX graph and runtime
+    "objectives",         # losses on embeddings and the objective registry
+    "corpus",             # vectors on disk, corpus encoding, index kinds, search, mining
+    "evaluation",         # STS, CxC, plots
+    "training",           # run config, the loop, one step, distributed, GradCache, teacher, resume
+    "serving",            # HTTP app, OpenAI routes, registry, batching engine, guards, metrics, launchers
+    "export",             # sentence-transformers / MTEB and ONNX exports
+    "cli",                # the command line, last
 )
+# Top-level files that are not stages: the public face (the one exception: lazy imports of later folders),
+# ``python -m promcse``, and the finder that keeps the documented pre-0.2 module paths importable.
+ROOT_FILES = {"__init__", "__main__", "_moved"}
+
+
+def folder(module: str) -> str:
+    """``promcse.cli.train`` -> ``cli``; ``promcse.errors`` -> ``errors``; ``promcse`` -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every ``promcse`` module a file imports, anywhere in it (``from promcse.a import b`` counts
+    ``promcse.a.b`` when that is a module, else ``promcse.a``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "promcse"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "promcse":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                is_module = (SRC.parent / sub.replace(".", "/")).with_suffix(".py").exists() or (SRC.parent / sub.replace(".", "/")).is_dir()
+                found.add(sub if is_module else node.module)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    """Module -> the promcse modules it imports; ``resources/`` (package data) is not code of the package."""
+    return {module_name(p): imports_of(p) for p in sorted(SRC.rglob("*.py")) if "resources" not in p.parts}
+
+
+def test_shipped_remote_code_is_self_contained() -> None:
+    """``resources/modeling_promcse.py`` is copied into sentence-transformers exports: it may not import promcse."""
+    assert [imports_of(p) for p in (SRC / "resources").rglob("*.py")] == [set()]
+
+
+def test_every_module_is_in_a_folder_of_the_order() -> None:
+    unplaced = sorted(m for m in graph() if folder(m) not in FOLDERS and folder(m) not in ROOT_FILES)
+    assert not unplaced, f"place these in a stage folder (and docs/ARCHITECTURE.md): {unplaced}"
+
+
+def test_folders_import_only_earlier_folders() -> None:
+    order = {name: i for i, name in enumerate(FOLDERS)}
+    later = sorted(f"{m} imports {d}" for m, deps in graph().items() if folder(m) in order for d in deps
+                   if folder(d) not in order or order[folder(d)] > order[folder(m)])
+    assert not later, later
+
+
+def test_no_import_circles_inside_a_folder() -> None:
+    edges = {m: {d for d in deps if d != m and folder(d) == folder(m)} for m, deps in graph().items()
+             if folder(m) in FOLDERS}
+    state: dict[str, int] = {}
+    cycles: list[str] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, set())):
+            if state.get(nxt) == 1:  # on the current path: a circle
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for start in sorted(edges):
+        if start not in state:
+            visit(start, [start])
+    assert not cycles, cycles
+
 
 PROBE = """
 import importlib, json, pkgutil, sys
@@ -38,26 +113,22 @@ graph = {}
 for name in names:
     for key in [k for k in sys.modules if k == "promcse" or k.startswith("promcse.")]:
         del sys.modules[key]
+    importlib.import_module("promcse")
+    base = {k for k in sys.modules if k.startswith("promcse.")}  # what the package root itself loads
     importlib.import_module(name)
-    graph[name] = sorted(k for k in sys.modules if k.startswith("promcse.") and k != name)
+    graph[name] = sorted(k for k in sys.modules if k.startswith("promcse.") and k != name and k not in base)
 print(json.dumps(graph))
 """
 
 
-def stage(module: str) -> str:
-    """``promcse.cli.train`` -> ``cli``."""
-    return module.split(".")[1]
-
-
-def test_every_module_imports_only_earlier_stages() -> None:
+def test_importing_a_module_loads_only_earlier_folders() -> None:
+    """The runtime view of the same rule: what ``import promcse.X`` actually loads (catches string imports)."""
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=300)
-    graph: dict[str, list[str]] = json.loads(out.stdout.strip().splitlines()[-1])
-    unplaced = sorted({stage(m) for m in graph} - set(STAGES))
-    assert not unplaced, f"place these modules in STAGES (and docs/ARCHITECTURE.md): {unplaced}"
-    order = {name: i for i, name in enumerate(STAGES)}
-    later = [(m, d) for m, deps in graph.items() for d in deps
-             if stage(d) != stage(m) and order[stage(d)] >= order[stage(m)]]
-    assert not later, f"module imports a later stage (or a cycle): {later}"
+    loaded: dict[str, list[str]] = json.loads(out.stdout.strip().splitlines()[-1])
+    order = {name: i for i, name in enumerate(FOLDERS)}
+    later = [(m, d) for m, deps in loaded.items() if folder(m) in order for d in deps
+             if folder(d) in order and order[folder(d)] > order[folder(m)]]
+    assert not later, later
 
 
 def _functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
@@ -77,41 +148,13 @@ def test_functions_and_modules_stay_small() -> None:
     assert not too_long, too_long
 
 
+def test_benchmark_functions_stay_small() -> None:
+    bench = SRC.parents[1] / "benchmarks"
+    too_long = [f"{p.name}:{fn.lineno} {fn.name}" for p in sorted(bench.glob("*.py"))
+                for fn in _functions(ast.parse(p.read_text(encoding="utf-8")))
+                if (fn.end_lineno or fn.lineno) - fn.lineno + 1 > 50]
+    assert not too_long, too_long
+
+
 def test_no_grab_bag_modules() -> None:
     assert not [p for p in SRC.rglob("*.py") if p.stem in {"utils", "helpers", "misc", "common_utils"}]
-
-
-# Imports of a later stage made inside a function, each for a stated reason (everything else is a cycle).
-LAZY_LATER: dict[tuple[str, str], str] = {
-    ("config", "model"): "validate() checks pooler/head/mode against the encoder's own registries",
-    ("config", "objective"): "validate() checks loss.name against the objectives",
-    ("model", "encode"): "SentenceEncoder.encode/similarity are conveniences over promcse.encode",
-    ("train", "sts"): "the STS-B dev scorer used for model selection",
-    ("sts", "cxc"): "evaluate(..., cxc=...) scores Crisscrossed Captions too",
-    ("serve", "openai_api"): "create_app adds the OpenAI routes, which are built on the app's context",
-}
-
-
-def _imported_stages(path: Path) -> set[tuple[str, int]]:
-    """Stages imported anywhere in a file (module level and inside functions), with the line."""
-    found: set[tuple[str, int]] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        found |= {(n.split(".")[1], node.lineno) for n in names if n.startswith("promcse.") and n.split(".")[1] in STAGES}
-    return found
-
-
-def test_lazy_imports_of_later_stages_are_only_the_listed_ones() -> None:
-    order = {name: i for i, name in enumerate(STAGES)}
-    unexpected = []
-    for path in sorted(SRC.rglob("*.py")):
-        rel = path.relative_to(SRC)
-        mine = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-        if mine not in order:
-            continue
-        for other, line in _imported_stages(path):
-            if order[other] > order[mine] and (mine, other) not in LAZY_LATER:
-                unexpected.append(f"{rel}:{line} imports promcse.{other}")
-    assert not unexpected, unexpected

@@ -22,7 +22,7 @@ from promcse.training.gradcache import chunked_reference_step, forward_chunks, g
 from promcse.encoder.model import SentenceEncoder, build_encoder
 from promcse.io.data import batch_views
 from promcse.training.distributed import context, shard_rows
-from promcse.objectives.objective import build_objective
+from promcse.training.config import build_objective
 from promcse.training.step import train_step
 from promcse.training.train import encoder_spec
 

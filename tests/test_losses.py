@@ -16,7 +16,8 @@ from promcse.objectives.losses import (
     supcon,
     supcon_views,
 )
-from promcse.objectives.objective import OBJECTIVES, build_objective
+from promcse.objectives.objective import OBJECTIVES
+from promcse.training.config import build_objective
 
 D = 5
 
@@ -223,17 +224,38 @@ def test_supcon_entry_two_views_and_negatives():
 @pytest.mark.parametrize("with_neg", [False, True])
 @pytest.mark.parametrize("tile_size", [0, 3])
 def test_registry_contract(name, with_neg, tile_size):
+    """Every registry entry, through the one composing call the training step makes."""
+    kind = OBJECTIVES[name]
     a, p, n = _inputs(4, 4, with_neg, seed=9)
-    objective = build_objective(LossConfig(name=name, tile_size=0 if name == "supcon" else tile_size))
+    objective = build_objective(LossConfig(name=name, tile_size=tile_size if kind.tiles else 0,
+                                           distill_teacher="" if kind.terms else "teacher"))
     labels = torch.tensor([0, 1, 0, 2]) if objective.needs_labels else None  # supcon takes the rows' classes
-    out = objective([a, p, n] if with_neg else [a, p], labels=labels)
+    views = [a, p, n] if with_neg else [a, p]
+    teacher = None if kind.terms else [v.detach().flip(0) for v in views]  # distill alone needs a teacher
+    out = objective.compose(views, labels=labels, local=views, teacher=teacher)
     assert isinstance(out, dict) and "loss" in out
-    assert ("energy_hinge" in out) == OBJECTIVES[name]
-    assert objective.needs_hard_negatives == OBJECTIVES[name]
+    assert ("energy_hinge" in out) == kind.eh
+    assert objective.needs_hard_negatives == kind.eh
+    assert objective.contrastive == (kind.terms is not None)
     for value in out.values():
         assert value.dim() == 0 and torch.isfinite(value)
-    for g in _grads(out["loss"], [a, p, n]):
+    for g in _grads(out["loss"], views):
         assert torch.isfinite(g).all() and torch.count_nonzero(g) > 0
+
+
+def test_compose_weights_and_sums_every_term():
+    """loss = L_contrastive + mu * L_D, computed in one place (Objective.compose), against the parts."""
+    a, p, n = _inputs(4, 4, True, seed=3)
+    teacher = [v.detach().roll(1, 0) for v in (a, p, n)]
+    objective = build_objective(LossConfig(name="nt_xent_eh", distill_teacher="t", distill_weight=0.7))
+    out = objective.compose([a, p, n], local=[a, p, n], teacher=teacher)
+    expected = objective([a, p, n])["loss"] + 0.7 * objective.distill_terms([a, p, n], teacher)
+    torch.testing.assert_close(out["loss"], expected)
+    assert set(out) >= {"loss", "distill", "energy_hinge"}
+    no_contrastive = objective.compose(None, local=[a, p, n], teacher=teacher)  # a distillation-only source
+    torch.testing.assert_close(no_contrastive["loss"], 0.7 * out["distill"])
+    with pytest.raises(ValueError, match="no contrastive term"):
+        build_objective(LossConfig(name="distill", distill_teacher="t"))([a, p])
 
 
 def test_objective_terms_follow_the_config():

@@ -17,7 +17,7 @@ from promcse.training.config import load_config
 from promcse.io.data import read_training_file
 from promcse.training.distributed import DistContext
 from promcse.errors import PromcseError
-from promcse.objectives.objective import build_objective
+from promcse.training.config import build_objective
 from promcse.training.step import global_loss
 from promcse.training.train import train
 from test_train import changed_tensors, fresh_encoder, snapshot, tiny_config

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from promcse.training.config import load_config
 from promcse.objectives.losses import contrastive_loss
 import promcse.objectives.objective
-from promcse.objectives.objective import build_objective
+from promcse.training.config import build_objective
 from promcse.objectives.tiled import tiled_contrastive_loss
 
 

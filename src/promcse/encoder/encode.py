@@ -1,13 +1,14 @@
-"""Encoding texts to vectors with a loaded encoder (what a model reference means: :mod:`promcse.models.loading`).
+"""Encoding texts to vectors with any encoder that tokenizes and embeds (:class:`TextEncoder`).
 
-Texts are sorted by length so each batch pads to similar lengths, encoded under
+This module sits below :mod:`promcse.encoder.model` (whose ``SentenceEncoder.encode`` calls it): it needs only
+the small protocol below, not the model class. Texts are sorted by length so each batch pads to similar lengths, encoded under
 ``torch.inference_mode``, and returned in the caller's order.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -15,11 +16,30 @@ from tqdm.auto import tqdm
 
 from promcse.errors import PromcseError
 
-if TYPE_CHECKING:  # only for annotations: the encoder module calls into this one
-    from promcse.encoder.model import SentenceEncoder
+
+class TextEncoder(Protocol):
+    """What encoding needs of an encoder (:class:`promcse.encoder.model.SentenceEncoder` is one)."""
+
+    tokenizer: Any
+    training: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
 
 
-def tokenize_all(encoder: SentenceEncoder, texts: list[str], max_length: int | None) -> dict[str, list[list[int]]]:
+def tokenize_all(encoder: TextEncoder, texts: list[str], max_length: int | None) -> dict[str, list[list[int]]]:
     """Tokenize every text once, without padding (truncated at the position limit or ``max_length``)."""
     limit = min(max_length or encoder.max_length, encoder.max_length)
     tokens = dict(encoder.tokenizer(texts, truncation=True, max_length=limit, padding=False))
@@ -38,7 +58,7 @@ def token_length_order(tokens: dict[str, list[list[int]]]) -> np.ndarray:
     return np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")
 
 
-def pad_batch(encoder: SentenceEncoder, tokens: dict[str, list[list[int]]], rows: np.ndarray) -> dict[str, torch.Tensor]:
+def pad_batch(encoder: TextEncoder, tokens: dict[str, list[list[int]]], rows: np.ndarray) -> dict[str, torch.Tensor]:
     """Pad the selected pre-tokenized rows to the longest among them."""
     features = {key: [values[i] for i in rows] for key, values in tokens.items()}
     batch = encoder.tokenizer.pad(features, padding=True, return_tensors="pt")
@@ -46,7 +66,7 @@ def pad_batch(encoder: SentenceEncoder, tokens: dict[str, list[list[int]]], rows
 
 
 def encode_texts(
-    encoder: SentenceEncoder,
+    encoder: TextEncoder,
     texts: list[str],
     batch_size: int = 64,
     normalize: bool = True,
@@ -101,7 +121,7 @@ def cosine_matrix(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
     return unit_rows(a) @ unit_rows(b).T
 
 
-def similarity(encoder: SentenceEncoder, a: list[str], b: list[str], batch_size: int = 64) -> np.ndarray:
+def similarity(encoder: TextEncoder, a: list[str], b: list[str], batch_size: int = 64) -> np.ndarray:
     """Cosine similarity matrix (len(a), len(b)) of two lists of texts, float32."""
     va = encode_texts(encoder, a, batch_size=batch_size, normalize=False)
     vb = encode_texts(encoder, b, batch_size=batch_size, normalize=False)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from promcse.encoder.encode import encode_texts, similarity
 from promcse.encoder.backbone import BackboneShape, check_prompt_support, freeze, load_backbone, position_limit, shape_of
 from promcse.errors import PromcseError
 from promcse.encoder.pooling import HEAD_MODES, POOLERS, MLPHead
@@ -158,14 +159,10 @@ class SentenceEncoder(nn.Module):
 
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True, **kwargs: Any) -> Any:
         """Encode texts to an (N, D) array in input order; see :func:`promcse.encoder.encode.encode_texts`."""
-        from promcse.encoder.encode import encode_texts
-
         return encode_texts(self, texts, batch_size=batch_size, normalize=normalize, **kwargs)
 
     def similarity(self, a: list[str], b: list[str], batch_size: int = 64) -> Any:
         """Cosine similarity matrix (len(a), len(b)) between two lists of texts."""
-        from promcse.encoder.encode import similarity
-
         return similarity(self, a, b, batch_size=batch_size)
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:

@@ -20,7 +20,7 @@ from scipy import stats
 
 from promcse.io.data import read_table, read_text
 from promcse.errors import PromcseError
-from promcse.evaluation.sts import EncodeFn, Lookup, spearman
+from promcse.evaluation.scoring import EncodeFn, Lookup, spearman
 
 ROUNDS = 1000  # the reference's B
 SEED = 123  # the reference's np.random.seed(123)

@@ -9,22 +9,20 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from promcse.io.data import StsPairs, read_sts_tsv
-from promcse.encoder.encode import unit_rows
 from promcse.errors import PromcseError
+from promcse.evaluation.cxc import CxcPairs, cxc_scores, load_cxc
+from promcse.encoder.encode import unit_rows
+from promcse.evaluation.scoring import EncodeFn, Lookup, spearman
 
-if TYPE_CHECKING:  # promcse.evaluation.cxc imports this module; evaluate imports it lazily
-    from promcse.evaluation.cxc import CxcPairs
 
-EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (len(texts), dim), e.g. SentenceTransformer.encode
 
 
 @dataclass(frozen=True)
@@ -126,33 +124,6 @@ def _extra_files(paths: Sequence[str | Path], taken: set[str]) -> list[StsPairs]
     return out
 
 
-class Lookup:
-    """Unit embeddings of distinct texts, by text: one ``encode_fn`` call (or chunks of ``batch_texts``).
-
-    Calling it maps texts to their rows; shared with :mod:`promcse.evaluation.cxc`."""
-
-    def __init__(self, encode_fn: EncodeFn, texts: list[str], batch_texts: int | None = None) -> None:
-        self.unique = list(dict.fromkeys(texts))
-        self.index = {t: i for i, t in enumerate(self.unique)}
-        step = batch_texts or max(len(self.unique), 1)
-        chunks = [np.asarray(encode_fn(self.unique[i : i + step])) for i in range(0, len(self.unique), step)]
-        emb = np.concatenate(chunks)
-        if emb.ndim != 2 or emb.shape[0] != len(self.unique) or not np.all(np.isfinite(emb)):
-            raise PromcseError(f"encoder returned {emb.shape} for {len(self.unique)} texts; want (n, dim), finite")
-        self.emb = unit_rows(emb)
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.emb[np.fromiter((self.index[t] for t in texts), dtype=np.int64, count=len(texts))]
-
-    def cosines(self, s1: list[str], s2: list[str]) -> np.ndarray:
-        return np.sum(self(s1) * self(s2), axis=1)
-
-
-def spearman(pred: np.ndarray, gold: np.ndarray) -> float:
-    """Spearman correlation ×100 (NaN, with scipy's warning, when either side is constant)."""
-    return float(stats.spearmanr(pred, gold).statistic * 100.0)
-
-
 def _score_task(files: list[StsPairs], lookup: Lookup, grouped: bool) -> dict[str, Any]:
     """One task's numbers: "spearman" over all files concatenated, plus "wmean"/"subsets" when grouped."""
     sims = [lookup.cosines(f.sentence1, f.sentence2) for f in files]
@@ -243,7 +214,6 @@ def evaluate(
     names = parse_tasks(tasks) if tasks else []
     if not names and not tsv_files and cxc is None:
         raise PromcseError("nothing to evaluate: give STS tasks, --tsv files or a CxC file")
-    from promcse.evaluation.cxc import cxc_scores, load_cxc  # lazily: promcse.evaluation.cxc imports this module
     root = resolve_data_dir(data_dir) if names else None
     sets = {TASKS[t].report: [read_sts_tsv(p) for p in task_files(t, root, text)] for t in names}
     extra = _extra_files(tsv_files, set(sets))

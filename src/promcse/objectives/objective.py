@@ -1,7 +1,10 @@
-"""The one entry point from a loss config to a training objective: :func:`build_objective`.
+"""The objective registry and the one place where a step's loss is composed: :meth:`Objective.compose`.
 
-An :class:`Objective` maps the views of a batch, ``[anchor, positive(, hard negative)]`` embeddings, to
-named loss terms (``loss`` is minimised; the others are logged), and says what data it needs. Both
+:data:`OBJECTIVES` maps each ``loss.name`` to its term function and what it needs (hard negatives, labels,
+tiling, several processes). An :class:`Objective` maps the views of a batch, ``[anchor, positive(, hard
+negative)]`` embeddings, to named loss terms, every one weighted and summed into ``loss`` here (the training
+step only backpropagates ``loss``; the other terms are logged). A ``loss`` config section becomes an
+Objective through :func:`promcse.training.config.build_objective`. Both
 objectives are the PromCSE objective ``L = L_CL + lambda * L_EH`` (:func:`promcse.objectives.losses.contrastive_loss`)::
 
     L_CL = -(1/B) sum_i log( e^{s_ii} / (sum_j e^{s_ij} + sum_j e^{cos(z1_i, z3_j)/tau + w [j = i]}) )
@@ -23,9 +26,8 @@ values and gradients in tiles (:func:`promcse.objectives.tiled.tiled_contrastive
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -33,18 +35,63 @@ from torch import Tensor
 from promcse.objectives.losses import contrastive_loss, distill_contrastive, distill_similarity, same_text_columns, supcon_views
 from promcse.objectives.tiled import tiled_contrastive_loss
 
-if TYPE_CHECKING:
-    from promcse.training.config import LossConfig
-
-# name -> whether the energy-based hinge term is part of it (and so hard negatives are required).
-OBJECTIVES: dict[str, bool] = {"nt_xent": False, "nt_xent_eh": True, "supcon": False, "distill": False}
-CONTRASTIVE = frozenset({"nt_xent", "nt_xent_eh", "supcon"})  # objectives with a contrastive term (L_CL or L_SC)
 DISTILL_LOSSES = ("similarity", "contrastive")  # loss.distill choices (Objective.distill_terms)
+
+# (objective, views, offset of anchor 0's positive, labels or None) -> named terms with "loss"
+TermFn = Callable[["Objective", Sequence[Tensor], int, "Tensor | None"], dict[str, Tensor]]
+
+
+def _contrastive_terms(objective: Objective, views: Sequence[Tensor], offset: int, labels: Tensor | None) -> dict[str, Tensor]:
+    """NT-Xent (+ energy hinge when ``eh_weight`` > 0), dense or in tiles of ``tile_size``."""
+    negative = torch.cat(list(views[2:])) if len(views) > 2 else None
+    kwargs = {"temperature": objective.temperature, "hard_negative_weight": objective.hard_negative_weight,
+              "eh_weight": objective.eh_weight, "eh_margin": objective.eh_margin, "offset": offset}
+    if objective.tile_size > 0:
+        return tiled_contrastive_loss(views[0], views[1], negative, tile_size=objective.tile_size, **kwargs)
+    return contrastive_loss(views[0], views[1], negative, **kwargs)
+
+
+def _supcon_terms(objective: Objective, views: Sequence[Tensor], offset: int, labels: Tensor | None) -> dict[str, Tensor]:
+    """SupCon over ``cat(anchors, positives)``; hard negatives only join the denominators."""
+    if labels is None or views[1].shape[0] != views[0].shape[0]:
+        raise ValueError("supcon needs the batch's labels and the anchors' own positives (one process)")
+    negative = torch.cat(list(views[2:])) if len(views) > 2 else None
+    return supcon_views(views[0], views[1], negative, labels=labels, temperature=objective.temperature)
+
+
+@dataclass(frozen=True)
+class ObjectiveKind:
+    """One entry of :data:`OBJECTIVES`: its contrastive term and what it needs and allows.
+
+    Attributes:
+        terms: The contrastive term function; None for an objective that is distillation alone.
+        eh: The energy-based hinge is part of it (so hard negatives are required).
+        labels: Needs class labels (a ``label`` column).
+        tiles: Can be computed in tiles (``loss.tile_size``).
+        bonus: Takes a logit bonus on each row's own hard negative (``loss.hard_negative_weight``).
+        multi_process: Runs across several processes (its inputs can be gathered).
+    """
+
+    terms: TermFn | None
+    eh: bool = False
+    labels: bool = False
+    tiles: bool = True
+    bonus: bool = True
+    multi_process: bool = True
+
+
+OBJECTIVES: dict[str, ObjectiveKind] = {
+    "nt_xent": ObjectiveKind(_contrastive_terms),
+    "nt_xent_eh": ObjectiveKind(_contrastive_terms, eh=True),
+    "supcon": ObjectiveKind(_supcon_terms, labels=True, tiles=False, bonus=False, multi_process=False),
+    "distill": ObjectiveKind(None, tiles=False),
+}
+CONTRASTIVE = frozenset(name for name, kind in OBJECTIVES.items() if kind.terms is not None)
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A configured contrastive objective over view embeddings.
+    """A configured objective over view embeddings.
 
     Attributes:
         name: Key of :data:`OBJECTIVES`.
@@ -69,9 +116,24 @@ class Objective:
     distill_temperature: float = 0.05
 
     @property
+    def kind(self) -> ObjectiveKind:
+        """The registry entry of :attr:`name`."""
+        return OBJECTIVES[self.name]
+
+    @property
     def contrastive(self) -> bool:
         """Has the contrastive term (every objective but ``distill``)."""
-        return self.name in CONTRASTIVE
+        return self.kind.terms is not None
+
+    @property
+    def needs_hard_negatives(self) -> bool:
+        """The training data must have a ``hard_neg`` column."""
+        return self.kind.eh or self.hard_negative_weight != 0.0
+
+    @property
+    def needs_labels(self) -> bool:
+        """The training data must carry class labels (a ``label`` column): ``supcon``."""
+        return self.kind.labels
 
     def distill_terms(self, local: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         """The distillation term on this process's views and the teacher's embeddings of the same texts.
@@ -86,18 +148,8 @@ class Objective:
         return distill_similarity(local[0], torch.cat(list(local)), teacher[0], columns, self.distill_temperature,
                                   exclude=same_text_columns(teacher[0], columns))
 
-    @property
-    def needs_hard_negatives(self) -> bool:
-        """The training data must have a ``hard_neg`` column."""
-        return OBJECTIVES[self.name] or self.hard_negative_weight != 0.0
-
-    @property
-    def needs_labels(self) -> bool:
-        """The training data must carry class labels (a ``label`` column): ``supcon``."""
-        return self.name == "supcon"
-
     def __call__(self, views: Sequence[Tensor], offset: int = 0, labels: Tensor | None = None) -> dict[str, Tensor]:
-        """Loss terms of ``views = [anchor (B, D), positive (M, D), negative_1 (M, D), ..., negative_k (M, D)]``.
+        """Contrastive terms of ``views = [anchor (B, D), positive (M, D), negative_1 (M, D), ..., negative_k (M, D)]``.
 
         ``k = 0`` (pairs or dropout views), 1 (triplets) or more (mined ``hard_neg_1..k``); the negatives
         become k column blocks of one similarity matrix. ``offset`` is the row of anchor 0's positive among
@@ -105,24 +157,24 @@ class Objective:
         class ids of the rows, for ``supcon`` (one process: anchors and positives are the same B rows).
 
         Raises:
-            ValueError: ``supcon`` without labels, or with positives gathered from several processes.
+            ValueError: ``distill`` (no contrastive term); ``supcon`` without labels, or with positives
+                gathered from several processes.
         """
-        negative = torch.cat(list(views[2:])) if len(views) > 2 else None
-        if self.name == "supcon":
-            if labels is None or views[1].shape[0] != views[0].shape[0]:
-                raise ValueError("supcon needs the batch's labels and the anchors' own positives (one process)")
-            return supcon_views(views[0], views[1], negative, labels=labels, temperature=self.temperature)
-        kwargs = {"temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight,
-                  "eh_weight": self.eh_weight, "eh_margin": self.eh_margin, "offset": offset}
-        if self.tile_size > 0:
-            return tiled_contrastive_loss(views[0], views[1], negative, tile_size=self.tile_size, **kwargs)
-        return contrastive_loss(views[0], views[1], negative, **kwargs)
+        if self.kind.terms is None:
+            raise ValueError(f"objective {self.name!r} has no contrastive term")
+        return self.kind.terms(self, views, offset, labels)
 
+    def compose(self, views: Sequence[Tensor] | None, offset: int = 0, labels: Tensor | None = None,
+                local: Sequence[Tensor] | None = None, teacher: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+        """Every term of one step, weighted and summed into ``loss``: ``loss = L_contrastive + mu * L_D``.
 
-def build_objective(loss: LossConfig) -> Objective:
-    """The objective a ``loss`` config section describes (names checked by :func:`promcse.training.config.validate`)."""
-    eh = OBJECTIVES[loss.name]
-    return Objective(name=loss.name, temperature=loss.temperature, hard_negative_weight=loss.hard_negative_weight,
-                     eh_weight=loss.eh_weight if eh else 0.0, eh_margin=loss.eh_margin, tile_size=loss.tile_size,
-                     distill=loss.distill if loss.distill_teacher else "", distill_weight=loss.distill_weight,
-                     distill_temperature=loss.distill_temperature)
+        ``views``: the (gathered) views for the contrastive term, or None when the batch takes none (a
+        distillation-only source, or ``distill``); ``local`` and ``teacher``: this process's views and the
+        teacher's embeddings of the same texts, for the distillation term (``teacher=None``: none).
+        """
+        terms: dict[str, Tensor] = dict(self(views, offset, labels)) if views is not None and self.contrastive else {}
+        if teacher is not None and local is not None:
+            terms["distill"] = self.distill_terms(local, teacher)
+            weighted = self.distill_weight * terms["distill"]
+            terms["loss"] = terms["loss"] + weighted if "loss" in terms else weighted
+        return terms

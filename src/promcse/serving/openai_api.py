@@ -17,7 +17,7 @@ import numpy as np
 
 from promcse.encoder.encode import unit_rows
 from promcse.serving.guards import ApiError
-from promcse.serving.app import ServeContext, check_texts, fast_json
+from promcse.serving.context import ServeContext, check_texts, fast_json
 
 
 def _schema() -> type:

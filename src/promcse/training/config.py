@@ -18,6 +18,9 @@ import yaml
 
 from promcse.errors import PromcseError
 
+if typing.TYPE_CHECKING:  # the objectives load torch, which `promcse --help` should not wait for
+    from promcse.objectives.objective import Objective, ObjectiveKind
+
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -217,9 +220,7 @@ def validate(config: RunConfig) -> None:
         (t.keep_states >= 1, "train.keep_states", "must be >= 1"),
         (t.eval_every >= -1, "train.eval_every", "must be >= -1 (-1 = never, 0 = only at the end)"),
         (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
-        (lo.tile_size == 0 or lo.name != "supcon", "loss.tile_size", "tiling is for nt_xent/nt_xent_eh; supcon is dense"),
-        (lo.hard_negative_weight == 0.0 or lo.name != "supcon", "loss.hard_negative_weight",
-         "supcon has no hard-negative bonus (its hard negatives only join the denominators)"),
+        *_objective_checks(lo, OBJECTIVES),
         (t.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16"),
         (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
         (t.gate_lr >= 0.0, "train.gate_lr", "must be >= 0 (0 = train.lr)"),
@@ -229,6 +230,30 @@ def validate(config: RunConfig) -> None:
     for ok, key, message in checks + _distill_and_source_checks(lo, config.data):
         if not ok:
             raise PromcseError(message, key=key)
+
+
+def _objective_checks(lo: LossConfig, objectives: dict[str, ObjectiveKind]) -> list[tuple[bool, str, str]]:
+    """``(ok, key, message)`` rules that the chosen objective's registry entry sets."""
+    kind = objectives.get(lo.name)
+    if kind is None:
+        return []
+    tiled = ", ".join(n for n, k in objectives.items() if k.tiles)
+    return [
+        (lo.tile_size == 0 or kind.tiles, "loss.tile_size", f"tiling is for {tiled}; {lo.name} is dense"),
+        (lo.hard_negative_weight == 0.0 or kind.bonus, "loss.hard_negative_weight",
+         f"{lo.name} has no hard-negative bonus (its hard negatives only join the denominators)"),
+    ]
+
+
+def build_objective(loss: LossConfig) -> Objective:
+    """The objective a ``loss`` config section describes (names checked by :func:`validate`)."""
+    from promcse.objectives.objective import OBJECTIVES, Objective
+
+    eh = OBJECTIVES[loss.name].eh
+    return Objective(name=loss.name, temperature=loss.temperature, hard_negative_weight=loss.hard_negative_weight,
+                     eh_weight=loss.eh_weight if eh else 0.0, eh_margin=loss.eh_margin, tile_size=loss.tile_size,
+                     distill=loss.distill if loss.distill_teacher else "", distill_weight=loss.distill_weight,
+                     distill_temperature=loss.distill_temperature)
 
 
 def _distill_and_source_checks(lo: LossConfig, data: DataConfig) -> list[tuple[bool, str, str]]:

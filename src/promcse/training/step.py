@@ -38,23 +38,21 @@ def global_loss(objective: Objective, dist: DistContext, teacher: list[torch.Ten
 
     The contrastive terms (when ``objective.contrastive`` and the batch's source asks for them) are taken
     against every process's columns; the distillation term (given the ``teacher``'s embeddings of the
-    views' texts) on this process's rows: ``loss = L_contrastive + mu * L_D``. ``labels``: the rows' class ids
+    views' texts) on this process's rows; :meth:`promcse.objectives.objective.Objective.compose` weights and
+    sums them. ``labels``: the rows' class ids
     (``supcon``).
     """
 
     def loss_fn(embedded: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.autocast(embedded[0].device.type, enabled=False):
             local = [e.float() for e in embedded]
-            terms: dict[str, torch.Tensor] = {}
+            gathered, offset, rows = None, 0, None
             if objective.contrastive and contrastive:
                 anchor, positive, negative, offset = gather_columns(local, dist)
-                terms = objective([anchor, positive] + ([negative] if negative is not None else []), offset,
-                                  labels=None if labels is None else labels.to(anchor.device))
-            if teacher is not None:
-                terms["distill"] = objective.distill_terms(local, [t.to(local[0].device) for t in teacher])
-                weighted = objective.distill_weight * terms["distill"]
-                terms["loss"] = terms["loss"] + weighted if "loss" in terms else weighted
-            return terms
+                gathered = [anchor, positive] + ([negative] if negative is not None else [])
+                rows = None if labels is None else labels.to(anchor.device)
+            on_device = None if teacher is None else [t.to(local[0].device) for t in teacher]
+            return objective.compose(gathered, offset, rows, local, on_device)
 
     return loss_fn
 

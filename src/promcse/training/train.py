@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from promcse.encoder.backbone import load_backbone, resolve_device, shape_of
-from promcse.training.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, save_config
+from promcse.training.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, build_objective, save_config
 from promcse.io.data import LABEL_COLUMN, TrainExamples, batch_order, read_training_file, resolve_train_file
 from promcse.training.distributed import DistContext, broadcast_parameters, describe_scale, fit_batches, setup, teardown
 from promcse.encoder.encode import encode_texts
@@ -28,7 +28,7 @@ from promcse.errors import PromcseError
 from promcse.io.files import directory_lock
 from promcse.training.loop import TrainingRun, TrainResult, run_loop
 from promcse.encoder.model import EncoderSpec, SentenceEncoder, build_encoder
-from promcse.objectives.objective import Objective, build_objective
+from promcse.objectives.objective import OBJECTIVES, Objective
 from promcse.encoder.prompt import PromptSpec
 from promcse.training.resume import LoopState, latest_state, load_state
 from promcse.io.sources import Mixture, mixture_batch_order
@@ -159,9 +159,9 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
     try:
         if resume and dist.world_size > 1:
             raise PromcseError("--resume supports single-process runs; restart multi-process runs from the checkpoint")
-        if config.loss.name == "supcon" and dist.world_size > 1:
-            raise PromcseError("loss.name=supcon runs on one process for now (its labels are not gathered across "
-                               "processes); drop torchrun or use nt_xent", key="loss.name")
+        if not OBJECTIVES[config.loss.name].multi_process and dist.world_size > 1:
+            raise PromcseError(f"loss.name={config.loss.name} runs on one process for now (its labels are not "
+                               "gathered across processes); drop torchrun or use nt_xent", key="loss.name")
         out = prepare_output(output_dir) if dist.is_main else Path(output_dir)
         with directory_lock(out, "promcse train") if dist.is_main else contextlib.nullcontext():
             if resume:
