@@ -19,6 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "promcse"
 # Earlier first: a module may import its own folder and the folders before it, never one after it.
 FOLDERS: tuple[str, ...] = (
     "errors", "version",  # the one error type and the version string (top-level modules, import nothing)
+    "_moved",             # the finder that keeps promcse 0.1's documented module paths importable (stdlib only)
     "io",                 # files, artifact schemas, training data and its sources
     "encoder",            # backbone + prompt + pooler -> (B, D), batched encoding, mixed-prompt forward
     "models",             # checkpoints, released prompts, model references, the ONNX graph and runtime
@@ -30,9 +31,9 @@ FOLDERS: tuple[str, ...] = (
     "export",             # sentence-transformers / MTEB and ONNX exports
     "cli",                # the command line, last
 )
-# Top-level files that are not stages: the public face (the one exception: lazy imports of later folders),
-# ``python -m promcse``, and the finder that keeps the documented pre-0.2 module paths importable.
-ROOT_FILES = {"__init__", "__main__", "_moved"}
+# Top-level files that are not stages: the public face (the one exception: lazy imports of later folders)
+# and ``python -m promcse``.
+ROOT_FILES = {"__init__", "__main__"}
 
 
 def folder(module: str) -> str:

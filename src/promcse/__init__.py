@@ -8,6 +8,9 @@ __all__ = ["__version__", "load", "Index", "PromcseError"]
 
 from promcse.errors import PromcseError
 from promcse.version import __version__
+from promcse import _moved
+
+_moved.install()  # promcse 0.1 module paths named in its docs (promcse.sts, ...) still import, with a warning
 
 
 def load(model: str, device: str = "auto", **kwargs: Any) -> Any:
