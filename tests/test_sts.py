@@ -232,7 +232,7 @@ def test_bad_tasks_and_paths(data_dir: Path, tmp_path: Path, monkeypatch: pytest
     monkeypatch.delenv(sts.DATA_ENV, raising=False)
     with pytest.raises(PromcseError, match="did you mean 'sick'"):
         sts.evaluate(fake_encode, "sickk", data_dir=data_dir)
-    with pytest.raises(PromcseError, match="pass --data-dir or set PROMCSE_DATA_DIR"):
+    with pytest.raises(PromcseError, match="give its folder or set PROMCSE_DATA_DIR"):
         sts.evaluate(fake_encode, "sts12")
     with pytest.raises(PromcseError, match="not found") as info:
         sts.evaluate(fake_encode, "stsb", data_dir=tmp_path / "missing")

@@ -99,7 +99,7 @@ def task_files(task: str, data_dir: Path | None, text: str = "original") -> list
         if spec.files is None or spec.folder != "STSBenchmark" or text != "original":
             need = f"task '{task}'" + (f" with text '{text}'" if text != "original" else "")
             raise PromcseError(f"{need} needs the STS data (only original STS-B is bundled): "
-                               f"pass --data-dir or set {DATA_ENV}")
+                               f"give its folder or set {DATA_ENV}", key="data_dir")
         return [BUNDLED_DIR / f"{stem}.tsv" for stem in spec.files]
     folder = data_dir / "tsv" / text / spec.folder
     if not folder.is_dir():
@@ -112,7 +112,7 @@ def task_files(task: str, data_dir: Path | None, text: str = "original") -> list
 
 
 def _extra_files(paths: Sequence[str | Path], taken: set[str]) -> list[StsPairs]:
-    """Read ``--tsv`` files, reported by stem (``parent/stem`` when the stem is already taken)."""
+    """Read extra TSV files (``tsv_files``), reported by stem (``parent/stem`` when the stem is already taken)."""
     out: list[StsPairs] = []
     for raw in paths:
         pairs, path = read_sts_tsv(raw), Path(raw)
@@ -213,7 +213,7 @@ def evaluate(
         raise PromcseError(f"unknown text variant '{text}'; use one of: {', '.join(TEXT_VARIANTS)}")
     names = parse_tasks(tasks) if tasks else []
     if not names and not tsv_files and cxc is None:
-        raise PromcseError("nothing to evaluate: give STS tasks, --tsv files or a CxC file")
+        raise PromcseError("nothing to evaluate: give STS tasks, tsv_files or a CxC file", key="tasks")
     root = resolve_data_dir(data_dir) if names else None
     sets = {TASKS[t].report: [read_sts_tsv(p) for p in task_files(t, root, text)] for t in names}
     extra = _extra_files(tsv_files, set(sets))
