@@ -238,7 +238,7 @@ def test_mixed_prompt_encoding_carries_the_gates(tiny_bert: Path, tmp_path: Path
     chosen = [names[i % len(names)] for i in range(len(texts))]
     encoders = [reg.get(n) for n in chosen]
     mixed = encode_mixed(encoders, texts, batch_size=5, normalize=False)
-    served = reg.encode_rows(texts, chosen, batch_size=5)
+    served = np.stack(reg.encode_rows(texts, chosen, batch_size=5))
     for name in names:
         rows = [i for i, n in enumerate(chosen) if n == name]
         want = reg.get(name).encode([texts[i] for i in rows], batch_size=5, normalize=False)

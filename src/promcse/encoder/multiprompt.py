@@ -159,10 +159,17 @@ def encode_mixed(encoders: Sequence[SentenceEncoder], texts: Sequence[str], batc
 
     Returns:
         (N, D) float32 array in input order.
+
+    Raises:
+        PromcseError: Encoders of different output dimensions.
     """
     if len(encoders) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(encoders)} encoders")
-    result = np.empty((len(texts), encoders[0].dim if encoders else 0), dtype=np.float32)
+    dims = sorted({e.dim for e in encoders})
+    if len(dims) > 1:  # one (N, D) array cannot hold them; the registry's encode_rows returns one vector per row
+        raise PromcseError(f"encoders of different dimensions {dims} cannot share one (N, D) array: encode each "
+                           "dimension's rows apart, or use PromptRegistry.encode_rows (one vector per row)")
+    result = np.empty((len(texts), dims[0] if dims else 0), dtype=np.float32)
     for members, rows in _backbone_groups(encoders):
         bank = build_bank(members)
         local = {id(e): k for k, e in enumerate(members)}

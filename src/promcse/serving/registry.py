@@ -144,21 +144,24 @@ class PromptRegistry:
         bank, ids = self._banks[key]
         return bank, ids[name]
 
-    def encode_rows(self, texts: Sequence[str], models: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def encode_rows(self, texts: Sequence[str], models: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
         """Encode ``texts[i]`` with model ``models[i]``: rows of every model sharing a backbone go through the
-        same forward passes (:mod:`promcse.encoder.multiprompt`). Returns raw (not normalised) float32 vectors."""
+        same forward passes (:mod:`promcse.encoder.multiprompt`).
+
+        Returns one raw (not normalised) float32 vector per row, in input order. A list, not one (N, D) array:
+        models over different backbones may have different dimensions, and one engine batch mixes them.
+        """
         if len(texts) != len(models):
             raise PromcseError(f"{len(texts)} texts but {len(models)} model names")
-        out: np.ndarray | None = None
+        out: list[np.ndarray | None] = [None] * len(texts)
         with self.lock:
             placed = [self.bank_of(m) for m in models]
             for bank in {id(b): b for b, _ in placed}.values():
                 rows = [i for i, (b, _) in enumerate(placed) if b is bank]
-                vectors = encode_bank(bank, [texts[i] for i in rows], [placed[i][1] for i in rows], batch_size)
-                if out is None:
-                    out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
-                out[rows] = vectors.numpy()
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+                vectors = encode_bank(bank, [texts[i] for i in rows], [placed[i][1] for i in rows], batch_size).numpy()
+                for k, row in enumerate(rows):
+                    out[row] = vectors[k]
+        return [v for v in out if v is not None]
 
     def describe(self, name: str) -> dict[str, Any]:
         """JSON-able facts about one registered model (for ``GET /models``)."""
