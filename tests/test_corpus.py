@@ -16,7 +16,8 @@ import pytest
 
 from conftest import make_sentences
 from promcse.cli import main
-from promcse.corpus.encode import EncodeJob, encode_corpus, fingerprint, iter_corpus, parse_part
+from promcse.cli.encode import parse_part
+from promcse.corpus.encode import EncodeJob, encode_corpus, fingerprint, iter_corpus
 from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
 from promcse.corpus.shards import MANIFEST, dequantize, merge, quantize, read_manifest, read_rows, read_vectors
@@ -246,8 +247,8 @@ def test_split_parts_merge_to_one_run(encoder, texts: list[str], tmp_path: Path)
                  str(tmp_path / "merged")]) == 0
     assert files_of(tmp_path / "merged") == files_of(tmp_path / "whole")
     before = files_of(tmp_path / "p0")
-    for bad, message in [("p0", "inside --output"), ("p0/sub", "inside the input directory"),
-                         (".", "inside --output")]:  # a part, under a part, above a part
+    for bad, message in [("p0", "key 'output': contains the input"), ("p0/sub", "inside the input directory"),
+                         (".", "key 'output': contains the input")]:  # a part, under a part, above a part
         with pytest.raises(PromcseError, match=message):
             merge([tmp_path / "p0", tmp_path / "p1"], tmp_path / bad)
     assert files_of(tmp_path / "p0") == before and not (tmp_path / "p0" / "sub").exists()

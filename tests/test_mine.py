@@ -19,7 +19,8 @@ from conftest import make_sentences
 from promcse.cli import main
 from promcse.io.data import TrainExamples, read_training_file
 from promcse.errors import PromcseError
-from promcse.corpus.mine import MineConfig, MinedResult, mine_hard_negatives, parse_range
+from promcse.cli.mine import parse_range
+from promcse.corpus.mine import MineConfig, MinedResult, mine_hard_negatives
 from promcse.corpus.mine_files import format_report, read_corpus, write_mined
 
 DIM = 16
@@ -258,12 +259,12 @@ def test_rows_without_enough_negatives_are_dropped_and_counted(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"range_min": 50, "range_max": 10}, "--range 50-10"),
-    ({"range_min": 0, "range_max": 10}, "--range 0-10"),
+    ({"range_min": 50, "range_max": 10}, "key 'range_min': ranks 50-10"),
+    ({"range_min": 0, "range_max": 10}, "key 'range_min': ranks 0-10"),
     ({"margin": 0.1, "max_score": 0.9}, "mutually exclusive"),
-    ({"range_min": 1, "range_max": 5, "per_anchor": 6}, "--per-anchor 6"),
-    ({"strategy": "hardest"}, "--strategy"),
-    ({"index_kind": "annoy"}, "--index-kind"),
+    ({"range_min": 1, "range_max": 5, "per_anchor": 6}, "key 'per_anchor': 6 negatives per row"),
+    ({"strategy": "hardest"}, "key 'strategy'"),
+    ({"index_kind": "annoy"}, "key 'index_kind'"),
 ])
 def test_bad_options_are_refused_before_any_encoding(kwargs: dict, message: str) -> None:
     pairs, encoder = make_pairs(n=4)
@@ -368,7 +369,7 @@ def test_cli_too_many_negatives_for_the_range_is_refused(tiny_bert: Path, tmp_pa
     pairs_path = write_pairs_csv(tmp_path / "pairs.csv", n=4)
     code = main(["mine", "--model", str(tiny_bert), "--input", str(pairs_path), "--output", str(tmp_path / "o.csv"),
                  "--range", "1-3", "--per-anchor", "5"])
-    assert code == 2 and "--per-anchor 5" in capsys.readouterr().err
+    assert code == 2 and "error: --per-anchor: 5 negatives per row" in capsys.readouterr().err
     code = main(["mine", "--model", str(tiny_bert), "--input", str(pairs_path), "--output", str(tmp_path / "o.csv"),
                  "--range", "1-20", "--per-anchor", "10", "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err  # 8 sentences: no anchor has 10 candidates

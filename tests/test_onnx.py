@@ -132,7 +132,7 @@ def multi(backbone, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
     refs = {name: str(make_prompt_checkpoint(backbone("bert"), root / name, seed=i, **options))  # type: ignore[arg-type]
             for i, (name, options) in enumerate(PROMPTS.items())}
     refs["bare"] = str(backbone("bert"))
-    return export_onnx([f"{n}={r}" for n, r in refs.items()], root / "graph"), refs
+    return export_onnx(list(refs.items()), root / "graph"), refs
 
 
 def test_multi_prompt_graph_gives_each_row_its_own_prompt(multi: tuple[Path, dict[str, str]]) -> None:
@@ -212,24 +212,24 @@ def test_cli_export_eval_and_encode(backbone, tiny_data: dict[str, Path], tmp_pa
 def test_bad_input_raises_promcse_error(backbone, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bert = make_prompt_checkpoint(backbone("bert"), tmp_path / "bert", length=3)
     roberta = make_prompt_checkpoint(backbone("roberta"), tmp_path / "roberta", length=3)
-    out = export_onnx([str(bert)], tmp_path / "graph")
+    out = export_onnx([("bert", str(bert))], tmp_path / "graph")
     encoder = OnnxEncoder(out)
     with pytest.raises(PromcseError, match="unknown prompt 'nope'.*bert"):
         encoder.encode(["a man"], prompt="nope")
     with pytest.raises(PromcseError, match="2 texts but 1 prompt names"):
         encoder.encode(["a", "b"], prompt=["bert"])
     with pytest.raises(PromcseError, match="different backbone"):
-        export_onnx([str(bert), str(roberta)], tmp_path / "mixed")
+        export_onnx([("bert", str(bert)), ("roberta", str(roberta))], tmp_path / "mixed")
     full = make_prompt_checkpoint(backbone("bert"), tmp_path / "full", mode="full", length=0)
     with pytest.raises(PromcseError, match="different backbone"):
-        export_onnx([str(bert), str(full)], tmp_path / "mixed")
+        export_onnx([("bert", str(bert)), ("full", str(full))], tmp_path / "mixed")
     with pytest.raises(PromcseError, match="two prompts named"):
-        export_onnx([str(bert), f"bert={roberta}"], tmp_path / "mixed")
+        export_onnx([("bert", str(bert)), ("bert", str(roberta))], tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
     with pytest.raises(PromcseError, match="must differ from the model directory"):
-        export_onnx([str(bert)], tmp_path / "bert")
+        export_onnx([("bert", str(bert))], tmp_path / "bert")
     with pytest.raises(PromcseError, match="not an ONNX export"):
-        export_onnx([str(bert)], tmp_path / "roberta")  # would replace another checkpoint
+        export_onnx([("bert", str(bert))], tmp_path / "roberta")  # would replace another checkpoint
     assert (tmp_path / "roberta" / "config.json").is_file()
     with pytest.raises(PromcseError, match="backend 'onnx'"):
         promcse.load(str(out))

@@ -59,9 +59,9 @@ CASES = [  # (input, output, message); "{tmp}" is the workspace
     ("{tmp}/s.txt", "{tmp}/file.txt/vectors", "file.txt is a file, not a directory"),
     ("{tmp}/s.txt", "/proc/promcse-no-such-dir/vectors", "cannot write in /proc"),
     ("{tmp}/s.txt", "{tmp}/others", "holds files that are not part of a vector directory ('notes.md')"),
-    ("{tmp}/holder/c.txt", "{tmp}/holder", "is inside --output"),
+    ("{tmp}/holder/c.txt", "{tmp}/holder", "--output {tmp}/holder: contains the input"),
     ("{tmp}/corpus", "{tmp}/corpus/vectors", "inside the input directory"),
-    ("{tmp}/corpus", "{tmp}/corpus", "is inside --output"),
+    ("{tmp}/corpus", "{tmp}/corpus", "--output {tmp}/corpus: contains the input"),
 ]
 
 
@@ -76,7 +76,7 @@ def test_encode_refuses_bad_outputs_before_loading_the_model(workspace: Path, mo
     argv = ENCODE + ["--input", source.format(tmp=workspace), "--output", output.format(tmp=workspace)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert message.format(tmp=workspace) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.relative_to(workspace).as_posix() for p in workspace.rglob("*")) == before  # nothing written
 
 
@@ -85,8 +85,8 @@ INDEX_CASES = [
     (["--input", "{tmp}/s.txt"], "{tmp}/file.txt/idx", "file.txt is a file, not a directory"),
     (["--input", "{tmp}/s.txt"], "/proc/promcse-no-such-dir/idx", "cannot write in /proc"),
     (["--input", "{tmp}/s.txt"], "{tmp}/others", "not part of a promcse index ('notes.md')"),
-    (["--input", "{tmp}/holder/c.txt"], "{tmp}/holder", "is inside --output"),
-    (["--from-vectors", "{tmp}/corpus"], "{tmp}/corpus", "is inside --output"),
+    (["--input", "{tmp}/holder/c.txt"], "{tmp}/holder", "--output {tmp}/holder: contains the input"),
+    (["--from-vectors", "{tmp}/corpus"], "{tmp}/corpus", "--output {tmp}/corpus: contains the input"),
 ]
 
 
@@ -103,7 +103,7 @@ def test_index_build_refuses_bad_outputs_before_any_work(workspace: Path, monkey
     argv = ["index", "build", "--model", "unused", "--device", "cpu", "--output", output.format(tmp=workspace)]
     assert main(argv + [part.format(tmp=workspace) for part in source]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err, err
+    assert message.format(tmp=workspace) in err and "Traceback" not in err, err
     assert (workspace / "others" / "notes.md").read_text(encoding="utf-8") == "mine\n"  # never replaced
 
 

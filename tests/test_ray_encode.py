@@ -111,7 +111,7 @@ def test_a_bad_row_stops_the_ray_encode_with_file_and_line(ray_local: Any, model
                  "--output", str(tmp_path / "out"), "--text-field", "body", "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}, line 3" in err and "empty or whitespace-only text" in err and "Traceback" not in err
-    with pytest.raises(PromcseError, match="--workers must be at least 1"):
+    with pytest.raises(PromcseError, match="key 'workers': must be at least 1"):
         RayEncodeConfig(workers=0).check()
     base = ["encode", "--model", model, "--input", str(bad), "--text-field", "body"]
     assert main([*base, "--engine", "ray", "--output", str(tmp_path / "v.npy")]) == 2  # a shard directory only

@@ -130,7 +130,7 @@ def test_ray_options_are_checked_before_anything_starts(capsys: pytest.CaptureFi
         main(["serve", "--model", "m=minilm", "--engine", "ray", "--replicas", "0"])
     assert main(["serve", "--model", "m=minilm", "--engine", "ray", "--host", "0.0.0.0"]) == 2  # no --api-key
     assert "--api-key" in capsys.readouterr().err
-    with pytest.raises(Exception, match="--replicas must be at least 1"):
+    with pytest.raises(Exception, match="key 'replicas': must be at least 1"):
         RayServeConfig(replicas=0).check()
 
 

@@ -113,7 +113,7 @@ def test_engine_alone_refuses_when_full_and_drains_on_close(registry) -> None:
     assert first.future.result(timeout=10).shape == (1, 32)
     with pytest.raises(PromcseError, match="shutting down"):
         engine.submit(["late"], "news")
-    with pytest.raises(PromcseError, match="max-batch-tokens"):
+    with pytest.raises(PromcseError, match="key 'max_batch_tokens'"):
         EngineConfig(max_batch_tokens=0).check()
 
 
@@ -166,7 +166,7 @@ def test_api_key_and_host_check(registry) -> None:
 
 
 def test_non_loopback_bind_needs_a_key_or_insecure() -> None:
-    with pytest.raises(PromcseError, match="--api-key"):
+    with pytest.raises(PromcseError, match="key 'host': 0.0.0.0 is reachable .* set api_key"):
         check_server_options(8000, 30, host="0.0.0.0")
     check_server_options(8000, 30, host="0.0.0.0", api_key="k")
     check_server_options(8000, 30, host="0.0.0.0", insecure=True)

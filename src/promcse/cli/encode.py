@@ -10,6 +10,17 @@ from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
 
 
+def parse_part(value: str) -> tuple[int, int]:
+    """``--shard "1/4"`` -> ``(1, 4)`` (:attr:`promcse.corpus.encode.EncodeJob.part`); the index is 0-based."""
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise PromcseError(f"--shard expects i/N such as 0/4, got {value!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise PromcseError(f"--shard {value}: need 0 <= i < N")
+    return index, count
+
+
 def _encode_single_file(args: argparse.Namespace) -> int:
     """``--output FILE.npy``: one text per line into one matrix (the original behaviour)."""
     import numpy as np
@@ -42,11 +53,14 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _encode_corpus(args: argparse.Namespace) -> int:
-    from promcse.corpus.encode import EncodeJob, check_output, encode_corpus, parse_part
+    from promcse.corpus.encode import EncodeJob, check_output, encode_corpus
     from promcse.models.loading import load
 
     if args.backend != "torch":
         raise PromcseError("--backend onnx writes one .npy file only; shard directories use the torch backend")
+    if args.engine == "ray" and args.shard:
+        raise PromcseError("--shard i/N splits an encode between separate jobs; --engine ray spreads one job "
+                           "over its workers: leave --shard out")
     check_output(args.output, args.input)  # before the model loads
     part = parse_part(args.shard) if args.shard else (0, 1)
     job = EncodeJob(input=Path(args.input), output=Path(args.output), shard_size=args.shard_size, dtype=args.dtype,
@@ -116,7 +130,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-texts", action="store_true", help="store only ids next to the vectors, not the texts")
     add_common(p)
     _add_ray_options(p)
-    p.set_defaults(func=cmd_encode)
+    p.set_defaults(func=cmd_encode, _key_dests={"part": "shard", "dirs": "merge"})
 
 
 def _add_ray_options(p: argparse.ArgumentParser) -> None:

@@ -3,19 +3,45 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from promcse.errors import PromcseError
 from promcse.export.sentence_transformers import FORMATS, export_sentence_transformers, read_eval_results
+
+# export_onnx's and export_encoders' names for the models: the prompts given with --also (after --model)
+KEY_DESTS = {"models": "also", "names": "also", "encoders": "also"}
+
+
+def parse_models(models: Sequence[str]) -> list[tuple[str, str]]:
+    """``--model``/``--also`` ``MODEL`` or ``NAME=MODEL`` -> (name, reference) pairs for
+    :func:`promcse.export.onnx.export_onnx`; a bare model is named after its last path part.
+
+    Raises:
+        PromcseError: An empty name or model, or two prompts of the same name.
+    """
+    named: list[tuple[str, str]] = []
+    for value in models:
+        name, sep, ref = value.partition("=")
+        if not sep or Path(value).exists():
+            name, ref = Path(value.rstrip("/")).name or value, value
+        if not name or not ref:
+            raise PromcseError(f"expected MODEL or NAME=MODEL, got '{value}'", key="also")
+        named.append((name, ref))
+    names = [name for name, _ in named]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PromcseError(f"two prompts named {', '.join(duplicates)}: name them with NAME=MODEL", key="also")
+    return named
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``promcse export``."""
-    from promcse.errors import PromcseError
-
     if args.format == "onnx":
         return _export_onnx(args)
     if args.also or args.quantize != "none":
-        raise PromcseError("--also and --quantize apply to --format onnx only", key="--format")
+        raise PromcseError("--also and --quantize apply to --format onnx only", key="format")
     eval_results = read_eval_results(args.eval_json) if args.eval_json else None
     out = export_sentence_transformers(args.model, args.output, copy_backbone=args.copy_backbone,
                                        eval_results=eval_results)
@@ -27,7 +53,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     """``promcse export --format onnx``: one graph for --model and every --also prompt."""
     from promcse.export.onnx import export_onnx
 
-    out = export_onnx([args.model, *(args.also or [])], args.output, quantize=args.quantize)
+    out = export_onnx(parse_models([args.model, *(args.also or [])]), args.output, quantize=args.quantize)
     print(f"exported to {out}; load with promcse.load({str(out)!r}, backend='onnx') or --backend onnx")
     return 0
 
@@ -47,4 +73,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--copy-backbone", action="store_true",
                    help="copy the backbone into the export (self-contained; default: reference it)")
     p.add_argument("--eval-json", help="results of 'promcse eval --json' to put in the model card")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, _key_dests=KEY_DESTS)

@@ -3,18 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
 from promcse.cli.common import NON_NEGATIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
 
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+# MineConfig's and write_mined's names that are not an option's dest: the option they come from
+KEY_DESTS = {"range_min": "range", "range_max": "range", "path": "output"}
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``--range "10-50"`` -> ``(10, 50)`` (``MineConfig.range_min``, ``range_max``): 1-based inclusive ranks.
+
+    Raises:
+        PromcseError: Not ``FIRST-LAST`` integers with ``1 <= FIRST <= LAST`` (the option is named).
+    """
+    match = _RANGE.match(text)
+    if match is None:
+        raise PromcseError(f"--range {text!r}: write FIRST-LAST, two whole numbers, e.g. 10-50")
+    low, high = int(match.group(1)), int(match.group(2))
+    if not 1 <= low <= high:
+        raise PromcseError(f"--range {text}: write FIRST-LAST with 1 <= FIRST <= LAST (ranks count from 1), e.g. 10-50")
+    return low, high
+
 
 def cmd_mine(args: argparse.Namespace) -> int:
     """Read the pairs (and corpus), mine, write the rows atomically and print the report."""
     from promcse.io.data import read_training_file, resolve_train_file
     from promcse.models.loading import load
-    from promcse.corpus.mine import MineConfig, mine_hard_negatives, parse_range
+    from promcse.corpus.mine import MineConfig, mine_hard_negatives
     from promcse.corpus.mine_files import format_report, read_corpus, write_mined
 
     low, high = parse_range(args.range)
@@ -67,4 +87,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--index-kind", choices=KINDS, default="auto",
                    help="search index kind (default: auto: exact flat below 100,000 sentences, else ivf)")
     add_common(p)
-    p.set_defaults(func=cmd_mine)
+    p.set_defaults(func=cmd_mine, _key_dests=KEY_DESTS)

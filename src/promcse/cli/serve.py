@@ -4,14 +4,40 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from promcse.io.allocator import limit_malloc_arenas
 from promcse.serving.batching import EngineConfig
 from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
-from promcse.serving.launch import api_key_from, check_server_options, load_server, parse_named, run_server
+from promcse.serving.context import NAME_RE
+from promcse.serving.launch import (API_KEY_ENV, api_key_from, check_server_options, is_loopback, load_server,
+                                    run_server)
 from promcse.serving.app import Limits, ServeOptions
+
+# ServeOptions' and RayServeConfig's names that are not an option's dest: the option they come from
+KEY_DESTS = {"header_timeout_s": "header_timeout", "body_timeout_s": "body_timeout",
+             "keep_alive_s": "keep_alive_timeout", "graceful_timeout_s": "graceful_timeout"}
+
+
+def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
+    """``--model``/``--index`` ``NAME=VALUE`` pairs (a bare VALUE is named after its last path component).
+
+    Raises:
+        PromcseError: Invalid or duplicate names.
+    """
+    out: dict[str, str] = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            name, value = Path(item.rstrip("/")).name or item, item
+        if not NAME_RE.match(name) or not value:
+            raise PromcseError(f"bad --{what} {item!r}: use NAME={what.upper()}, NAME of letters, digits, '.', '_', '-'")
+        if name in out:
+            raise PromcseError(f"--{what} name {name!r} given twice")
+        out[name] = value
+    return out
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -27,6 +53,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 def cmd_serve(args: argparse.Namespace) -> int:
     """``promcse serve``: load models and indexes, then serve until interrupted."""
     options = serve_options(args)
+    if not is_loopback(args.host) and not options.api_key and not options.insecure:
+        raise PromcseError(f"--host {args.host} is reachable from other machines: set --api-key (or ${API_KEY_ENV}) "
+                           "so that requests need 'Authorization: Bearer KEY', or pass --insecure")
     check_server_options(args.port, args.graceful_timeout, args.host, options.api_key, options.insecure,
                          options.engine)  # before the slow model load
     models, index_dirs = parse_named(args.model, "model"), parse_named(args.index, "index")
@@ -76,7 +105,7 @@ def register(subparsers: Any) -> None:
     _add_engine_options(p)
     _add_connection_options(p)
     _add_scale_options(p)
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, _key_dests=KEY_DESTS)
 
 
 def _add_scale_options(p: argparse.ArgumentParser) -> None:

@@ -43,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, output, show_progress=not args.no_progress, resume=bool(args.resume))
     except TrainingInterrupted as stop:
-        print(f"promcse train: {stop}", file=sys.stderr)
+        print(f"promcse train: interrupted at step {stop.step}; state saved. Resume with: promcse train --resume "
+              f"{stop.run_dir}", file=sys.stderr)
         return 128 + stop.signum
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only rank 0 reports

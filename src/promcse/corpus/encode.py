@@ -80,17 +80,6 @@ class EncodeJob:
     show_progress: bool = False
 
 
-def parse_part(value: str) -> tuple[int, int]:
-    """``"1/4"`` -> ``(1, 4)``; the index is 0-based."""
-    try:
-        index, count = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise PromcseError(f"--shard expects i/N such as 0/4, got {value!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise PromcseError(f"--shard {value}: need 0 <= i < N")
-    return index, count
-
-
 def corpus_files(path: str | Path) -> list[Path]:
     """The input files: ``path`` itself, or every known file under a directory (hidden ones skipped)."""
     root = Path(path)
@@ -238,7 +227,7 @@ def check_output(output: str | Path, source: str | Path) -> Path:
     """Refuse, before any model loads, a shard directory that cannot be written, is a file, holds other files,
     holds the input or lies inside an input directory (see :func:`promcse.io.files.check_output_dir`)."""
     if Path(output).exists() and not Path(output).is_dir():
-        raise PromcseError("--output must be a directory (or end in .npy for one file)", path=output)
+        raise PromcseError("must be a directory (or end in .npy for one file)", path=output, key="output")
     return check_output_dir(output, ours=owned_name, inputs=[source], scanned=[source], what="vector directory")
 
 
@@ -260,7 +249,7 @@ def resume_state(job: EncodeJob, model_ref: str, dim: int,
     differ = [k for k in SAME_RUN + ("part",) if existing.get(k) != fresh.get(k)]
     if differ:
         raise PromcseError(f"holds an encode with other settings ({', '.join(differ)} differ): use another "
-                           "--output, or delete it to start over", path=out)
+                           "directory, or delete it to start over", path=out, key="output")
     kept = [entry for entry in existing["shards"] if verify_shard(out, entry)]
     if len(kept) < len(existing["shards"]):
         existing["complete"] = False  # a listed shard failed its checksum: encode it again
@@ -312,7 +301,7 @@ def encode_corpus(encoder: SentenceEncoder, job: EncodeJob, model_ref: str) -> d
         PromcseError: Bad rows (file and line named), an empty corpus, or an output of another run.
     """
     if job.shard_size < 1:
-        raise PromcseError(f"--shard-size must be at least 1, got {job.shard_size}")
+        raise PromcseError(f"must be at least 1, got {job.shard_size}", key="shard_size")
     manifest, done = resume_state(job, model_ref, encoder.dim)
     if manifest["complete"]:
         return manifest

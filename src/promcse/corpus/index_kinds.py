@@ -102,7 +102,7 @@ def _ivf(faiss: Any, kind: str, dim: int, params: KindParams, train: np.ndarray)
     nlist = params.nlist or default_nlist(len(train))
     if len(train) < nlist:
         raise PromcseError(f"IVF with {nlist} lists needs at least {nlist} training vectors, got {len(train)}; "
-                           "use --kind flat or a smaller nlist")
+                           "use kind 'flat' or a smaller nlist", key="nlist")
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)

@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,7 +48,6 @@ from promcse.corpus.search import KINDS, Index
 STRATEGIES: tuple[str, ...] = ("top", "random")
 SCORE_BUDGET = 50_000_000  # query x corpus scores per search call (the numpy fallback holds them all at once)
 MAX_QUERY_CHUNK = 1024
-_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
 class Encoder(Protocol):
@@ -87,29 +85,30 @@ class MineConfig:
     show_progress: bool = False
 
     def validate(self) -> None:
-        """Check every option, naming the command-line option in the message.
+        """Check every field, naming it as :attr:`PromcseError.key` (the command line shows its option instead).
 
         Raises:
             PromcseError: An empty or reversed range, both filters, ``K`` above the range's size, etc.
         """
         if not 1 <= self.range_min <= self.range_max:
-            raise PromcseError(f"--range {self.range_min}-{self.range_max}: write FIRST-LAST with "
-                               f"1 <= FIRST <= LAST (ranks count from 1), e.g. 10-50")
+            raise PromcseError(f"ranks {self.range_min}-{self.range_max}: need 1 <= range_min <= range_max "
+                               "(ranks count from 1), e.g. 10-50", key="range_min")
         if self.margin is not None and self.max_score is not None:
-            raise PromcseError("--margin and --max-score are mutually exclusive: give one false-negative filter")
-        for name, value in (("--margin", self.margin), ("--max-score", self.max_score)):
+            raise PromcseError("margin and max_score are mutually exclusive: give one false-negative filter")
+        for name, value in (("margin", self.margin), ("max_score", self.max_score)):
             if value is not None and not math.isfinite(value):
-                raise PromcseError(f"{name} must be a finite number, got {value}")
+                raise PromcseError(f"must be a finite number, got {value}", key=name)
         width = self.range_max - self.range_min + 1
         if not 1 <= self.per_anchor <= width:
-            raise PromcseError(f"--per-anchor {self.per_anchor}: the range {self.range_min}-{self.range_max} "
-                               f"holds only {width} candidate(s) per anchor; widen --range or lower --per-anchor")
+            raise PromcseError(f"{self.per_anchor} negatives per row, but ranks {self.range_min}-{self.range_max} "
+                               f"hold only {width} candidate(s) per anchor; widen range_min..range_max or lower "
+                               "per_anchor", key="per_anchor")
         if self.strategy not in STRATEGIES:
-            raise PromcseError(f"--strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}")
+            raise PromcseError(f"'{self.strategy}': choose one of {', '.join(STRATEGIES)}", key="strategy")
         if self.batch_size < 1:
-            raise PromcseError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise PromcseError(f"must be at least 1, got {self.batch_size}", key="batch_size")
         if self.index_kind not in KINDS:
-            raise PromcseError(f"--index-kind '{self.index_kind}': choose one of {', '.join(KINDS)}")
+            raise PromcseError(f"'{self.index_kind}': choose one of {', '.join(KINDS)}", key="index_kind")
 
     def describe(self) -> str:
         """One line: range, filter, strategy and K."""
@@ -198,21 +197,6 @@ class MinedResult:
     def to_jsonl(self) -> str:
         """One JSON object per row, keyed by :attr:`columns`."""
         return "".join(json.dumps(dict(zip(self.columns, r)), ensure_ascii=False) + "\n" for r in self.records())
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """``"10-50"`` -> ``(10, 50)``: 1-based inclusive neighbour ranks.
-
-    Raises:
-        PromcseError: Not ``FIRST-LAST`` integers with ``1 <= FIRST <= LAST`` (the option is named).
-    """
-    match = _RANGE.match(text)
-    if match is None:
-        raise PromcseError(f"--range {text!r}: write FIRST-LAST, two whole numbers, e.g. 10-50")
-    low, high = int(match.group(1)), int(match.group(2))
-    if not 1 <= low <= high:
-        raise PromcseError(f"--range {text}: write FIRST-LAST with 1 <= FIRST <= LAST (ranks count from 1), e.g. 10-50")
-    return low, high
 
 
 def default_corpus(pairs: TrainExamples) -> list[str]:

@@ -71,12 +71,13 @@ def write_mined(result: MinedResult, path: str | Path) -> Path:
     out = Path(path)
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
-        raise PromcseError("--output must end in .csv or .jsonl", path=out)
+        raise PromcseError("must end in .csv or .jsonl", path=out, key="path")
     if not len(result):
         s = result.stats
         raise PromcseError(f"no row got {result.config.per_anchor} negative(s): all {s.rows_in} rows were "
                            f"dropped ({s.in_range} candidates in range, {s.dropped_margin + s.dropped_max_score} "
-                           f"filtered); widen --range, lower --per-anchor, loosen the filter or add a --corpus",
+                           f"filtered); widen range_min..range_max, lower per_anchor, loosen the filter or add a "
+                           "corpus",
                            path=out)
     atomic_write_text(out, result.to_csv() if suffix == ".csv" else result.to_jsonl())
     return out

@@ -64,10 +64,11 @@ class RayEncodeConfig:
     def check(self) -> None:
         """Raises PromcseError for a pool Ray could not place."""
         if self.workers < 1:
-            raise PromcseError(f"--workers must be at least 1, got {self.workers}")
-        if not 0 < self.cpus_per_worker <= 1024 or not 0 <= self.gpus_per_worker <= 64:
-            raise PromcseError(f"--cpus-per-worker must be in (0, 1024] and GPUs per worker in [0, 64], got "
-                               f"{self.cpus_per_worker} and {self.gpus_per_worker}")
+            raise PromcseError(f"must be at least 1, got {self.workers}", key="workers")
+        if not 0 < self.cpus_per_worker <= 1024:
+            raise PromcseError(f"must be in (0, 1024], got {self.cpus_per_worker}", key="cpus_per_worker")
+        if not 0 <= self.gpus_per_worker <= 64:
+            raise PromcseError(f"must be in [0, 64], got {self.gpus_per_worker}", key="gpus_per_worker")
 
 
 class _ActorModel:
@@ -228,10 +229,10 @@ def _model_dim(model_ref: str) -> int:
 
 def _check_job(job: EncodeJob) -> None:
     if job.shard_size < 1:
-        raise PromcseError(f"--shard-size must be at least 1, got {job.shard_size}")
+        raise PromcseError(f"must be at least 1, got {job.shard_size}", key="shard_size")
     if job.part != (0, 1):
-        raise PromcseError("--shard i/N splits an encode between separate jobs; --engine ray spreads one job "
-                           "over its workers: leave --shard out")
+        raise PromcseError(f"{job.part} splits an encode between separate jobs; the Ray engine spreads one job over "
+                           "its workers: leave it at (0, 1)", key="part")
 
 
 def encode_dataset(dataset: Any, job: EncodeJob, model_ref: str, config: RayEncodeConfig | None = None,
@@ -293,14 +294,14 @@ def _ray_session(config: RayEncodeConfig) -> Iterator[Any]:
     try:
         import ray
     except ImportError:
-        raise PromcseError("--engine ray needs Ray Data: pip install 'promcse[ray]'") from None
+        raise PromcseError("encoding on Ray needs Ray Data: pip install 'promcse[ray]'") from None
     started = not ray.is_initialized()
     if started:
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
     try:
         needed, there = config.workers * config.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
         if started and config.address is None and needed > there:
-            raise PromcseError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} needs "
+            raise PromcseError(f"workers {config.workers} x cpus_per_worker {config.cpus_per_worker:g} needs "
                                f"{needed:g} CPUs; this machine has {there:g}")
         yield ray
     finally:

@@ -263,7 +263,7 @@ class Index:
             raise PromcseError("cannot save an empty index: add texts first")
         sources = [self._store.root] if isinstance(self._store, ShardStore) else []
         out = check_output_dir(directory, ours=index_file, inputs=sources, replaced=True, what="promcse index",
-                               label="the index directory")
+                               label="directory")
         return atomic_directory(out, self._write)
 
     def _write(self, out: Path) -> None:

@@ -141,8 +141,8 @@ def require_complete(root: str | Path) -> dict[str, Any]:
         raise PromcseError("the encode is unfinished: run the same promcse encode again to finish it", path=root)
     if manifest.get("part"):
         part = manifest["part"]
-        raise PromcseError(f"this is part {part['index']}/{part['count']} of a split encode: join the parts "
-                           "with promcse encode --merge", path=root)
+        raise PromcseError(f"this is part {part['index']}/{part['count']} of a split encode: merge the parts "
+                           "into one directory first", path=root)
     found = [e["index"] for e in manifest["shards"]]
     if found != list(range(int(manifest["num_shards"]))):
         raise PromcseError("the manifest does not list every shard", path=Path(root) / MANIFEST)
@@ -229,7 +229,7 @@ def merge(dirs: list[str | Path], output: str | Path) -> dict[str, Any]:
     """
     roots = [Path(d) for d in dirs]
     if not roots:
-        raise PromcseError("--merge needs at least one directory")
+        raise PromcseError("needs at least one part directory", key="dirs")
     # the output may not be a part, hold one or lie inside one: the merge would rewrite a part it reads
     out = check_output_dir(output, ours=owned_name, inputs=roots, scanned=roots, what="vector directory")
     manifests = [read_manifest(r) for r in roots]

@@ -1,8 +1,9 @@
 """``promcse export --format onnx``: model references -> one ONNX export directory (:mod:`promcse.models.onnx_graph`).
 
-The first model and every ``--also`` model are loaded with one shared backbone cache (as the server's
-registry does), so that prompts over the same frozen backbone end up in one graph with a ``prompt_id`` input.
-A model is given as ``MODEL`` (its prompt is named after the directory) or ``NAME=MODEL``.
+The models are loaded with one shared backbone cache (as the server's registry does), so that prompts over
+the same frozen backbone end up in one graph with a ``prompt_id`` input. Each is given as a ``(name, model)``
+pair, the name being its prompt's (the command line parses ``--model``/``--also``'s ``MODEL`` or
+``NAME=MODEL`` into these pairs: :func:`promcse.cli.export.parse_models`).
 """
 
 from __future__ import annotations
@@ -18,39 +19,38 @@ from promcse.models.loading import backbone_key, load
 from promcse.models.onnx_graph import check_output, export_encoders
 
 
-def parse_models(models: Sequence[str]) -> list[tuple[str, str]]:
-    """``MODEL`` or ``NAME=MODEL`` -> (name, reference); a bare model is named after its last path part.
+def check_models(models: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``models`` as a list of ``(name, reference)`` string pairs.
 
     Raises:
-        PromcseError: An empty name or model, or two prompts of the same name.
+        PromcseError: No model, an empty name or reference, or two prompts of the same name.
     """
     named: list[tuple[str, str]] = []
-    for value in models:
-        name, sep, ref = value.partition("=")
-        if not sep or Path(value).exists():
-            name, ref = Path(value.rstrip("/")).name or value, value
-        if not name or not ref:
-            raise PromcseError(f"expected MODEL or NAME=MODEL, got '{value}'", key="--also")
-        named.append((name, ref))
+    for pair in models:
+        if isinstance(pair, (str, bytes, Path)) or len(pair) != 2 or not all(pair):
+            raise PromcseError(f"expected (name, model) pairs of non-empty strings, got {pair!r}", key="models")
+        named.append((str(pair[0]), str(pair[1])))
+    if not named:
+        raise PromcseError("needs at least one (name, model) pair", key="models")
     names = [name for name, _ in named]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise PromcseError(f"two prompts named {', '.join(duplicates)}: name them with NAME=MODEL", key="--also")
+        raise PromcseError(f"two prompts named {', '.join(duplicates)}: give each its own name", key="models")
     return named
 
 
-def export_onnx(models: Sequence[str], output: str | Path, quantize: str = "none") -> Path:
+def export_onnx(models: Sequence[tuple[str, str]], output: str | Path, quantize: str = "none") -> Path:
     """Export ``models`` (prompts over one backbone) as one ONNX graph with its tokenizer and metadata.
 
     Args:
-        models: ``MODEL`` or ``NAME=MODEL`` values; the first is prompt id 0.
+        models: ``(name, model reference)`` pairs; each name becomes its prompt's name, the first is prompt id 0.
         output: The directory to write (an earlier ONNX export there is replaced; anything else is refused).
         quantize: ``none`` (fp32) or ``int8``.
 
     Raises:
         PromcseError: A model that cannot be loaded, models on different backbones, or a bad output.
     """
-    named = parse_models(models)
+    named = check_models(models)
     out = Path(output)
     for _, ref in named:
         if Path(ref).exists() and out.resolve() == Path(ref).resolve():

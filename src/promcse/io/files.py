@@ -144,31 +144,37 @@ def _inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_file(path: str | Path, inputs: Iterable[str | Path] = (), label: str = "--output") -> Path:
+def check_output_file(path: str | Path, inputs: Iterable[str | Path] = (), label: str = "output") -> Path:
     """Refuse, before any work, a file output that cannot be written or would destroy something.
 
     Refused: an existing directory, FIFO or device at ``path``; a path under a regular file; a place where
     no file can be created (``/proc``, a read-only mount); ``path`` being one of ``inputs``.
+
+    Args:
+        path: The file to write.
+        inputs: Files read by the run: ``path`` may not be one of them.
+        label: The caller's name for ``path`` (its argument or field), given as the error's ``key``.
 
     Raises:
         PromcseError: Naming ``path`` and the reason.
     """
     out = Path(path)
     if out.is_dir():
-        raise PromcseError(f"{label} is an existing directory; give a file name", path=out)
+        raise PromcseError("is an existing directory; give a file name", path=out, key=label)
     if out.exists() and not out.is_file():
-        raise PromcseError(f"{label} exists and is not a regular file (a FIFO or device?)", path=out)
+        raise PromcseError("exists and is not a regular file (a FIFO or device?)", path=out, key=label)
     for source in inputs:
         if os.path.exists(source) and (out.resolve() == Path(source).resolve()
                                        or (out.exists() and os.path.samefile(out, source))):
-            raise PromcseError(f"{label} is the input file {source}; writing it would destroy the input", path=out)
+            raise PromcseError(f"is the input file {source}; writing it would destroy the input", path=out,
+                               key=label)
     _check_writable(out, out.parent)
     return out
 
 
 def check_output_dir(path: str | Path, *, ours: Callable[[str], bool] = lambda name: False,
                      inputs: Iterable[str | Path] = (), scanned: Iterable[str | Path] = (), replaced: bool = False,
-                     what: str = "output directory", label: str = "--output") -> Path:
+                     what: str = "output directory", label: str = "output") -> Path:
     """Refuse, before any work, a directory output that cannot be written or would destroy something.
 
     Args:
@@ -178,27 +184,28 @@ def check_output_dir(path: str | Path, *, ours: Callable[[str], bool] = lambda n
         scanned: Directories read recursively: ``path`` may not lie inside one (its files would be read).
         replaced: The directory is replaced as a whole (its parent must be writable), not written into.
         what: What the directory is, for messages.
+        label: The caller's name for ``path`` (its argument or field), given as the error's ``key``.
 
     Raises:
         PromcseError: Naming ``path`` and the reason.
     """
     out = Path(path)
     if os.path.lexists(out) and not out.is_dir():
-        raise PromcseError(f"{label} exists and is not a directory; a {what} is written here", path=out)
+        raise PromcseError(f"exists and is not a directory; a {what} is written here", path=out, key=label)
     resolved = out.resolve()
     for source in inputs:
         if os.path.exists(source) and _inside(Path(source).resolve(), resolved):
-            raise PromcseError(f"the input {source} is inside {label}, which would overwrite it", path=out)
+            raise PromcseError(f"contains the input {source}; writing here would overwrite it", path=out, key=label)
     for source in scanned:
         if Path(source).is_dir() and _inside(resolved, Path(source).resolve()):
-            raise PromcseError(f"{label} is inside the input directory {source}; its files would be read as "
-                               "input", path=out)
+            raise PromcseError(f"is inside the input directory {source}; its files would be read as input",
+                               path=out, key=label)
     if out.is_dir():
         foreign = sorted(name for name in os.listdir(out) if not ours(name))
         if foreign:
             shown = ", ".join(repr(name) for name in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
-            raise PromcseError(f"{label} holds files that are not part of a {what} ({shown}); choose a new or "
-                               "empty directory", path=out)
+            raise PromcseError(f"holds files that are not part of a {what} ({shown}); choose a new or "
+                               "empty directory", path=out, key=label)
     _check_writable(out, out.parent if replaced or not out.is_dir() else out)
     return out
 

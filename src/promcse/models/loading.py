@@ -108,5 +108,5 @@ def _load_onnx(ref: str, device: str, backend: str, pooler: str | None, pre_seq_
     if backend not in BACKENDS:
         raise PromcseError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}", key="backend")
     if backend == "torch":
-        raise PromcseError("an ONNX export: load it with backend 'onnx' (--backend onnx)", path=ref)
+        raise PromcseError(f"{ref} is an ONNX export: load it with backend 'onnx'", key="backend")
     return load_onnx(ref, lambda r: load(r, device="cpu", pooler=pooler, pre_seq_len=pre_seq_len), device=device)

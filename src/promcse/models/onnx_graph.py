@@ -145,7 +145,7 @@ def check_bank(encoders: Sequence[SentenceEncoder], names: Sequence[str]) -> Non
     if not encoders or len(encoders) != len(names):
         raise PromcseError("an ONNX export needs one name per encoder, and at least one encoder")
     if len(set(names)) != len(names):
-        raise PromcseError(f"prompt names must be unique in one ONNX graph: {list(names)}", key="--also")
+        raise PromcseError(f"prompt names must be unique in one ONNX graph: {list(names)}", key="names")
     gated = [name for name, encoder in zip(names, encoders) if encoder.gated]
     if gated:
         raise PromcseError(f"'{gated[0]}' has a gated prompt (model.prompt_gate), whose separate gated prefix "
@@ -156,7 +156,7 @@ def check_bank(encoders: Sequence[SentenceEncoder], names: Sequence[str]) -> Non
             raise PromcseError(f"'{name}' runs on a different backbone ({encoder.spec.backbone}) than "
                                f"'{names[0]}' ({encoders[0].spec.backbone}): one ONNX graph holds prompts over one "
                                "shared frozen backbone (full fine-tunes and released checkpoints carry their own)",
-                               key="--also")
+                               key="encoders")
 
 
 def _example(encoders: Sequence[SentenceEncoder], input_names: Sequence[str]) -> tuple[Tensor, ...]:
@@ -270,7 +270,7 @@ def export_encoders(encoders: Sequence[SentenceEncoder], names: Sequence[str], o
         PromcseError: An unknown ``quantize``, encoders that cannot share a graph, or an output that exists.
     """
     if quantize not in QUANTIZE:
-        raise PromcseError(f"unknown quantisation '{quantize}'; choose one of {', '.join(QUANTIZE)}", key="--quantize")
+        raise PromcseError(f"unknown quantisation '{quantize}'; choose one of {', '.join(QUANTIZE)}", key="quantize")
     _check_installed(quantize)
     check_bank(encoders, names)
     out = Path(output)

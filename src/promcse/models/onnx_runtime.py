@@ -76,7 +76,7 @@ def check_device(device: str) -> None:
     """
     if device not in ("auto", "cpu"):
         raise PromcseError(f"the ONNX backend runs on the CPU; device '{device}' is not available to it "
-                           "(use --device cpu, or the torch backend)", key="device")
+                           "(use device 'cpu', or the torch backend)", key="device")
 
 
 def make_session(graph: Path, threads: int = 0, device: str = "auto") -> Any:

@@ -69,9 +69,9 @@ class EngineConfig:
         """Raises PromcseError for limits that could never admit work."""
         for name in ("max_batch_tokens", "max_queue_tokens", "max_batch_rows"):
             if getattr(self, name) < 1:
-                raise PromcseError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise PromcseError(f"must be at least 1, got {getattr(self, name)}", key=name)
         if not 0 <= self.max_wait_ms <= 10_000:
-            raise PromcseError(f"--max-wait-ms must be in 0..10000, got {self.max_wait_ms}")
+            raise PromcseError(f"must be in 0..10000, got {self.max_wait_ms}", key="max_wait_ms")
 
 
 @dataclass
@@ -241,9 +241,9 @@ class BatchEngine:
         self.stats.last_rows, self.stats.last_tokens = rows, tokens
         if callable(self.on_batch):
             self.on_batch(rows, tokens, time.perf_counter() - start)
-        for (job, row), vector in zip(batch, vectors):
+        for (job, row), vector in zip(batch, vectors):  # one vector per row: models of any dimension mix here
             if job.result is None:
-                job.result = np.empty((len(job.texts), vectors.shape[1]), dtype=np.float32)
+                job.result = np.empty((len(job.texts), vector.shape[0]), dtype=np.float32)
             job.result[row] = vector
             job.done_rows += 1
             if job.done_rows == len(job.texts):

@@ -22,31 +22,12 @@ from typing import TYPE_CHECKING, Any
 from promcse.serving.batching import EngineConfig
 from promcse.errors import PromcseError
 from promcse.corpus.search import Index, read_meta
-from promcse.serving.app import NAME_RE, Limits, ServeOptions, create_app
+from promcse.serving.app import Limits, ServeOptions, create_app
 
 if TYPE_CHECKING:
     from promcse.serving.registry import PromptRegistry
 
 API_KEY_ENV = "PROMCSE_API_KEY"
-
-
-def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
-    """``NAME=VALUE`` pairs (a bare VALUE is named after its last path component).
-
-    Raises:
-        PromcseError: Invalid or duplicate names.
-    """
-    out: dict[str, str] = {}
-    for item in values or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            name, value = Path(item.rstrip("/")).name or item, item
-        if not NAME_RE.match(name) or not value:
-            raise PromcseError(f"bad --{what} {item!r}: use NAME={what.upper()}, NAME of letters, digits, '.', '_', '-'")
-        if name in out:
-            raise PromcseError(f"--{what} name {name!r} given twice")
-        out[name] = value
-    return out
 
 
 def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None,
@@ -235,30 +216,30 @@ def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.
             nothing, or a non-loopback ``host`` without an API key (unless ``insecure``).
     """
     if not 0 < port < 65536:
-        raise PromcseError(f"--port must be in 1..65535, got {port}")
+        raise PromcseError(f"must be in 1..65535, got {port}", key="port")
     if graceful_timeout < 0:
-        raise PromcseError(f"--graceful-timeout must be at least 0 seconds, got {graceful_timeout}")
+        raise PromcseError(f"must be at least 0 seconds, got {graceful_timeout}", key="graceful_timeout")
     if engine is not None:
         engine.check()
     if limits is not None and min(limits.max_texts, limits.max_chars, limits.max_body_bytes, limits.max_top_k) < 1:
         raise PromcseError(f"request limits must all be at least 1, got {limits}")
     if not is_loopback(host) and not api_key and not insecure:
-        raise PromcseError(f"--host {host} is reachable from other machines: set --api-key (or ${API_KEY_ENV}) "
-                           f"so that requests need 'Authorization: Bearer KEY', or pass --insecure")
+        raise PromcseError(f"{host} is reachable from other machines: set api_key (or ${API_KEY_ENV}) so that "
+                           "requests need 'Authorization: Bearer KEY', or pass insecure=True", key="host")
 
 
 def check_connection_options(options: ServeOptions) -> None:
     """Refuse timeouts or a connection limit that would admit nothing or never time out.
 
     Raises:
-        PromcseError: Naming the option.
+        PromcseError: Naming the :class:`ServeOptions` field as its key.
     """
-    for option, value in (("--header-timeout", options.header_timeout_s), ("--body-timeout", options.body_timeout_s),
-                          ("--keep-alive-timeout", options.keep_alive_s)):
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+        value = getattr(options, name)
         if not 0 < value <= 86_400:
-            raise PromcseError(f"{option} must be in (0, 86400] seconds, got {value}")
+            raise PromcseError(f"must be in (0, 86400] seconds, got {value}", key=name)
     if options.max_connections < 1:
-        raise PromcseError(f"--max-connections must be at least 1, got {options.max_connections}")
+        raise PromcseError(f"must be at least 1, got {options.max_connections}", key="max_connections")
 
 
 def api_key_from(value: str | None) -> str | None:
@@ -297,7 +278,7 @@ def run_server(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
     options = host_guarded(host, options)
     app = create_app(registry, indexes, limits, options)
     if not is_loopback(host) and not options.api_key:
-        print(f"warning: listening on {host} without an API key (--insecure); put it behind a proxy")
+        print(f"warning: listening on {host} without an API key (insecure); put it behind a proxy")
     mode = "batching across requests" if options.engine is not None else "one request per forward pass"
     print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}] and {len(indexes)} index(es) "
           f"on {len(registry.backbones)} shared backbone(s), {mode}: http://{host}:{port}/")

@@ -74,12 +74,13 @@ class RayServeConfig:
     def check(self) -> None:
         """Raises PromcseError for a placement Ray could not honour."""
         if self.replicas < 1:
-            raise PromcseError(f"--replicas must be at least 1, got {self.replicas}")
-        if not 0 < self.cpus_per_replica <= 1024 or not 0 <= self.gpus_per_replica <= 64:
-            raise PromcseError(f"--cpus-per-replica must be in (0, 1024] and GPUs per replica in [0, 64], got "
-                               f"{self.cpus_per_replica} and {self.gpus_per_replica}")
+            raise PromcseError(f"must be at least 1, got {self.replicas}", key="replicas")
+        if not 0 < self.cpus_per_replica <= 1024:
+            raise PromcseError(f"must be in (0, 1024], got {self.cpus_per_replica}", key="cpus_per_replica")
+        if not 0 <= self.gpus_per_replica <= 64:
+            raise PromcseError(f"must be in [0, 64], got {self.gpus_per_replica}", key="gpus_per_replica")
         if self.graceful_timeout_s < 0:
-            raise PromcseError(f"--graceful-timeout must be at least 0 seconds, got {self.graceful_timeout_s}")
+            raise PromcseError(f"must be at least 0 seconds, got {self.graceful_timeout_s}", key="graceful_timeout_s")
 
 
 class Replica:
@@ -113,7 +114,7 @@ def _ray_serve() -> Any:
     try:
         from ray import serve
     except ImportError:
-        raise PromcseError("--engine ray needs Ray Serve: pip install 'promcse[ray]'") from None
+        raise PromcseError("serving on Ray needs Ray Serve: pip install 'promcse[ray]'") from None
     return serve
 
 

@@ -41,7 +41,7 @@ class TrainingInterrupted(Exception):
 
     def __init__(self, step: int, run_dir: Path, signum: int) -> None:
         self.step, self.run_dir, self.signum = step, run_dir, signum
-        super().__init__(f"interrupted at step {step}; state saved. Resume with: promcse train --resume {run_dir}")
+        super().__init__(f"interrupted at step {step}; state saved in {run_dir}: resume with train(..., resume=True)")
 
 
 @dataclass

@@ -158,7 +158,8 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
     dist = setup(device)
     try:
         if resume and dist.world_size > 1:
-            raise PromcseError("--resume supports single-process runs; restart multi-process runs from the checkpoint")
+            raise PromcseError("supports single-process runs only; restart multi-process runs from the checkpoint",
+                               key="resume")
         if not OBJECTIVES[config.loss.name].multi_process and dist.world_size > 1:
             raise PromcseError(f"loss.name={config.loss.name} runs on one process for now (its labels are not "
                                "gathered across processes); drop torchrun or use nt_xent", key="loss.name")
