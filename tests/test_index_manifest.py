@@ -174,7 +174,7 @@ def test_saving_over_other_files_or_the_rescored_shards_is_refused(vectors: np.n
                 "shards": [write_shard(root, 0, 0, vectors, [f"d{i}" for i in range(N)], None, "float32")]}
     write_manifest(root, manifest)
     index = build_from_vectors(root, kind="int8")
-    with pytest.raises(PromcseError, match="inside"):
+    with pytest.raises(PromcseError, match="contains the input"):
         index.save(tmp_path)  # would replace the directory holding the shards it rescores from
     loaded = Index.load(index.save(tmp_path / "int8"), encoder=object())
     assert isinstance(loaded._store, index_kinds.ShardStore)
