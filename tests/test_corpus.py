@@ -17,7 +17,8 @@ import pytest
 from conftest import make_sentences
 from promcse.cli import main
 from promcse.cli.encode import parse_part
-from promcse.corpus.encode import EncodeJob, encode_corpus, fingerprint, iter_corpus
+from promcse.corpus.encode import EncodeJob, encode_corpus, fingerprint
+from promcse.io.corpus_files import iter_corpus
 from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
 from promcse.corpus.shards import MANIFEST, dequantize, merge, quantize, read_manifest, read_rows, read_vectors

@@ -303,9 +303,9 @@ def test_read_corpus_formats_and_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"label": 1}\n', encoding="utf-8")
     with pytest.raises(PromcseError, match=r"bad\.jsonl, line 2: no sentence column"):
         read_corpus(tmp_path / "bad.jsonl")
-    (tmp_path / "c.parquet").write_bytes(b"")
+    (tmp_path / "c.xml").write_bytes(b"")
     with pytest.raises(PromcseError, match="unknown corpus file type"):
-        read_corpus(tmp_path / "c.parquet")
+        read_corpus(tmp_path / "c.xml")
 
 
 # ---- the command line, with the tiny random BERT -------------------------------------------------------

@@ -22,8 +22,7 @@ whole stream, to know where its shards start); :func:`promcse.corpus.shards.merg
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterator
+
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -35,14 +34,13 @@ from promcse.io.allocator import malloc_trim
 from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
 from promcse.io.files import check_output_dir
+from promcse.io.corpus_files import corpus_files, iter_corpus
 from promcse.models.loading import reference_key
 from promcse.encoder.model import SentenceEncoder
 from promcse.corpus.shards import (FORMAT, FORMAT_VERSION, MANIFEST, SAME_RUN, canonical_dtype, owned_name, read_manifest,
                             verify_shard, write_manifest, write_shard)
 
-SUFFIXES: dict[str, str] = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 HEAD_BYTES = 1 << 20  # the quick fingerprint hashes the first MiB of each file
-PARQUET_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -78,105 +76,6 @@ class EncodeJob:
     with_texts: bool = True
     max_length: int | None = None
     show_progress: bool = False
-
-
-def corpus_files(path: str | Path) -> list[Path]:
-    """The input files: ``path`` itself, or every known file under a directory (hidden ones skipped)."""
-    root = Path(path)
-    if root.is_file():
-        if root.suffix.lower() not in SUFFIXES:
-            raise PromcseError(f"unknown corpus file type: use {', '.join(SUFFIXES)}", path=root)
-        return [root]
-    if not root.is_dir():
-        raise PromcseError("file not found", path=root)
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                   key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise PromcseError(f"no {', '.join(SUFFIXES)} files in the directory", path=root)
-    return files
-
-
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a strict UTF-8 file, streamed; a first-line BOM is dropped."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise PromcseError(f"not valid UTF-8: byte 0x{raw[err.start]:02x}", path=path, line=number) from None
-            yield number, line.removeprefix("\ufeff") if number == 1 else line
-
-
-def _txt_rows(path: Path) -> Iterator[tuple[Any, str]]:
-    for number, line in _decoded_lines(path):
-        if not line.strip():
-            raise PromcseError("empty or whitespace-only text", path=path, line=number)
-        yield None, line.strip()
-
-
-def _check_text(value: Any, path: Path, line: int, field: str) -> str:
-    if not isinstance(value, str):
-        raise PromcseError(f"missing or non-text '{field}'", path=path, line=line, column=field)
-    if not value.strip():
-        raise PromcseError("empty or whitespace-only text", path=path, line=line, column=field)
-    return value.strip()
-
-
-def _check_id(value: Any, path: Path, line: int, field: str) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise PromcseError(f"missing id '{field}' (ids are strings or integers)", path=path, line=line, column=field)
-    return value
-
-
-def _jsonl_rows(path: Path, text_field: str, id_field: str | None) -> Iterator[tuple[Any, str]]:
-    for number, line in _decoded_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line.rstrip("\r\n"))
-        except json.JSONDecodeError as err:
-            raise PromcseError(f"invalid JSON: {err.msg}", path=path, line=number, column=err.colno) from None
-        if not isinstance(obj, dict):
-            raise PromcseError("each line must be a JSON object", path=path, line=number)
-        rid = _check_id(obj.get(id_field), path, number, id_field) if id_field else None
-        yield rid, _check_text(obj.get(text_field), path, number, text_field)
-
-
-def _parquet_rows(path: Path, text_field: str, id_field: str | None) -> Iterator[tuple[Any, str]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PromcseError("reading .parquet needs pyarrow: pip install 'promcse[parquet]'", path=path) from None
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises its own ArrowInvalid/OSError types
-        raise PromcseError(f"cannot read parquet: {err}", path=path) from None
-    columns = [text_field] + ([id_field] if id_field else [])
-    missing = [c for c in columns if c not in table.schema_arrow.names]
-    if missing:
-        raise PromcseError(f"missing column(s) {', '.join(missing)}; found {', '.join(table.schema_arrow.names)}",
-                           path=path)
-    number = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-        texts = batch.column(text_field).to_pylist()
-        ids = batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
-        for rid, text in zip(ids, texts):
-            number += 1  # parquet rows are reported as lines, 1-based
-            yield (_check_id(rid, path, number, id_field) if id_field else None,
-                   _check_text(text, path, number, text_field))
-
-
-def iter_corpus(path: str | Path, text_field: str = "text", id_field: str | None = None) -> Iterator[tuple[Any, str]]:
-    """Stream ``(id, text)`` over every input file in order (ids default to the 0-based row number)."""
-    row = 0
-    for file in corpus_files(path):
-        kind = SUFFIXES[file.suffix.lower()]
-        rows = (_txt_rows(file) if kind == "txt" else _jsonl_rows(file, text_field, id_field) if kind == "jsonl"
-                else _parquet_rows(file, text_field, id_field))
-        for rid, text in rows:
-            yield (row if rid is None else rid), text
-            row += 1
 
 
 def _file_hash(path: Path, full: bool) -> str:

@@ -24,7 +24,6 @@ manifest in ``meta.json`` (:func:`verify_files`) live here too, with the readers
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from promcse.io.data import jsonl_lines
+from promcse.io.jsonl import iter_jsonl
 from promcse.errors import PromcseError
 from promcse.io.schema import load_array
 from promcse.io.files import atomic_write, verify_manifest
@@ -287,18 +286,10 @@ def read_records(path: Path) -> tuple[list[str], list[Any] | None]:
     texts: list[str] = []
     keys: list[Any] = []
     keyed = False
-    try:
-        lines = jsonl_lines(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PromcseError(f"cannot read texts: {err.strerror}", path=path) from None
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-            text, rid = record["text"], record["id"]
-        except (ValueError, KeyError, TypeError):
-            raise PromcseError("malformed line: expected {\"id\": int, \"text\": str}", path=path, line=number) from None
-        if rid != len(texts) or not isinstance(text, str):
-            raise PromcseError(f"expected id {len(texts)} with a string text", path=path, line=number)
+    for number, record in iter_jsonl(path):
+        text, rid = record.get("text"), record.get("id")
+        if rid != len(texts) or isinstance(rid, bool) or not isinstance(text, str):
+            raise PromcseError(f'expected {{"id": {len(texts)}, "text": str}}', path=path, line=number)
         texts.append(text)
         keys.append(record.get("key", rid))
         keyed = keyed or "key" in record

@@ -8,58 +8,25 @@ quoted CSV or JSON Lines through :func:`promcse.io.files.atomic_write_text`, rea
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
 
-from promcse.io.data import jsonl_rows, read_sentences, read_table, read_text
+from promcse.io.corpus_files import iter_corpus
 from promcse.errors import PromcseError
 from promcse.io.files import atomic_write_text
 from promcse.corpus.mine import MinedResult
 
-_SENTENCE_COLUMN = re.compile(r"^(sent0|sent1|hard_neg|hard_neg_\d+)$")
-
-
-def _sentence_columns(path: str | Path, columns: list[str], line: int) -> list[str]:
-    """``text`` if present, else the training columns (``sent0``, ``sent1``, ``hard_neg``, ``hard_neg_N``)."""
-    found = ["text"] if "text" in columns else [c for c in columns if _SENTENCE_COLUMN.match(c)]
-    if not found:
-        raise PromcseError(f"no sentence column: expected 'text' or sent0/sent1/hard_neg; found "
-                           f"{', '.join(columns) or 'none'}", path=path, line=line)
-    return found
-
-
-def _cell(path: str | Path, line: int, row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if not isinstance(value, str) or not value.strip():
-        raise PromcseError("missing, empty or non-text sentence", path=path, line=line, column=column)
-    return value.strip()
-
-
 def read_corpus(path: str | Path) -> list[str]:
-    """Corpus sentences from ``.txt`` (one a line), ``.csv``/``.tsv`` or ``.jsonl`` (a ``text`` column, else
-    every ``sent0``/``sent1``/``hard_neg``/``hard_neg_N`` column), distinct, in first-seen order.
+    """Corpus sentences (:func:`promcse.io.corpus_files.iter_corpus`: a ``text`` field, else every training
+    column ``sent0``/``sent1``/``hard_neg``/``hard_neg_N``), distinct, in first-seen order.
 
     Raises:
         PromcseError: Unknown type, no sentence column, an empty cell, invalid JSON, or no sentences
             (file, line and column named).
     """
-    suffix = Path(path).suffix.lower()
-    texts: list[str] = []
-    if suffix == ".txt":
-        texts = read_sentences(path).anchor
-    elif suffix in (".csv", ".tsv"):
-        header, rows = read_table(path)
-        columns = _sentence_columns(path, header, 1)
-        texts = [_cell(path, line, row, c) for line, row in rows for c in columns]
-    elif suffix in (".jsonl", ".json"):
-        for line, obj in jsonl_rows(path, read_text(path))[1]:
-            texts += [_cell(path, line, obj, c) for c in _sentence_columns(path, sorted(obj), line)]
-    else:
-        raise PromcseError("unknown corpus file type: use .txt, .csv, .tsv or .jsonl", path=path)
+    texts = list(dict.fromkeys(text for _, text in iter_corpus(path, training_columns=True)))
     if not texts:
         raise PromcseError("no sentences in the corpus file", path=path)
-    return list(dict.fromkeys(texts))
+    return texts
 
 
 def write_mined(result: MinedResult, path: str | Path) -> Path:

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from promcse.corpus.encode import EncodeJob, finish_manifest, fingerprint, iter_corpus, resume_state, store_shard
+from promcse.corpus.encode import EncodeJob, finish_manifest, fingerprint, resume_state, store_shard
+from promcse.io.corpus_files import iter_corpus
 from promcse.encoder.encode import encode_texts
 from promcse.errors import PromcseError
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from promcse.io.data import jsonl_lines
+from promcse.io.jsonl import iter_jsonl
 from promcse.errors import PromcseError
 from promcse.io.schema import load_array, read_versioned
 from promcse.io.files import atomic_write, atomic_write_text, check_output_dir, sha256_file  # noqa: F401
@@ -167,10 +167,7 @@ def read_vectors(root: str | Path, entry: dict[str, Any]) -> np.ndarray:
 def read_rows(root: str | Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
     """One shard's ``{"id", "text"}`` records in row order."""
     path = Path(root) / entry["files"]["rows"]["name"]
-    try:
-        return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8"))]
-    except (OSError, ValueError) as err:
-        raise PromcseError(f"cannot read the row ids: {err}", path=path) from None
+    return [obj for _, obj in iter_jsonl(path)]
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from promcse.errors import PromcseError
+from promcse.io.jsonl import iter_jsonl
 
 PAIR_COLUMNS: tuple[str, ...] = ("sent0", "sent1")
 HARD_NEG_COLUMN = "hard_neg"
@@ -115,13 +115,6 @@ def read_text(path: str | Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def jsonl_lines(text: str) -> list[str]:
-    """Lines of a JSONL text split on ``\n`` only (``str.splitlines`` also splits on U+2028, U+2029, U+0085 and
-    other separators that JSON strings may hold unescaped), without the empty string after a final newline."""
-    lines = text.split("\n")
-    return lines[:-1] if lines and lines[-1] in ("", "\r") else lines
-
-
 def _lines(text: str) -> list[str]:
     """Split text into lines, accepting LF and CRLF, without a trailing empty line."""
     return text.replace("\r\n", "\n").split("\n") if text else []
@@ -167,21 +160,10 @@ def _rows_from_delimited(path: str | Path, text: str, delimiter: str) -> tuple[l
     return header, rows
 
 
-def jsonl_rows(path: str | Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
-    """Parse JSON Lines into (line number, object) rows and the union of their keys."""
-    rows: list[tuple[int, dict[str, object]]] = []
-    for number, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromcseError(f"invalid JSON: {err.msg}", path=path, line=number, column=err.colno) from None
-        if not isinstance(obj, dict):
-            raise PromcseError("each line must be a JSON object", path=path, line=number)
-        rows.append((number, obj))
-    keys = sorted({k for _, obj in rows for k in obj})
-    return keys, rows
+def jsonl_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
+    """(line number, object) rows of a JSON Lines file (:func:`promcse.io.jsonl.iter_jsonl`) and the union of their keys."""
+    rows: list[tuple[int, dict[str, object]]] = list(iter_jsonl(path))
+    return sorted({k for _, obj in rows for k in obj}), rows
 
 
 def _require_columns(path: str | Path, header: list[str], needed: tuple[str, ...]) -> None:
@@ -231,11 +213,10 @@ def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> Tra
         PromcseError: Missing columns, wrong field counts, empty text, or an empty dataset.
     """
     suffix = Path(path).suffix.lower()
-    text = read_text(path)
     if suffix in (".jsonl", ".json"):
-        header, dict_rows = jsonl_rows(path, text)
+        header, dict_rows = jsonl_rows(path)
     elif suffix in (".csv", ".tsv"):
-        header, raw_rows = _rows_from_delimited(path, text, "," if suffix == ".csv" else "\t")
+        header, raw_rows = _rows_from_delimited(path, read_text(path), "," if suffix == ".csv" else "\t")
         dict_rows = []
         for number, fields in raw_rows:
             if len(fields) != len(header):
