@@ -83,7 +83,7 @@ def test_every_shipped_config_loads() -> None:
         (["loss.eh_weight=-1"], "loss.eh_weight", "must be >= 0"),
         (["data.max_length=1"], "data.max_length", "must be >= 2"),
         (["train.log_every=0"], "train.log_every", "must be >= 1"),
-        (["train.lr=.nan"], "train.lr", "must be > 0"),
+        (["train.lr=.nan"], "train.lr", "must be a finite number"),
     ],
 )
 def test_validate_checks_every_choice_before_any_model_loads(overrides: list[str], key: str, match: str) -> None:

@@ -41,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         output = args.output
     try:
-        result = train(config, output, show_progress=not args.no_progress, resume=bool(args.resume))
+        result = train(config, output, show_progress=not args.no_progress, resume=bool(args.resume),
+                       overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         print(f"promcse train: interrupted at step {stop.step}; state saved. Resume with: promcse train --resume "
               f"{stop.run_dir}", file=sys.stderr)
@@ -71,7 +72,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     before = stsb(load("minilm"))
     print(f"frozen all-MiniLM-L6-v2: STS-B test {before:.2f}")
-    result = train(config, args.output, show_progress=not args.no_progress)
+    result = train(config, args.output, show_progress=not args.no_progress, overwrite=True)  # a rerun replaces it
     after = stsb(load(str(result.output_dir)))
     print(f"STS-B test: frozen backbone {before:.2f} -> with trained prompt {after:.2f} ({after - before:+.2f})")
     print(f"checkpoint: {result.output_dir}  (try: promcse eval --model {result.output_dir} --tasks stsb)")
@@ -93,11 +94,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--output", help="output directory (the checkpoint is saved here)")
     p.add_argument("--save-every", type=NON_NEGATIVE_INT, help="save a resumable training state every N steps (train.save_every)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest saved state")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run in --output (its states and checkpoint are deleted first); without it, "
+                        "a directory holding another run is refused")
     add_common(p, device=False, batch_size=False, progress_help="hide the progress bar")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, _key_dests={"output_dir": "output"})
 
     p = subparsers.add_parser("quickstart", help="train a prompt on bundled data and show STS-B before/after")
-    p.add_argument("--output", default="runs/quickstart", help="checkpoint directory (default: runs/quickstart)")
+    p.add_argument("--output", default="runs/quickstart",
+                   help="checkpoint directory (default: runs/quickstart; a previous quickstart there is replaced)")
     p.add_argument("--data-dir", help="eval data dir (default: $PROMCSE_DATA_DIR or bundled STS-B)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     add_common(p, device=False, batch_size=False, progress_help="hide the progress bar")

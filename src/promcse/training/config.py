@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -142,6 +143,21 @@ def _sources(value: Any, key: str) -> list[Source]:
     return entries
 
 
+def _float(value: Any) -> float | None:
+    """A YAML number or numeric string as a float (inf/nan included, for the caller to refuse), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float
+            return math.inf
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     """Check/convert one value to a field's type (YAML already parsed scalars)."""
     if typing.get_origin(kind) is list:
@@ -152,18 +168,16 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value.strip()) <= 19:
             return int(value)
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _float(value)
+        if number is not None:
+            if not math.isfinite(number):  # inf/nan would train to a checkpoint nothing can load
+                raise PromcseError(f"must be a finite number, got {value!r}", key=key)
+            return number
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return os.path.expandvars(str(value))  # "${DATA}/train.csv" works in configs
@@ -227,9 +241,18 @@ def validate(config: RunConfig) -> None:
         (t.gate_lr == 0.0 or m.prompt_gate, "train.gate_lr", "only applies to a gated prefix: set model.prompt_gate: true"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
     ]
-    for ok, key, message in checks + _distill_and_source_checks(lo, config.data):
+    for ok, key, message in _finite_checks(config) + checks + _distill_and_source_checks(lo, config.data):
         if not ok:
             raise PromcseError(message, key=key)
+
+
+def _finite_checks(config: RunConfig) -> list[tuple[bool, str, str]]:
+    """Every float setting finite (also when a config was built in Python, not parsed): inf/nan never train."""
+    values = [(f"{name}.{f.name}", getattr(section, f.name)) for name in ("model", "data", "loss", "train")
+              for section in [getattr(config, name)] for f in dataclasses.fields(section)]
+    values += [(f"data.sources[{i}].weight", s.weight) for i, s in enumerate(config.data.sources)]
+    return [(math.isfinite(v), key, f"must be a finite number, got {v!r}") for key, v in values
+            if isinstance(v, float)]
 
 
 def _objective_checks(lo: LossConfig, objectives: dict[str, ObjectiveKind]) -> list[tuple[bool, str, str]]:

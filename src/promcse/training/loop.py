@@ -142,7 +142,17 @@ def _step(run: TrainingRun, step: int) -> dict[str, float]:
                        run.dist, teacher, run.examples.is_contrastive(rows), labels)
     if not math.isfinite(terms["loss"]):
         raise PromcseError(f"loss became {terms['loss']} at step {step}; lower train.lr", key="train.lr")
+    check_finite_parameters(run.encoder, step)
     return terms
+
+
+def check_finite_parameters(encoder: SentenceEncoder, step: int) -> None:
+    """Stop when a step left a trainable tensor NaN or infinite (the loss can stay finite, e.g. a gate at inf):
+    nothing of that step is saved, and the message names the tensors."""
+    bad = [name for name, tensor in encoder.trainable_tensors().items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise PromcseError(f"step {step} made trainable tensor(s) {', '.join(bad)} NaN or infinite; nothing of this "
+                           "step was saved; lower train.lr (train.gate_lr for gates)", key="train.lr")
 
 
 def run_loop(run: TrainingRun, state: LoopState | None = None) -> TrainResult:

@@ -103,6 +103,37 @@ def list_states(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+# What a training run writes into its directory (besides state-* folders); a teacher cache is shared data, not a run.
+RUN_FILES = ("run_config.yaml", "metrics.jsonl", "config.json", "prompt.safetensors", "head.safetensors",
+             "model.safetensors")
+
+
+def previous_run(run_dir: str | Path) -> list[str]:
+    """Names of another run's files in ``run_dir`` (its states and outputs), sorted; empty for a fresh directory."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    return sorted(p.name for p in run.iterdir() if p.name in RUN_FILES or p.name.startswith(STATE_PREFIX))
+
+
+def claim_run_dir(run_dir: str | Path, overwrite: bool = False) -> None:
+    """Make ``run_dir`` hold one run: refuse one that holds another run's files, or (``overwrite``) remove them.
+
+    Two runs' states side by side would let a later resume continue from a state of the wrong run.
+
+    Raises:
+        PromcseError: The directory holds another run and ``overwrite`` is false.
+    """
+    found = previous_run(run_dir)
+    if found and not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise PromcseError(f"holds another training run ({shown}): resume it, choose a new or empty directory, or "
+                           "overwrite it (its states and checkpoint are deleted first)", path=run_dir, key="output_dir")
+    for name in found:
+        target = Path(run_dir) / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
 def latest_state(run_dir: str | Path) -> Path:
     """The newest complete state, or a clear error if the directory has none."""
     states = list_states(run_dir)
@@ -124,6 +155,7 @@ def load_state(state_dir: str | Path, trainable: dict[str, torch.nn.Parameter], 
         raise PromcseError(f"cannot read training state: {err}", path=path) from None
     if set(weights) != set(trainable):
         raise PromcseError("saved state does not match this model's trainable tensors (different config?)", path=path)
+    check_shapes(weights, trainable, path)
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(weights[name])
@@ -131,6 +163,16 @@ def load_state(state_dir: str | Path, trainable: dict[str, torch.nn.Parameter], 
     scheduler.load_state_dict(meta["scheduler"])
     _restore_rng(rng, meta["rng"])
     return LoopState(**meta["loop"])
+
+
+def check_shapes(saved: dict[str, torch.Tensor], trainable: dict[str, torch.nn.Parameter], path: Path) -> None:
+    """Refuse a state whose tensors have other shapes than the model's (e.g. saved with another prompt length)."""
+    for name, param in trainable.items():
+        if tuple(saved[name].shape) != tuple(param.shape):
+            raise PromcseError(f"tensor '{name}' was saved with shape {tuple(saved[name].shape)}, the model has "
+                               f"{tuple(param.shape)} (another prompt length or model?)", path=path)
+        if not torch.isfinite(saved[name]).all():
+            raise PromcseError(f"tensor '{name}' holds NaN or infinite values", path=path)
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from promcse.training.loop import TrainingRun, TrainResult, run_loop
 from promcse.encoder.model import EncoderSpec, SentenceEncoder, build_encoder
 from promcse.objectives.objective import OBJECTIVES, Objective
 from promcse.encoder.prompt import PromptSpec
-from promcse.training.resume import LoopState, latest_state, load_state
+from promcse.training.resume import claim_run_dir, LoopState, latest_state, load_state
 from promcse.io.sources import Mixture, mixture_batch_order
 from promcse.training.teacher import TeacherCache, build_source_caches
 
@@ -144,10 +144,12 @@ def dev_scorer(data: DataConfig) -> Callable[[SentenceEncoder], float]:
 
 
 def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
-          encoder: SentenceEncoder | None = None, resume: bool = False) -> TrainResult:
+          encoder: SentenceEncoder | None = None, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train per ``config``; saves the best (or last) checkpoint, ``metrics.jsonl`` and the config.
 
     With ``resume``, continue the run in ``output_dir`` from its newest saved state (``train.save_every``).
+    One directory holds one run: a new run into a directory holding another run's files is refused, unless
+    ``overwrite`` (then that run's states and checkpoint are deleted first).
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; rank 0 alone evaluates, logs
     and writes the output directory.
 
@@ -167,6 +169,8 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
         with directory_lock(out, "promcse train") if dist.is_main else contextlib.nullcontext():
             if resume:
                 latest_state(out)  # fail before loading anything when there is nothing to resume
+            elif dist.is_main:
+                claim_run_dir(out, overwrite)
             objective = build_objective(config.loss)
             examples = load_examples(config.data, objective, config.train.batch_size)
             teacher = load_teacher(config.loss, examples, out, device, show_progress and dist.is_main)
