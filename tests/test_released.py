@@ -140,8 +140,12 @@ def test_bad_inputs(tiny_bert: Path, tmp_path: Path) -> None:
         load_released(root)
     with pytest.raises(PromcseError, match="unknown pooler"):
         load_released(root, pooler="max")
-    with pytest.raises(PromcseError, match="pre_seq_len=5 given"):
-        load_released(root, pooler="avg", pre_seq_len=5)
+    with pytest.raises(PromcseError, match="prompt_length=5 given"):
+        load_released(root, pooler="avg", pre_seq_len=5)  # the reference code's name is an alias
+    with pytest.raises(PromcseError, match="prompt_length=5 given"):
+        load_released(root, pooler="avg", prompt_length=5)
+    with pytest.raises(PromcseError, match="disagree"):
+        load_released(root, pooler="avg", prompt_length=4, pre_seq_len=5)
     with pytest.raises(PromcseError, match="needs the MLP head"):
         load_released(root, pooler="cls")
     with pytest.raises(PromcseError, match="not a released PromCSE checkpoint"):

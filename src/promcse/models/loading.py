@@ -6,7 +6,7 @@ A reference is, in this order of precedence:
    names the backbone, which is loaded (or shared, see ``backbones``) and gets the stored prompt and head;
    a ``full`` fine-tune carries its own backbone under ``backbone/``;
 2. a checkpoint in the PromCSE authors' released format (a Hugging Face directory whose weights hold
-   ``prefix_encoder.*``; see :mod:`promcse.models.released`), or any directory when ``pooler``/``pre_seq_len``
+   ``prefix_encoder.*``; see :mod:`promcse.models.released`), or any directory when ``pooler``/``prompt_length``
    are given;
 3. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
    encoder, frozen, with mean pooling (sentence-transformers' setting for MiniLM).
@@ -25,7 +25,7 @@ from promcse.models.checkpoint import is_checkpoint, load_checkpoint, read_spec
 from promcse.errors import PromcseError
 from promcse.encoder.model import SentenceEncoder, build_encoder, default_spec
 from promcse.models.onnx_runtime import BACKENDS, OnnxEncoder, is_onnx_export, load_onnx
-from promcse.models.released import is_released, load_released
+from promcse.models.released import alias_prompt_length, is_released, load_released
 
 BackboneSource = Callable[[str], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
@@ -43,7 +43,7 @@ def reference_key(model_ref: str) -> str:
     return str(path.resolve()) if path.exists() else model_ref
 
 
-def kind_of(model_ref: str, pooler: str | None = None, pre_seq_len: int | None = None) -> str:
+def kind_of(model_ref: str, pooler: str | None = None, prompt_length: int | None = None) -> str:
     """``checkpoint``, ``released`` or ``backbone``: how :func:`load` reads ``model_ref``.
 
     Raises:
@@ -51,7 +51,7 @@ def kind_of(model_ref: str, pooler: str | None = None, pre_seq_len: int | None =
     """
     if is_checkpoint(model_ref):
         return "checkpoint"
-    if pooler is not None or pre_seq_len is not None or is_released(model_ref):
+    if pooler is not None or prompt_length is not None or is_released(model_ref):
         return "released"
     path = Path(model_ref)
     if model_ref != MINILM and path.exists() and not (path / "config.json").is_file():
@@ -60,34 +60,39 @@ def kind_of(model_ref: str, pooler: str | None = None, pre_seq_len: int | None =
 
 
 @overload
-def load(model: str | Path, device: str = ..., pooler: str | None = ..., pre_seq_len: int | None = ...,
-         backbones: BackboneSource | None = ..., backend: Literal["torch"] = ...) -> SentenceEncoder: ...
+def load(model: str | Path, device: str = ..., pooler: str | None = ..., prompt_length: int | None = ...,
+         backbones: BackboneSource | None = ..., backend: Literal["torch"] = ...,
+         pre_seq_len: int | None = ...) -> SentenceEncoder: ...
 @overload
-def load(model: str | Path, device: str = ..., pooler: str | None = ..., pre_seq_len: int | None = ...,
-         backbones: BackboneSource | None = ..., *, backend: str) -> SentenceEncoder | OnnxEncoder: ...
-def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre_seq_len: int | None = None,
-         backbones: BackboneSource | None = None, backend: str = "torch") -> SentenceEncoder | OnnxEncoder:
+def load(model: str | Path, device: str = ..., pooler: str | None = ..., prompt_length: int | None = ...,
+         backbones: BackboneSource | None = ..., *, backend: str,
+         pre_seq_len: int | None = ...) -> SentenceEncoder | OnnxEncoder: ...
+def load(model: str | Path, device: str = "auto", pooler: str | None = None, prompt_length: int | None = None,
+         backbones: BackboneSource | None = None, backend: str = "torch",
+         pre_seq_len: int | None = None) -> SentenceEncoder | OnnxEncoder:
     """Load an encoder from any model reference (see the module docstring), in eval mode on ``device``.
 
     Args:
         model: The reference.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         pooler: For released-format directories without a recorded pooler.
-        pre_seq_len: Prompt length of a released checkpoint (checked against its weights).
+        prompt_length: Prompt length of a released checkpoint (checked against its weights).
         backbones: Where frozen backbones come from (default: load a fresh copy); the registry passes its
             cache so that prompts over one backbone share it. Full fine-tunes and released checkpoints
             always carry their own weights.
         backend: ``torch``, or ``onnx``: an :class:`promcse.models.onnx_runtime.OnnxEncoder` (CPU) of an ONNX export
             directory, or of any other reference exported once into a cache folder.
+        pre_seq_len: The reference code's name for ``prompt_length`` (a documented alias).
 
     Raises:
         PromcseError: If the model cannot be found or loaded, or does not fit its backbone.
     """
     ref, source = str(model), backbones or load_backbone
+    prompt_length = alias_prompt_length(prompt_length, pre_seq_len)
     if backend != "torch" or is_onnx_export(ref):
-        return _load_onnx(ref, device, backend, pooler, pre_seq_len)
+        return _load_onnx(ref, device, backend, pooler, prompt_length)
     target = resolve_device(device)
-    kind = kind_of(ref, pooler, pre_seq_len)
+    kind = kind_of(ref, pooler, prompt_length)
     if kind == "checkpoint":
         spec = read_spec(ref)
         if spec.mode == "full":
@@ -96,17 +101,17 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pre
             backbone, tokenizer = source(spec.backbone)
             encoder = load_checkpoint(ref, backbone=backbone, tokenizer=tokenizer)
     elif kind == "released":
-        encoder = load_released(ref, pooler=pooler, pre_seq_len=pre_seq_len)
+        encoder = load_released(ref, pooler=pooler, prompt_length=prompt_length)
     else:
         backbone, tokenizer = source(ref)
         encoder = build_encoder(default_spec(ref, backbone), backbone, tokenizer)
     return encoder.eval().to(target)
 
 
-def _load_onnx(ref: str, device: str, backend: str, pooler: str | None, pre_seq_len: int | None) -> OnnxEncoder:
+def _load_onnx(ref: str, device: str, backend: str, pooler: str | None, prompt_length: int | None) -> OnnxEncoder:
     """``load(..., backend="onnx")``; an ONNX export asked for with the torch backend is refused."""
     if backend not in BACKENDS:
         raise PromcseError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}", key="backend")
     if backend == "torch":
         raise PromcseError(f"{ref} is an ONNX export: load it with backend 'onnx'", key="backend")
-    return load_onnx(ref, lambda r: load(r, device="cpu", pooler=pooler, pre_seq_len=pre_seq_len), device=device)
+    return load_onnx(ref, lambda r: load(r, device="cpu", pooler=pooler, prompt_length=prompt_length), device=device)

@@ -9,7 +9,7 @@ Such a directory is a full Hugging Face model: ``config.json``, tokenizer files 
 - ``mlp.dense.*``: the MLP head (present when trained with ``--pooler_type cls``).
 
 What the weights do not say is given by the user (arguments) or by a small JSON next to them
-(:data:`SIDECAR`, e.g. ``{"pooler": "cls", "pre_seq_len": 16}``); ``pooler_type``/``pre_seq_len`` keys in
+(:data:`SIDECAR`, e.g. ``{"pooler": "cls", "prompt_length": 16}``); ``pooler_type``/``prompt_length`` keys in
 ``config.json`` are read too. The reference's poolers map onto ours one to one; as in its ``tool.py``,
 ``cls`` applies the MLP at inference unless ``mlp_only_train`` is set. ``pytorch_model.bin`` is read with
 ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
@@ -107,9 +107,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def released_options(directory: str | Path, pooler: str | None, pre_seq_len: int | None,
+def released_options(directory: str | Path, pooler: str | None, prompt_length: int | None,
                      mlp_only_train: bool | None) -> tuple[str, int | None, bool]:
-    """Resolve (pooler, pre_seq_len, mlp_only_train): arguments, then :data:`SIDECAR`, then ``config.json``."""
+    """Resolve (pooler, prompt_length, mlp_only_train): arguments, then :data:`SIDECAR`, then ``config.json``."""
     root = Path(directory)
     sources = [_read_json(root / SIDECAR)] if (root / SIDECAR).is_file() else []
     sources.append(_read_json(root / "config.json"))
@@ -124,20 +124,20 @@ def released_options(directory: str | Path, pooler: str | None, pre_seq_len: int
     pooler = pick(pooler, "pooler", "pooler_type")
     if pooler is None:
         raise PromcseError(f"the pooler is not recorded: pass pooler=... (one of {', '.join(POOLERS)}) or write "
-                           f'{SIDECAR} with {{"pooler": "cls", "pre_seq_len": 16}}', path=root)
+                           f'{SIDECAR} with {{"pooler": "cls", "prompt_length": 16}}', path=root)
     if pooler not in POOLERS:
         raise PromcseError(f"unknown pooler '{pooler}'; choose one of {', '.join(POOLERS)}", path=root)
-    length = pick(pre_seq_len, "pre_seq_len")
+    length = pick(prompt_length, "prompt_length", "pre_seq_len")
     return str(pooler), None if length is None else int(length), bool(pick(mlp_only_train, "mlp_only_train"))
 
 
-def prompt_spec_from(tensors: dict[str, torch.Tensor], shape: Any, pre_seq_len: int | None,
+def prompt_spec_from(tensors: dict[str, torch.Tensor], shape: Any, prompt_length: int | None,
                      root: Path) -> PromptSpec:
     """Infer P and the projection from the prefix tensors; check them against the backbone and the user."""
     table = tensors[PREFIX_KEY]
     length = int(table.shape[0])
-    if pre_seq_len is not None and pre_seq_len != length:
-        raise PromcseError(f"pre_seq_len={pre_seq_len} given, but the prefix table has {length} rows", path=root)
+    if prompt_length is not None and prompt_length != length:
+        raise PromcseError(f"prompt_length={prompt_length} given, but the prefix table has {length} rows", path=root)
     projection = "prefix_encoder.trans.0.weight" in tensors
     hidden = int(tensors["prefix_encoder.trans.0.weight"].shape[0]) if projection else 512
     spec = PromptSpec.for_backbone(shape, length, projection=projection, projection_hidden=hidden)
@@ -148,15 +148,25 @@ def prompt_spec_from(tensors: dict[str, torch.Tensor], shape: Any, pre_seq_len: 
     return spec
 
 
-def load_released(directory: str | Path, pooler: str | None = None, pre_seq_len: int | None = None,
-                  mlp_only_train: bool | None = None, device: str = "auto") -> SentenceEncoder:
+def alias_prompt_length(prompt_length: int | None, pre_seq_len: int | None) -> int | None:
+    """``pre_seq_len`` (the reference code's name) is a documented alias of ``prompt_length``; both must agree."""
+    if prompt_length is not None and pre_seq_len is not None and prompt_length != pre_seq_len:
+        raise PromcseError(f"prompt_length={prompt_length} and its alias pre_seq_len={pre_seq_len} disagree",
+                           key="pre_seq_len")
+    return prompt_length if prompt_length is not None else pre_seq_len
+
+
+def load_released(directory: str | Path, pooler: str | None = None, prompt_length: int | None = None,
+                  mlp_only_train: bool | None = None, device: str = "auto", *,
+                  pre_seq_len: int | None = None) -> SentenceEncoder:
     """Load a released PromCSE checkpoint as a :class:`SentenceEncoder`.
 
     Args:
         directory: The HF directory (see the module docstring).
         pooler: ``cls`` (MLP applied), ``cls_before_pooler``, ``avg``, ``avg_first_last`` or ``avg_top2``;
             default from :data:`SIDECAR` or ``config.json``.
-        pre_seq_len: Prompt length P, checked against the weights (which define it).
+        prompt_length: Prompt length P, checked against the weights (which define it).
+        pre_seq_len: The reference code's name for ``prompt_length`` (an alias).
         mlp_only_train: Skip the MLP at inference for ``cls`` (the unsupervised recipe).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``...
 
@@ -167,7 +177,8 @@ def load_released(directory: str | Path, pooler: str | None = None, pre_seq_len:
     keys = weight_keys(root) if (root / "config.json").is_file() else set()
     if PREFIX_KEY not in keys:
         raise PromcseError(f"not a released PromCSE checkpoint: no '{PREFIX_KEY}' in its weights", path=root)
-    pooler, pre_seq_len, mlp_only_train = released_options(root, pooler, pre_seq_len, mlp_only_train)
+    prompt_length = alias_prompt_length(prompt_length, pre_seq_len)
+    pooler, prompt_length, mlp_only_train = released_options(root, pooler, prompt_length, mlp_only_train)
     wanted = {k for k in keys if k.startswith(("prefix_encoder.", "mlp."))}
     tensors = read_tensors(root, wanted)
     backbone, tokenizer = load_backbone(str(root))
@@ -177,7 +188,7 @@ def load_released(directory: str | Path, pooler: str | None = None, pre_seq_len:
         raise PromcseError("pooler 'cls' needs the MLP head, but the weights have no 'mlp.dense.*'", path=root)
     head = "none" if pooler != "cls" else ("train_only" if mlp_only_train else "always")
     spec = EncoderSpec(backbone=str(root.resolve()), shape=shape, mode="prompt",
-                       prompt=prompt_spec_from(tensors, shape, pre_seq_len, root), pooler=pooler, head=head,
+                       prompt=prompt_spec_from(tensors, shape, prompt_length, root), pooler=pooler, head=head,
                        extra={"source": "released", "reference_pooler": pooler})
     encoder = build_encoder(spec, backbone, tokenizer)
     prompt_state = {k.removeprefix("prefix_encoder."): v for k, v in tensors.items() if k.startswith("prefix_encoder.")}
