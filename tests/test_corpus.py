@@ -282,3 +282,19 @@ def test_parse_part() -> None:
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(PromcseError):
             parse_part(bad)
+
+
+def test_npy_output_honours_no_progress_and_refuses_shard_options(tiny_bert: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t.txt").write_text("a dog runs\nthe cat sleeps\n" * 40, encoding="utf-8")
+    argv = ["encode", "--model", str(tiny_bert), "--input", str(tmp_path / "t.txt"), "--output",
+            str(tmp_path / "v.npy"), "--device", "cpu", "--batch-size", "4"]
+    assert main(argv + ["--no-progress"]) == 0
+    quiet = capsys.readouterr().err
+    assert "batch" not in quiet and "%|" not in quiet  # no tqdm bar
+    assert main(argv) == 0
+    assert "%|" in capsys.readouterr().err  # the bar is there without the flag
+    for extra in (["--shard", "0/2"], ["--dtype", "int8"], ["--shard-size", "10"]):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert f"{extra[0]} apply to a shard directory only" in err, err

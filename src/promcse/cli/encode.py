@@ -32,7 +32,8 @@ def _encode_single_file(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, inputs=[args.input])  # before any work: nothing lost to a bad path
     texts = read_sentences(args.input).anchor
     encoder = load(args.model, device=args.device, backend=args.backend)
-    vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize, show_progress=True)
+    vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize,
+                             show_progress=not args.no_progress)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # a handle: np.save would append .npy to a temporary name
@@ -89,6 +90,15 @@ def _encode_on_ray(args: argparse.Namespace, job: Any) -> dict[str, Any]:
     return encode_files(job, args.model, config)
 
 
+# Options of the shard-directory encode that a .npy output cannot honour, and when each counts as given.
+_SHARD_ONLY: dict[str, Any] = {
+    "--shard": lambda a: bool(a.shard), "--shard-size": lambda a: a.shard_size != 100_000,
+    "--dtype": lambda a: a.dtype != "fp32", "--id-field": lambda a: a.id_field is not None,
+    "--text-field": lambda a: a.text_field != "text", "--full-hash": lambda a: a.full_hash,
+    "--no-texts": lambda a: a.no_texts,
+}
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     """Dispatch: ``--merge``, a ``.npy`` output (one file) or a shard directory."""
     if args.merge:
@@ -100,6 +110,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if str(args.output).endswith(".npy"):
         if args.engine == "ray":
             raise PromcseError("--engine ray writes a shard directory: give --output DIR, not a .npy file")
+        ignored = [flag for flag, given in _SHARD_ONLY.items() if given(args)]
+        if ignored:  # silently ignored options would look like they took effect
+            raise PromcseError(f"{', '.join(ignored)} apply to a shard directory only: give --output DIR, or "
+                               "leave them out for a .npy file")
         return _encode_single_file(args)
     return _encode_corpus(args)
 
