@@ -93,6 +93,29 @@ def test_request_timeout_answers_504_and_drops_the_work(registry, monkeypatch: p
     assert sum(seen) < 6, f"the cancelled request's remaining texts were still encoded: {seen}"
 
 
+def test_after_a_504_the_next_small_request_is_served_not_refused(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timed-out job's remaining texts leave the queue at once, not when the busy model thread looks: a big
+    request that filled the queue times out, and a small one right after is admitted (503 before) and served."""
+    big = [" ".join(TEXTS[i : i + 3]) for i in range(12)]
+    tokens = sum(registry.token_counts(big, "news"))
+    original = registry.encode_rows
+
+    def encode_rows(texts, models, batch_size=64):  # noqa: ANN001, ANN202 - only the big request's rows are slow
+        if any(t in big for t in texts):
+            time.sleep(0.6)
+        return original(texts, models, batch_size)
+
+    monkeypatch.setattr(registry, "encode_rows", encode_rows)
+    engine = EngineConfig(max_batch_tokens=max(registry.token_counts(big, "news")), max_queue_tokens=tokens - 40,
+                          max_wait_ms=0)  # the big request alone is admitted (empty queue), one row per batch
+    with serve(registry, engine=engine, request_timeout_s=0.5) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        first = client.post("/embed", json={"texts": big, "model": "news"})
+        assert first.status_code == 504
+        second = client.post("/embed", json={"texts": TEXTS[:1], "model": "news"})
+        assert second.status_code == 200, second.text
+
+
 def test_client_that_disconnects_leaves_no_work(registry, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = slow(registry, monkeypatch, 0.4)
     with serve(registry, engine=EngineConfig(max_batch_tokens=16, max_wait_ms=0)) as server:

@@ -142,6 +142,7 @@ class BatchEngine:
         with self._cond:
             if self._closing:
                 raise PromcseError("the server is shutting down")
+            self._live_jobs()  # a timed-out job's texts leave the queue now, not when the busy model thread looks
             if self._jobs and self._queued_tokens + job.tokens > self.config.max_queue_tokens:
                 raise QueueFull(f"queue holds {self._queued_tokens} tokens (limit {self.config.max_queue_tokens})")
             self._jobs.append(job)
