@@ -189,8 +189,9 @@ def _install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Any, exc: HTTPException) -> JSONResponse:
-        # FastAPI answers 400 for a body it cannot decode (e.g. invalid UTF-8): that is malformed JSON too.
-        status = 422 if exc.status_code == 400 else exc.status_code
+        # FastAPI answers 400 for a body it cannot decode (e.g. invalid UTF-8): malformed JSON, 422 on our routes
+        # like every other malformed body; OpenAI's routes answer 400 for it, as OpenAI does.
+        status = 422 if exc.status_code == 400 and not request.url.path.startswith("/v1/") else exc.status_code
         return answer(request, status, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(PromcseError)

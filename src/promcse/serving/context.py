@@ -55,7 +55,7 @@ class ServeOptions:
 
     engine: EngineConfig | None = field(default_factory=EngineConfig)
     request_timeout_s: float = 30.0
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a repr, a log line or a traceback
     insecure: bool = False
     allowed_hosts: tuple[str, ...] | None = None
     header_timeout_s: float = 10.0

@@ -50,7 +50,8 @@ class BodyLimit:
         if not declared.isdigit() or int(declared) > self.max_bytes:
             message = f"request body over {self.max_bytes} bytes" if declared.isdigit() else "bad Content-Length"
             status = 413 if declared.isdigit() else 400
-            return await JSONResponse(error_body(status, message), status_code=status)(scope, receive, send)
+            body = error_body(status, message, scope.get("path", ""), code="body_too_large" if status == 413 else None)
+            return await JSONResponse(body, status_code=status)(scope, receive, send)
         await self.app(scope, self._limited(receive), send)
 
     def _limited(self, receive: Any) -> Any:
@@ -111,7 +112,8 @@ class GuardMiddleware:
             if name not in self.allowed_hosts:
                 return 400, "Host header not allowed for this server", "host_not_allowed"
         if self.api_key and path not in self.OPEN_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            # Bytes against bytes: a non-ASCII key arrives as its UTF-8 bytes (never decode them as Latin-1 first).
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode("utf-8")):
                 return 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key"
         return None

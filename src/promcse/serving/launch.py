@@ -217,6 +217,10 @@ def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.
     """
     if not 0 < port < 65536:
         raise PromcseError(f"must be in 1..65535, got {port}", key="port")
+    if api_key is not None and (not api_key or any(c.isspace() or not c.isprintable() for c in api_key)):
+        # A header value cannot carry these; the key itself is never echoed (it would land in logs).
+        raise PromcseError("must be printable characters without spaces (any script: it is compared as UTF-8 "
+                           "bytes)", key="api_key")
     if graceful_timeout < 0:
         raise PromcseError(f"must be at least 0 seconds, got {graceful_timeout}", key="graceful_timeout")
     if engine is not None:
