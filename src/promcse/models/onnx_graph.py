@@ -19,8 +19,9 @@ time); the prompt tables and heads stay fp32.
 
 The export directory holds the graph (``model.onnx``, or ``model_int8.onnx``), the tokenizer files and
 ``promcse_onnx.json`` (:data:`META_FILE`): the prompts (name -> id, pooler, head, length, shift, max length),
-the graph's inputs and outputs, which output is normalised (``normalization``), the embedding size and the
-versions that wrote it.
+the graph's inputs and outputs, which output is normalised (``normalization``), the embedding size, the
+versions that wrote it, and its seal (:func:`promcse.models.onnx_meta.seal`): the size and sha256 of every file
+written (``files``) and the digest of the metadata itself (``meta_sha256``), checked on every load.
 """
 
 from __future__ import annotations
@@ -44,15 +45,11 @@ from promcse.encoder.model import SentenceEncoder
 from promcse.encoder.multiprompt import build_bank
 from promcse.encoder.pooling import POOLERS
 from promcse.encoder.prompt import forward_inputs, run_encoder_rows
+from promcse.models.onnx_meta import (FORMAT, FORMAT_VERSION, GRAPH_FILES, META_FILE, NORMALIZATION, OUTPUTS,
+                                      TOKEN_INPUTS, seal)
 
-FORMAT = "promcse-onnx"
-FORMAT_VERSION = 1
-META_FILE = "promcse_onnx.json"
-GRAPH_FILES = {"none": "model.onnx", "int8": "model_int8.onnx"}
 QUANTIZE = tuple(GRAPH_FILES)
 OPSET = 17
-OUTPUTS = ("embedding", "normalized_embedding")
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class BankGraph(nn.Module):
@@ -241,7 +238,7 @@ def graph_meta(encoders: Sequence[SentenceEncoder], names: Sequence[str], source
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "file": GRAPH_FILES[quantize],
             "precision": "int8" if quantize == "int8" else "fp32", "opset": OPSET, "inputs": list(inputs),
             "outputs": list(OUTPUTS), "multi_prompt": len(encoders) > 1, "dim": first.dim,
-            "normalization": {"kind": "l2", "output": OUTPUTS[1], "raw_output": OUTPUTS[0], "default": True},
+            "normalization": dict(NORMALIZATION),
             "backbone": {"name": first.spec.backbone, "model_type": first.spec.shape.model_type},
             "prompt_ids": {name: k for k, name in enumerate(names)},
             "prompts": [prompt_entry(n, k, e, s) for k, (n, e, s) in enumerate(zip(names, encoders, sources))],
@@ -256,7 +253,7 @@ def check_output(output: Path) -> None:
 
 
 def export_encoders(encoders: Sequence[SentenceEncoder], names: Sequence[str], output: str | Path,
-                    quantize: str = "none", sources: Sequence[str] | None = None) -> Path:
+                    quantize: str = "none", sources: Sequence[str] | None = None, cache_key: str | None = None) -> Path:
     """Write the ONNX export directory of ``encoders`` (one graph; prompt ``k`` = ``names[k]``).
 
     Args:
@@ -265,6 +262,7 @@ def export_encoders(encoders: Sequence[SentenceEncoder], names: Sequence[str], o
         output: The directory (created whole, atomically; an earlier export there is replaced).
         quantize: ``none`` (fp32) or ``int8`` (ONNX Runtime dynamic quantisation).
         sources: The model references, recorded in the metadata (default: the names).
+        cache_key: The export cache's key, recorded for a cache entry (:func:`promcse.models.onnx_runtime.load_onnx`).
 
     Raises:
         PromcseError: An unknown ``quantize``, encoders that cannot share a graph, or an output that exists.
@@ -284,7 +282,9 @@ def export_encoders(encoders: Sequence[SentenceEncoder], names: Sequence[str], o
             _quantized(tmp / GRAPH_FILES["none"], tmp / GRAPH_FILES["int8"])
         encoders[0].tokenizer.save_pretrained(str(tmp))
         meta = graph_meta(encoders, names, list(sources or names), inputs, quantize)
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
+        if cache_key is not None:
+            meta["cache_key"] = cache_key
+        atomic_write_text(tmp / META_FILE, json.dumps(seal(meta, tmp), indent=2) + "\n")  # checksums, digest
 
     return atomic_directory(out, fill)
 

@@ -6,6 +6,12 @@ any other model reference (checkpoint, ``minilm``, HF name or path) is exported 
 keyed by the reference, the size and modification time of its files (and of its backbone's), the
 quantisation and the library versions, so that a changed checkpoint is exported again.
 
+Nothing on disk is trusted as it is (:mod:`promcse.models.onnx_meta`): every load reads the metadata strictly,
+checks every file against the checksums the export recorded, the graph's inputs and outputs against the
+metadata and the metadata against its digest. A user's export directory that fails is refused with a
+:class:`promcse.errors.PromcseError` naming the file; a cache entry that fails, or disagrees with the model
+reference it stands for, is exported again with a warning saying why.
+
 :class:`OnnxEncoder` has the encoder API the rest of promcse uses (``encode``, ``similarity``, ``dim``,
 ``max_length``, ``tokenizer``): texts are tokenized once, sorted by token count, padded per batch and run
 through the graph; in a multi-prompt export each text may name its own prompt, and one batch mixes them.
@@ -16,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,40 +32,21 @@ from typing import Any
 import numpy as np
 
 from promcse.errors import PromcseError
+from promcse.models.onnx_meta import (FORMAT, FORMAT_VERSION, META_FILE, cache_mismatch, read_meta, verify_digest,
+                                      verify_files)
 
-META_FILE = "promcse_onnx.json"  # promcse.models.onnx_graph.META_FILE (not imported: that module pulls in torch)
-FORMAT = "promcse-onnx"
-FORMAT_VERSION = 1
+__all__ = ["BACKENDS", "FORMAT", "FORMAT_VERSION", "META_FILE", "OnnxEncoder", "cache_key", "cache_root",
+           "check_device", "is_onnx_export", "load_onnx", "make_session", "read_meta"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
 
 
 def is_onnx_export(path: str | Path) -> bool:
-    """True if ``path`` is a directory written by :func:`promcse.models.onnx_graph.export_encoders`."""
-    meta = Path(path) / META_FILE
-    if not meta.is_file():
-        return False
+    """True if ``path`` is a directory holding ``promcse_onnx.json``, whatever that file holds: a damaged export
+    is reported by :func:`promcse.models.onnx_meta.read_meta`, never taken for a model to export."""
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return Path(path).is_dir() and os.path.lexists(Path(path) / META_FILE)
+    except (OSError, ValueError):
         return False
-
-
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """Read and check ``promcse_onnx.json``.
-
-    Raises:
-        PromcseError: Missing, unreadable, or written by a newer promcse.
-    """
-    path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PromcseError(f"not an ONNX export of promcse ({err})", path=path) from None
-    if meta.get("format") != FORMAT:
-        raise PromcseError("not an ONNX export of promcse", path=path)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise PromcseError("ONNX export written by a newer promcse; upgrade to load it", path=path)
-    return meta
 
 
 def _runtime() -> Any:
@@ -88,7 +77,47 @@ def make_session(graph: Path, threads: int = 0, device: str = "auto") -> Any:
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - ONNX Runtime's errors (InvalidProtobuf, Fail, ...) share no base
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise PromcseError(f"ONNX Runtime cannot load this graph: {reason}", path=graph) from None
+
+
+def check_graph(session: Any, meta: dict[str, Any], directory: Path) -> None:
+    """The graph's inputs, outputs and embedding size are the ones ``promcse_onnx.json`` records.
+
+    Raises:
+        PromcseError: Naming the metadata file and the key that disagrees with the graph.
+    """
+    path = directory / META_FILE
+    inputs = [node.name for node in session.get_inputs()]
+    if inputs != meta["inputs"]:
+        raise PromcseError(f"lists inputs {meta['inputs']} but the graph {meta['file']} takes {inputs}",
+                           path=path, key="inputs")
+    outputs = session.get_outputs()
+    if [node.name for node in outputs] != meta["outputs"]:
+        raise PromcseError(f"lists outputs {meta['outputs']} but the graph {meta['file']} gives "
+                           f"{[node.name for node in outputs]}", path=path, key="outputs")
+    size = outputs[0].shape[-1] if outputs[0].shape else None
+    if isinstance(size, int) and size != meta["dim"]:
+        raise PromcseError(f"says {meta['dim']} but the graph {meta['file']} gives {size}-dimensional embeddings",
+                           path=path, key="dim")
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The export's tokenizer (its files already checked against their checksums).
+
+    Raises:
+        PromcseError: transformers cannot read them.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as err:  # noqa: BLE001 - tokenizers and transformers raise many kinds
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise PromcseError(f"cannot read the tokenizer's files: {reason}", path=directory) from None
 
 
 class OnnxEncoder:
@@ -101,19 +130,22 @@ class OnnxEncoder:
         device: ``auto`` or ``cpu``.
 
     Raises:
-        PromcseError: Not an export, an unknown prompt, onnxruntime missing, or a non-CPU device.
+        PromcseError: Not an export, or a damaged or edited one (see :mod:`promcse.models.onnx_meta`), an unknown
+            prompt, onnxruntime missing, or a non-CPU device.
     """
 
     def __init__(self, directory: str | Path, prompt: str | None = None, threads: int = 0,
                  device: str = "auto") -> None:
-        from transformers import AutoTokenizer
-
+        check_device(device)
         self.directory = Path(directory)
         self.meta = read_meta(self.directory)
+        verify_files(self.directory, self.meta)  # hashes the graph on every load: see verify_files
         self.prompts: dict[str, dict[str, Any]] = {p["name"]: p for p in self.meta["prompts"]}
         self.prompt = self._check_prompt(prompt or self.meta["prompts"][0]["name"])
         self.session = make_session(self.directory / self.meta["file"], threads, device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.directory))
+        check_graph(self.session, self.meta, self.directory)
+        verify_digest(self.directory, self.meta)  # after the field-by-field checks, whose messages say more
+        self.tokenizer = load_tokenizer(self.directory)
 
     def _check_prompt(self, name: str) -> str:
         if name not in self.prompts:
@@ -264,6 +296,10 @@ def load_onnx(model_ref: str, load_torch: Callable[[str], Any], quantize: str = 
               threads: int = 0) -> OnnxEncoder:
     """An :class:`OnnxEncoder` for any model reference: an export as it is, anything else exported once and cached.
 
+    An export directory is verified (:mod:`promcse.models.onnx_meta`) and refused when it fails. A cache entry
+    that fails, or that disagrees with ``model_ref`` (:func:`promcse.models.onnx_meta.cache_mismatch`), is never
+    used: it is exported again, with a warning saying why.
+
     Args:
         model_ref: An ONNX export directory, or what :func:`promcse.load` accepts.
         load_torch: Loads the torch encoder of a reference on the CPU (for the one-time export).
@@ -275,14 +311,47 @@ def load_onnx(model_ref: str, load_torch: Callable[[str], Any], quantize: str = 
         return OnnxEncoder(model_ref, threads=threads, device=device)
     check_device(device)  # fail before a slow load and export
     _runtime()
-    target = cache_root() / cache_key(model_ref, quantize)
-    if not is_onnx_export(target):
-        from promcse.models.onnx_graph import export_encoders
+    key = cache_key(model_ref, quantize)
+    target = cache_root() / key
+    if os.path.lexists(target):
+        cached = _open_cached(target, model_ref, key, threads, device)
+        if cached is not None:
+            return cached
+    from promcse.models.onnx_graph import export_encoders
 
-        name = Path(model_ref).name or model_ref
-        try:
-            export_encoders([load_torch(model_ref)], [name], target, quantize=quantize, sources=[model_ref])
-        except OSError:
-            if not is_onnx_export(target):  # another process may have finished the same export first
-                raise
+    name = Path(model_ref).name or model_ref
+    try:
+        export_encoders([load_torch(model_ref)], [name], target, quantize=quantize, sources=[model_ref], cache_key=key)
+    except OSError:
+        if not is_onnx_export(target):  # another process may have finished the same export first
+            raise
     return OnnxEncoder(target, threads=threads, device=device)
+
+
+def _open_cached(target: Path, model_ref: str, key: str, threads: int, device: str) -> OnnxEncoder | None:
+    """The cache entry, verified and matching ``model_ref``; else None, the entry removed, after a warning."""
+    problem: str | None
+    try:
+        encoder = OnnxEncoder(target, threads=threads, device=device)
+    except PromcseError as err:
+        problem = str(err)
+    else:
+        problem = cache_mismatch(encoder.meta, model_ref, key)
+    if problem is None:
+        return encoder
+    warnings.warn(f"the cached ONNX export of {model_ref} at {target} is exported again: {problem}", stacklevel=3)
+    _discard(target)
+    return None
+
+
+def _discard(target: Path) -> None:
+    """Move a bad cache entry aside (one atomic rename, so no reader sees half of it) and delete it."""
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.bad")
+    try:
+        os.replace(target, aside)
+    except OSError:
+        return  # another process moved it first
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
