@@ -158,8 +158,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="cap glibc's malloc arenas at N, as MALLOC_ARENA_MAX does: fewer arenas hold less idle "
                         "memory apart; with --engine ray each replica applies it in its own process (0: glibc's default of 8 per "
                         "core; default: %(default)s)")
-    p.add_argument("--request-timeout", type=bounded(float, 0.001, 86_400), default=30.0, metavar="SECONDS",
-                   help="longest a request waits for its embeddings before a 504 (default: %(default)s)")
+    p.add_argument("--request-timeout", type=bounded(float, 0.001, 86_400), default=ServeOptions.request_timeout_s,
+                   metavar="SECONDS", help="longest a request waits for its embeddings before a 504; the default "
+                   "leaves a request at the limits (--max-texts x --max-chars) about 5x the time it takes on a 2-core "
+                   "CPU (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route (default: "
                                      "$PROMCSE_API_KEY; none)")
     p.add_argument("--insecure", action="store_true",
