@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from promcse.cli.common import NON_NEGATIVE_INT, POSITIVE_INT, add_common, bounded
+from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
 from promcse.io.files import check_output_dir
+from promcse.corpus.index_meta import SETTINGS
 from promcse.corpus.search import AUTO_IVF_MIN, DEFAULT_TRAIN_SIZE, KINDS, Index, index_file
+
+
+def _setting(name: str) -> Any:
+    """The argparse type of a FAISS setting: an int in the range the index accepts (``SETTINGS``)."""
+    lo, hi, _ = SETTINGS[name]
+    return bounded(int, lo, hi)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,9 +65,9 @@ def cmd_index_search(args: argparse.Namespace) -> int:
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nprobe", type=POSITIVE_INT, help="IVF lists probed per query (ivf, ivfpq; default: 16)")
-    p.add_argument("--ef-search", type=POSITIVE_INT, help="HNSW candidate list per query (hnsw; default: 64)")
-    p.add_argument("--rescore", type=NON_NEGATIVE_INT,
+    p.add_argument("--nprobe", type=_setting("nprobe"), help="IVF lists probed per query (ivf, ivfpq; default: 16)")
+    p.add_argument("--ef-search", type=_setting("ef_search"), help="HNSW candidate list per query (hnsw; default: 64)")
+    p.add_argument("--rescore", type=_setting("rescore"),
                    help="candidates rescored exactly from the stored vectors (ivfpq, int8, binary; 0: off; "
                         "default: 100 for ivfpq and binary, 0 for int8)")
 
@@ -76,9 +83,10 @@ def _add_build(sub: Any) -> None:
                    help=f"flat (exact), ivf, ivfpq (product quantisation), hnsw, int8 (scalar quantiser), "
                         f"binary (sign bits), numpy (exact, no faiss); auto: ivf from {AUTO_IVF_MIN} "
                         f"vectors, else flat (default: auto)")
-    p.add_argument("--nlist", type=POSITIVE_INT, help="IVF lists (default: ~4*sqrt(N))")
-    p.add_argument("--pq-m", type=POSITIVE_INT, help="ivfpq: sub-vectors, a divisor of the dimension (default: ~D/8)")
-    p.add_argument("--pq-bits", type=bounded(int, 1, 16), help="ivfpq: bits per sub-vector code (default: 8)")
+    p.add_argument("--nlist", type=_setting("nlist"), help="IVF lists (default: ~4*sqrt(N))")
+    p.add_argument("--pq-m", type=_setting("pq_m"),
+                   help="ivfpq: sub-vectors, a divisor of the dimension (default: ~D/8)")
+    p.add_argument("--pq-bits", type=_setting("pq_bits"), help="ivfpq: bits per sub-vector code (default: 8)")
     p.add_argument("--hnsw-m", type=bounded(int, 2, 512), help="hnsw: links per node (default: 32)")
     p.add_argument("--train-size", type=POSITIVE_INT, default=DEFAULT_TRAIN_SIZE,
                    help=f"--from-vectors: vectors sampled to train ivf/ivfpq/int8 (default: {DEFAULT_TRAIN_SIZE})")

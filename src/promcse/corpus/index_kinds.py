@@ -144,14 +144,19 @@ def add(index: Any, kind: str, vectors: np.ndarray) -> None:
 
 def search(faiss: Any, index: Any, kind: str, queries: np.ndarray, k: int, dim: int, nprobe: int | None = None,
            ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (scores, ids) per query; ``nprobe``/``ef_search`` override the index's for this call only."""
+    """Top-``k`` (scores, ids) per query; ``nprobe``/``ef_search`` override the index's for this call only.
+
+    The HNSW candidate list is at least ``k`` and at most the index size (a longer one finds nothing more, but
+    FAISS would allocate it for every query).
+    """
     if kind == "binary":
         distances, ids = index.search(binary_codes(queries), k)
         return 1.0 - 2.0 * distances.astype(np.float32) / dim, ids
     if kind in ("ivf", "ivfpq") and nprobe is not None:
         return index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=min(nprobe, index.nlist)))
-    if kind == "hnsw" and ef_search is not None:
-        return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=max(ef_search, k)))
+    if kind == "hnsw":
+        ef = min(max(index.hnsw.efSearch if ef_search is None else ef_search, k), max(k, int(index.ntotal)))
+        return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=ef))
     return index.search(queries, k)
 
 
@@ -160,17 +165,22 @@ def write_index(faiss: Any, index: Any, kind: str, path: Path) -> None:
     (faiss.write_index_binary if kind == "binary" else faiss.write_index)(index, str(path))
 
 
-def read_index(faiss: Any, kind: str, path: Path, params: KindParams) -> Any:
-    """Inverse of :func:`write_index`, with the saved search settings applied."""
+def read_index(faiss: Any, kind: str, path: Path) -> Any:
+    """Inverse of :func:`write_index` (check it against ``meta.json``, then :func:`configure` it)."""
     try:
-        index = (faiss.read_index_binary if kind == "binary" else faiss.read_index)(str(path))
+        return (faiss.read_index_binary if kind == "binary" else faiss.read_index)(str(path))
     except RuntimeError as err:
-        raise PromcseError(f"cannot read the FAISS index: {str(err).splitlines()[0]}", path=path) from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PromcseError(f"cannot read the FAISS index (of kind '{kind}', as meta.json says): {first}",
+                           path=path) from None
+
+
+def configure(index: Any, kind: str, params: KindParams) -> None:
+    """Apply the saved search settings to a FAISS index of ``kind`` read by :func:`read_index`."""
     if kind in ("ivf", "ivfpq"):
         index.nprobe = min(params.nprobe, index.nlist)
     if kind == "hnsw":
         index.hnsw.efSearch = params.ef_search
-    return index
 
 
 class MemoryStore:
@@ -219,9 +229,14 @@ class ShardStore:
 
     def _shard(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
         if number not in self._maps:
-            files = self.manifest["shards"][number]["files"]
+            entry = self.manifest["shards"][number]
+            files, shape = entry["files"], (entry["rows"], self.manifest["dim"])
             codes = load_array(self.root / files["vectors"]["name"], mmap=True)
             scales = load_array(self.root / files["scales"]["name"]) if "scales" in files else None
+            if codes.shape != shape or (scales is not None and scales.shape != shape[:1]):
+                raise PromcseError(f"expected {shape[0]} x {shape[1]} vectors (and scales), got {codes.shape}: "
+                                   "changed since the index was built; rebuild it",
+                                   path=self.root / files["vectors"]["name"])
             self._maps[number] = (codes, scales)
         return self._maps[number]
 
@@ -240,21 +255,6 @@ class ShardStore:
     def describe(self, directory: Path) -> dict[str, Any]:
         """The meta entry: where the shards are, and the manifest checksum to notice if they change."""
         return {"kind": "shards", "path": str(self.root), "manifest_sha256": sha256_file(self.root / MANIFEST)}
-
-
-def open_store(meta: dict[str, Any], directory: Path) -> MemoryStore | ShardStore:
-    """The store a saved index's meta names (``store.npy`` memory-mapped, or the shard directory).
-
-    Raises:
-        PromcseError: A missing store, or shards whose manifest changed since the index was built.
-    """
-    if meta.get("kind") == "local":
-        return MemoryStore(load_array(directory / str(meta["file"]), mmap=True))
-    root = Path(meta["path"])
-    store = ShardStore(root)
-    if sha256_file(root / MANIFEST) != meta.get("manifest_sha256"):
-        raise PromcseError("the vectors this index rescores from changed since it was built: rebuild it", path=root)
-    return store
 
 
 def rescore(store: MemoryStore | ShardStore, queries: np.ndarray, candidates: np.ndarray,

@@ -19,7 +19,9 @@ An index directory holds ``meta.json`` (format, backend, settings, encoder refer
 sha256 of every other file, checked on load), ``texts.jsonl`` (one JSON object per line) and ``index.faiss``
 or ``vectors.npy`` (plus ``store.npy`` for a compressed index built from texts). It is written as a whole
 (temporary directory, fsync, rename), so re-saving over an index never leaves a half-written one. Nothing
-is pickled: FAISS's own binary format and ``numpy.load(allow_pickle=False)``.
+is pickled: FAISS's own binary format and ``numpy.load(allow_pickle=False)``. Loading checks every field of
+``meta.json`` and the FAISS index against it (:mod:`promcse.corpus.index_meta`); NaN or infinite vectors, and
+search arguments out of range, are refused.
 """
 
 from __future__ import annotations
@@ -35,17 +37,15 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from promcse.corpus import index_kinds, shards
+from promcse.corpus import index_kinds, index_meta, shards
 from promcse.errors import PromcseError
-from promcse.io.schema import read_versioned
 from promcse.corpus.index_kinds import (COMPRESSED, DEFAULT_RESCORE, FAISS_FILE, IVF_POINTS_PER_LIST,  # noqa: F401
                                  META_FILE, NEEDS_TRAINING, NUMPY_FILE, TEXTS_FILE, KindParams, MemoryStore,
                                  ShardStore, default_nlist, index_file, load_npy, numpy_top_k, read_records,
                                  training_sample, verify_files)
+from promcse.corpus.index_meta import BACKENDS, FORMAT, FORMAT_VERSION, check_setting  # noqa: F401
 
-FORMAT = "promcse-index"
-FORMAT_VERSION = 3  # 1: flat, ivf, numpy; 2: the other kinds; 3: every kind, with checksums (index_kinds)
-KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "ivfpq", "hnsw", "int8", "binary", "numpy")
+KINDS: tuple[str, ...] = ("auto", *BACKENDS)
 AUTO_IVF_MIN = 100_000  # below this an exact flat scan is fast enough (< ~10 ms/query on one core at D=384)
 DEFAULT_TRAIN_SIZE = 100_000  # vectors sampled to train IVF/PQ/int8 when building from shards
 
@@ -99,7 +99,9 @@ class Index:
         self.kind = kind
         self.params = KindParams(nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_bits=pq_bits, hnsw_m=hnsw_m,
                                  ef_search=ef_search)
-        self.rescore = rescore
+        for name, value in vars(self.params).items():
+            check_setting(name, value)
+        self.rescore = check_setting("rescore", rescore)
         self.batch_size = batch_size
         self.texts: list[str] = []
         self.keys: list[Any] | None = None  # the corpus ids of an index built from shards
@@ -158,7 +160,7 @@ class Index:
     def train(self, sample: np.ndarray, count: int | None = None) -> None:
         """Create the FAISS index, trained on ``sample`` where the kind needs it (``count``: the expected size,
         for ``auto``). Called on the first :meth:`add_vectors` when not called before."""
-        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        sample = shards.finite_matrix(sample)
         if self.resolve_kind(count or len(sample)) == "numpy" or self._index is not None:
             return
         self._dim = int(sample.shape[1])
@@ -167,9 +169,13 @@ class Index:
             self._store = MemoryStore()
 
     def add_vectors(self, texts: list[str], vectors: np.ndarray, keys: list[Any] | None = None) -> None:
-        """Add precomputed, L2-normalised (N, D) float vectors with their texts (and corpus ids)."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+        """Add precomputed, L2-normalised (N, D) float vectors with their texts (and corpus ids).
+
+        Raises:
+            PromcseError: Vectors of another shape or dimension, or NaN/infinite values (the row named).
+        """
+        vectors = shards.finite_matrix(vectors)
+        if vectors.shape[0] != len(texts):
             raise PromcseError(f"expected ({len(texts)}, D) vectors, got shape {vectors.shape}")
         if self.dim is not None and vectors.shape[1] != self.dim:
             raise PromcseError(f"vectors have dimension {vectors.shape[1]}, the index has {self.dim}")
@@ -192,7 +198,11 @@ class Index:
         if self.encoder is None:
             raise PromcseError("this index has no encoder: load it with one, or search with vectors")
         vectors = self.encoder.encode(texts, batch_size=self.batch_size, normalize=True, show_progress=show_progress)
-        return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        matrix = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        bad = np.flatnonzero(~np.isfinite(matrix).reshape(len(matrix), -1).all(axis=1))
+        if len(bad):
+            raise PromcseError(f"the encoder gave NaN or infinite values for text {bad[0]} ({texts[bad[0]][:60]!r})")
+        return matrix
 
     def search(self, queries: list[str] | str, top_k: int = 10, threshold: float | None = None,
                **settings: int | None) -> list[list[Hit]]:
@@ -209,8 +219,7 @@ class Index:
         """
         if isinstance(queries, str):
             queries = [queries]
-        if top_k < 1:
-            raise PromcseError(f"top_k must be at least 1, got {top_k}")
+        index_meta.check_top_k(top_k, least=1)
         if not queries:
             return []
         return self.search_vectors(self._embed(list(queries)), top_k, threshold, **settings)
@@ -221,11 +230,17 @@ class Index:
         """Like :meth:`search` for precomputed normalised (Q, D) query vectors.
 
         Args:
+            top_k: Results per query (0: none).
             nprobe: IVF lists to probe (``ivf``, ``ivfpq``; default: the index's).
             ef_search: HNSW candidate list (default: the index's).
             rescore: Candidates to rescore exactly (compressed kinds; 0: none; default: the index's).
+
+        Raises:
+            PromcseError: An argument of the wrong type or out of range
+                (:data:`~promcse.corpus.index_meta.SETTINGS`), or queries that are not a finite (Q, D) matrix.
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries = index_meta.check_search(queries, self.dim if len(self.texts) else None, top_k, threshold,
+                                          nprobe=nprobe, ef_search=ef_search, rescore=rescore)
         k = min(top_k, len(self.texts))
         if k == 0:
             return [[] for _ in range(len(queries))]
@@ -303,24 +318,26 @@ class Index:
             from promcse.models.loading import load
 
             encoder = load(str(meta["model"]), device=device)
-        settings = {k: meta[k] for k in ("nlist", "pq_m", "pq_bits", "hnsw_m", "ef_search", "rescore") if k in meta}
-        index = cls(encoder, model_ref=meta.get("model"), kind=str(meta["backend"]),
-                    nprobe=int(meta.get("nprobe") or 16), **settings)
+        settings = {k: meta[k] for k in ("nlist", "nprobe", "pq_m", "pq_bits", "hnsw_m", "ef_search", "rescore")
+                    if k in meta}
+        index = cls(encoder, model_ref=meta.get("model"), kind=meta["backend"], **settings)
         index.texts, index.keys = read_records(root / TEXTS_FILE)
-        if meta["backend"] == "numpy":
-            index._vectors = load_npy(root / NUMPY_FILE)
-        else:
-            if index._faiss is None:
-                raise PromcseError("this index was built with FAISS: pip install faiss-cpu to load it", path=root)
-            index._index = index_kinds.read_index(index._faiss, index.kind, root / FAISS_FILE, index.params)
-            index._dim = int(meta["dim"]) if index.kind == "binary" else int(index._index.d)
-        if meta.get("store"):
-            index._store = index_kinds.open_store(meta["store"], root)
-        stored = len(index._vectors) if index._vectors is not None else int(index._index.ntotal)
-        if stored != len(index.texts):
-            raise PromcseError(f"index holds {stored} vectors but {len(index.texts)} texts", path=root)
+        if len(index.texts) != meta["count"]:
+            raise PromcseError(f"{TEXTS_FILE} holds {len(index.texts)} texts, meta.json says {meta['count']}",
+                               path=root / META_FILE, key="count")
+        index._read_vectors(root, meta)
         return index
 
+    def _read_vectors(self, root: Path, meta: dict[str, Any]) -> None:
+        """The vectors of a loaded index (``vectors.npy``, or ``index.faiss`` and its store), checked against the
+        (checked) ``meta``."""
+        if meta["backend"] == "numpy":
+            self._vectors = index_meta.read_numpy(meta, root)
+            return
+        if self._faiss is None:
+            raise PromcseError("this index was built with FAISS: pip install faiss-cpu to load it", path=root)
+        self._index, self._store = index_meta.read_faiss(self._faiss, meta, root, self.params)
+        self._dim = meta["dim"]
 
 def build_from_vectors(root: str | Path, *, kind: str = "auto", model_ref: str | None = None,
                        train_size: int = DEFAULT_TRAIN_SIZE, seed: int = 0, show_progress: bool = False,
@@ -342,6 +359,8 @@ def build_from_vectors(root: str | Path, *, kind: str = "auto", model_ref: str |
     """
     manifest = shards.require_complete(root)
     index = Index(None, model_ref=model_ref or manifest["model"], kind=kind, **settings)
+    for entry in manifest["shards"]:  # every file as the encode wrote it, before any is read
+        shards.check_shard(root, entry)
     if index.resolve_kind(int(manifest["total_rows"])) in NEEDS_TRAINING:
         index.train(training_sample(root, manifest, train_size, seed))
     if index.kind in COMPRESSED:
@@ -363,12 +382,8 @@ def _portable_ref(model_ref: str | None) -> str | None:
 
 
 def read_meta(root: Path) -> dict[str, Any]:
-    """Read and check ``meta.json``."""
-    path = root / META_FILE
-    meta = read_versioned(path, FORMAT, FORMAT_VERSION, "index directory")
-    if meta.get("backend") not in KINDS or meta.get("backend") == "auto":
-        raise PromcseError(f"unknown index backend {meta.get('backend')!r}", path=path)
-    return meta
+    """Read ``meta.json``, every field checked (:func:`promcse.corpus.index_meta.read_meta`)."""
+    return index_meta.read_meta(root)
 
 
 def read_texts(path: Path) -> list[str]:

@@ -30,8 +30,9 @@ import numpy as np
 
 from promcse.io.jsonl import iter_jsonl
 from promcse.errors import PromcseError
-from promcse.io.schema import load_array, read_versioned
+from promcse.io.schema import load_array
 from promcse.io.files import atomic_write, atomic_write_text, check_output_dir, sha256_file  # noqa: F401
+from promcse.corpus.json_fields import MAX_DIM, MAX_ROWS, checked, only, plain_name, read_object, sha256_hex
 
 FORMAT = "promcse-vectors"
 FORMAT_VERSION = 1
@@ -40,6 +41,7 @@ DTYPES: dict[str, str] = {"fp32": "float32", "float32": "float32", "fp16": "floa
                           "int8": "int8"}
 # Fields that must agree between a resumed run and its directory, and between the parts of a merge.
 SAME_RUN = ("model", "dim", "dtype", "normalize", "shard_size", "with_texts", "input")
+MANIFEST_KEYS = ("format", "format_version", *SAME_RUN, "part", "complete", "total_rows", "num_shards", "shards")
 
 
 def canonical_dtype(name: str) -> str:
@@ -116,12 +118,73 @@ def verify_shard(root: Path, entry: dict[str, Any]) -> bool:
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Read and check ``DIR/manifest.json``.
+    """Read ``DIR/manifest.json`` strictly: every field's type and range (:func:`check_manifest`).
 
     Raises:
-        PromcseError: No manifest, unreadable JSON, or not a promcse vector directory.
+        PromcseError: No manifest, unreadable JSON, not a promcse vector directory, or a bad field (named).
     """
-    return read_versioned(Path(root) / MANIFEST, FORMAT, FORMAT_VERSION, "vector directory")
+    path = Path(root) / MANIFEST
+    manifest = read_object(path, FORMAT, FORMAT_VERSION, "vector directory")
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Every field of a manifest: exact types, ranges, the shard entries, no unknown keys.
+
+    Raises:
+        PromcseError: Naming ``path`` and the key (``shards[2].rows``).
+    """
+    only(manifest, MANIFEST_KEYS, path)
+    checked(manifest, "model", str, path, null=True)
+    checked(manifest, "dim", int, path, lo=1, hi=MAX_DIM)
+    checked(manifest, "dtype", str, path, choices=sorted(set(DTYPES.values())))
+    for key in ("normalize", "with_texts", "complete"):
+        checked(manifest, key, bool, path)
+    checked(manifest, "shard_size", int, path, lo=1, hi=MAX_ROWS)
+    checked(manifest, "input", dict, path)
+    part = checked(manifest, "part", dict, path, null=True)
+    if part is not None:
+        only(part, ("index", "count"), path, "part")
+        count = checked(part, "count", int, path, where="part", lo=2, hi=MAX_ROWS)
+        checked(part, "index", int, path, where="part", lo=0, hi=count - 1)
+    total = checked(manifest, "total_rows", int, path, lo=0, hi=MAX_ROWS, null=True)
+    shards = checked(manifest, "num_shards", int, path, lo=0, hi=MAX_ROWS, null=True)
+    if manifest["complete"] and (total is None or shards is None):
+        raise PromcseError("a complete encode records its row and shard counts", path=path,
+                           key="total_rows" if total is None else "num_shards")
+    if total is not None and shards is not None and shards != -(-total // manifest["shard_size"]):
+        raise PromcseError(f"{total} rows in shards of {manifest['shard_size']} are not {shards} shards", path=path,
+                           key="num_shards")
+    seen: set[int] = set()
+    for number, entry in enumerate(checked(manifest, "shards", list, path)):
+        index = _check_entry(manifest, entry, f"shards[{number}]", path)
+        if index in seen:
+            raise PromcseError(f"shard {index} is listed twice", path=path, key=f"shards[{number}].index")
+        seen.add(index)
+
+
+def _check_entry(manifest: dict[str, Any], entry: Any, where: str, path: Path) -> int:
+    """One shard entry: index, first row (``index * shard_size``), rows, and its files; returns the index."""
+    if not isinstance(entry, dict):
+        raise PromcseError(f"expected an object, got {type(entry).__name__}", path=path, key=where)
+    only(entry, ("index", "start", "rows", "files"), path, where)
+    size, total, count = manifest["shard_size"], manifest["total_rows"], manifest["num_shards"]
+    index = checked(entry, "index", int, path, where=where, lo=0, hi=MAX_ROWS // size if count is None else count - 1)
+    checked(entry, "start", int, path, where=where, lo=index * size, hi=index * size)
+    checked(entry, "rows", int, path, where=where, lo=1, hi=size if total is None else min(size, total - index * size))
+    files = checked(entry, "files", dict, path, where=where)
+    roles = ("vectors", "rows", "scales") if manifest["dtype"] == "int8" else ("vectors", "rows")
+    only(files, roles, path, f"{where}.files")
+    for role in roles:
+        spec = checked(files, role, dict, path, where=f"{where}.files")
+        key = f"{where}.files.{role}"
+        only(spec, ("name", "sha256"), path, key)
+        name = plain_name(checked(spec, "name", str, path, where=key), path, f"{key}.name")
+        if not name.startswith("shard-"):
+            raise PromcseError("a shard's file names start with 'shard-'", path=path, key=f"{key}.name")
+        sha256_hex(checked(spec, "sha256", str, path, where=key), path, f"{key}.sha256")
+    return index
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
@@ -146,28 +209,99 @@ def require_complete(root: str | Path) -> dict[str, Any]:
     found = [e["index"] for e in manifest["shards"]]
     if found != list(range(int(manifest["num_shards"]))):
         raise PromcseError("the manifest does not list every shard", path=Path(root) / MANIFEST)
+    if sum(e["rows"] for e in manifest["shards"]) != manifest["total_rows"]:
+        raise PromcseError("the shards' rows do not add up to total_rows", path=Path(root) / MANIFEST,
+                           key="total_rows")
     return manifest
+
+
+def check_shard(root: str | Path, entry: dict[str, Any]) -> None:
+    """Every file of a (checked) manifest entry is there with the sha256 the manifest records.
+
+    Raises:
+        PromcseError: Naming the file that is missing or changed since the encode wrote it.
+    """
+    for spec in entry["files"].values():
+        path = Path(root) / spec["name"]
+        if not path.is_file():
+            raise PromcseError(f"missing: {MANIFEST} lists it for shard {entry['index']}", path=path)
+        if sha256_file(path) != spec["sha256"]:
+            raise PromcseError(f"does not match the sha256 {MANIFEST} records for it (changed since the encode "
+                               "wrote it): encode the corpus again, or restore the file", path=path)
 
 
 def _load(path: Path) -> np.ndarray:
     return load_array(path)
 
 
+def require_finite(vectors: np.ndarray, path: Path | None = None) -> None:
+    """Refuse NaN or infinite values, naming the file (if any) and the first such row (0-based)."""
+    bad = ~np.isfinite(vectors).reshape(len(vectors), -1).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+        raise PromcseError(f"row {int(rows[0])}{more} holds NaN or infinite values; an index over it would "
+                           "answer wrongly", path=path)
+
+
+def finite_matrix(vectors: Any, key: str = "vectors") -> np.ndarray:
+    """``vectors`` as a C-contiguous float32 (N, D) matrix of finite values (the argument named by ``key``).
+
+    Raises:
+        PromcseError: Not a 2-D array of numbers, or NaN/infinite values (the first such row named).
+    """
+    try:
+        matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise PromcseError(f"expected a matrix of numbers: {err}", key=key) from None
+    if matrix.ndim != 2 or matrix.shape[1] == 0:
+        raise PromcseError(f"expected an (N, D) matrix, got shape {matrix.shape}", key=key)
+    try:
+        require_finite(matrix)
+    except PromcseError as err:
+        raise PromcseError(err.message, key=key) from None
+    return matrix
+
+
 def read_vectors(root: str | Path, entry: dict[str, Any]) -> np.ndarray:
-    """One shard's vectors as float32 (int8 codes rescaled), shape (rows, dim)."""
+    """One shard's vectors as float32 (int8 codes rescaled), shape (rows, dim).
+
+    Raises:
+        PromcseError: A file of the wrong shape or type, or NaN/infinite values (file and row named).
+    """
     files = entry["files"]
-    stored = _load(Path(root) / files["vectors"]["name"])
-    scales = _load(Path(root) / files["scales"]["name"]) if "scales" in files else None
-    if stored.ndim != 2 or len(stored) != entry["rows"]:
-        raise PromcseError(f"expected {entry['rows']} rows of vectors, got shape {stored.shape}",
-                           path=Path(root) / files["vectors"]["name"])
-    return dequantize(stored, scales)
+    path = Path(root) / files["vectors"]["name"]
+    stored = _load(path)
+    if stored.ndim != 2 or len(stored) != entry["rows"] or stored.dtype.kind not in "fi":
+        raise PromcseError(f"expected {entry['rows']} rows of vectors, got {stored.dtype} {stored.shape}", path=path)
+    scales = None
+    if "scales" in files:
+        scales_path = Path(root) / files["scales"]["name"]
+        scales = _load(scales_path)
+        if scales.shape != (len(stored),) or scales.dtype.kind != "f":
+            raise PromcseError(f"expected {len(stored)} float scales, got {scales.dtype} {scales.shape}",
+                               path=scales_path)
+        require_finite(scales, scales_path)
+    vectors = dequantize(stored, scales)
+    require_finite(vectors, path)
+    return vectors
 
 
 def read_rows(root: str | Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """One shard's ``{"id", "text"}`` records in row order."""
+    """One shard's ``{"id", "text"}`` records in row order.
+
+    Raises:
+        PromcseError: A record without an id, a text that is not a string, or not one record per row.
+    """
     path = Path(root) / entry["files"]["rows"]["name"]
-    return [obj for _, obj in iter_jsonl(path)]
+    rows = []
+    for number, obj in iter_jsonl(path):
+        if "id" not in obj or not isinstance(obj.get("text", ""), str):
+            raise PromcseError('expected {"id": ..., "text": str}', path=path, line=number)
+        rows.append(obj)
+    if len(rows) != entry["rows"]:
+        raise PromcseError(f"holds {len(rows)} records for {entry['rows']} rows", path=path)
+    return rows
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

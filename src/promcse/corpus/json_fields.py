@@ -1,0 +1,122 @@
+"""Strict reading of the JSON files promcse writes beside vectors: an index's ``meta.json``, a shard manifest.
+
+Both are parsed with the limits of :func:`promcse.io.jsonl.parse_json` (nesting, integer digits, no ``NaN``),
+then every field is checked for its exact type (a string is never an int, a bool never a number, a float never
+an int) and range before anything uses it. A violation is one :class:`~promcse.errors.PromcseError` naming the
+file and the key, dotted for nested fields (``store.path``, ``shards[3].rows``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from promcse.errors import PromcseError
+from promcse.io.jsonl import parse_json
+from promcse.io.schema import MAX_CONFIG_BYTES, read_regular_file
+
+MAX_INT = 2**31 - 1  # FAISS keeps its search and build settings in C ints
+MAX_ROWS = 2**40  # rows of one corpus or index: far above any real one
+MAX_DIM = 2**16  # vector size
+SHA256 = re.compile(r"[0-9a-f]{64}")
+REQUIRED: Any = object()  # the default of :func:`checked` for a key that must be present
+_TYPE_NAMES = {bool: "bool", int: "int", str: "string", dict: "object", list: "array"}
+
+
+def read_object(path: str | Path, fmt: str, max_version: int, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``format`` is ``fmt`` and integer ``format_version`` at most ``max_version``.
+
+    Raises:
+        PromcseError: Missing (naming its folder), not a regular file, over 16 MiB, not UTF-8, invalid JSON or
+            past :func:`~promcse.io.jsonl.parse_json`'s limits, not an object, another format, a newer version.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise PromcseError(f"not a promcse {what} (no {path.name})", path=path.parent)
+    raw = read_regular_file(path, MAX_CONFIG_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PromcseError(f"not valid UTF-8: byte 0x{raw[err.start]:02x} at offset {err.start}", path=path) from None
+    data = parse_json(text, path)
+    if not isinstance(data, dict):
+        raise PromcseError(f"expected a JSON object, got {type(data).__name__}", path=path)
+    if data.get("format") != fmt:
+        raise PromcseError(f"not a promcse {what} (wrong format field)", path=path, key="format")
+    version = checked(data, "format_version", int, path, lo=0, hi=MAX_INT, default=0)
+    if version > max_version:
+        raise PromcseError(f"{what} written by a newer promcse; upgrade to read it", path=path)
+    return data
+
+
+def shown(value: Any) -> str:
+    """A parsed JSON value as a short text for messages."""
+    return json.dumps(value, ensure_ascii=False)[:60]
+
+
+def name_of(where: str, key: str | int) -> str:
+    """The dotted key of a field: ``store`` + ``path`` -> ``store.path``, ``shards`` + 3 -> ``shards[3]``."""
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def checked(data: dict[str, Any], key: str, kind: type, path: str | Path, *, where: str = "",
+            lo: int | None = None, hi: int | None = None, null: bool = False, choices: Collection[Any] = (),
+            default: Any = REQUIRED) -> Any:
+    """``data[key]``, of exactly type ``kind`` (or None where ``null``), within ``lo..hi``, one of ``choices``.
+
+    Args:
+        data: The object holding the field.
+        key: The field's name.
+        kind: ``int``, ``bool``, ``str``, ``dict`` or ``list``.
+        path: The file, for messages.
+        where: The dotted key of ``data`` inside the file ('' at the top).
+        lo, hi: Inclusive bounds of an int.
+        null: Accept ``null``.
+        choices: The values allowed (empty: any).
+        default: Returned when the key is absent (:data:`REQUIRED`: absence is an error).
+    """
+    name = name_of(where, key)
+    if key not in data:
+        if default is REQUIRED:
+            raise PromcseError("missing", path=path, key=name)
+        return default
+    value = data[key]
+    if value is None and null:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = _TYPE_NAMES.get(kind, kind.__name__) + (" or null" if null else "")
+        raise PromcseError(f"expected {expected}, got {shown(value)}", path=path, key=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise PromcseError(f"{shown(value)} is outside {lo}..{hi}", path=path, key=name)
+    if choices and value not in choices:
+        raise PromcseError(f"{shown(value)} is not one of {', '.join(map(shown, choices))}", path=path, key=name)
+    return value
+
+
+def only(data: dict[str, Any], allowed: Collection[str], path: str | Path, where: str = "") -> None:
+    """Refuse keys of ``data`` outside ``allowed``, naming the first one."""
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise PromcseError(f"unknown key; expected some of {', '.join(sorted(allowed))}", path=path,
+                           key=name_of(where, unknown[0]))
+
+
+def plain_name(value: Any, path: str | Path, key: str) -> str:
+    """A file name inside the directory (no folder part, not ``.`` or ``..``)."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
+            or "\0" in value:
+        raise PromcseError(f"expected a plain file name, got {shown(value)}", path=path, key=key)
+    return value
+
+
+def sha256_hex(value: Any, path: str | Path, key: str) -> str:
+    """A sha256 as 64 lowercase hex digits."""
+    if not isinstance(value, str) or not SHA256.fullmatch(value):
+        raise PromcseError(f"expected a sha256 (64 hex digits), got {shown(value)}", path=path, key=key)
+    return value
