@@ -35,7 +35,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from promcse.io.data import read_training_file, resolve_train_file
     from promcse.models.loading import load
     from promcse.corpus.mine import MineConfig, mine_hard_negatives
-    from promcse.corpus.mine_files import format_report, read_corpus, write_mined
+    from promcse.corpus.mine_files import check_mined_output, format_report, read_corpus, write_mined
 
     low, high = parse_range(args.range)
     config = MineConfig(range_min=low, range_max=high, margin=args.margin, max_score=args.max_score,
@@ -45,6 +45,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     source, corpus_file = resolve_train_file(args.input), args.corpus and resolve_train_file(args.corpus)
     if Path(args.output).resolve() in {Path(p).resolve() for p in (source, corpus_file) if p}:
         raise PromcseError("--output would overwrite an input file; write somewhere else", path=args.output)
+    check_mined_output(args.output, [p for p in (source, corpus_file) if p])  # before any file is read
     pairs = read_training_file(source)
     corpus = read_corpus(corpus_file) if corpus_file else None
     encoder = load(args.model, device=args.device)

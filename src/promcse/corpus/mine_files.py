@@ -8,12 +8,31 @@ quoted CSV or JSON Lines through :func:`promcse.io.files.atomic_write_text`, rea
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from promcse.io.corpus_files import iter_corpus
 from promcse.errors import PromcseError
-from promcse.io.files import atomic_write_text
+from promcse.io.files import atomic_write_text, check_output_file
 from promcse.corpus.mine import MinedResult
+
+SUFFIXES: tuple[str, ...] = (".csv", ".jsonl")
+
+
+def check_mined_output(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse, before any file is read or model loaded, an output :func:`write_mined` could not write.
+
+    Refused: another suffix than ``.csv``/``.jsonl``; an existing directory, FIFO or device; a path under a
+    regular file; a place where no file can be created; one of ``inputs`` (the pairs, the corpus).
+
+    Raises:
+        PromcseError: Naming ``path`` (key ``path``) and the reason.
+    """
+    out = Path(path)
+    if out.suffix.lower() not in SUFFIXES:
+        raise PromcseError("must end in .csv or .jsonl", path=out, key="path")
+    return check_output_file(out, inputs, label="path")
+
 
 def read_corpus(path: str | Path) -> list[str]:
     """Corpus sentences (:func:`promcse.io.corpus_files.iter_corpus`: a ``text`` field, else every training
@@ -33,12 +52,10 @@ def write_mined(result: MinedResult, path: str | Path) -> Path:
     """Write the rows atomically as ``.csv`` (quoted) or ``.jsonl``; returns the path.
 
     Raises:
-        PromcseError: No rows to write (the counts say why), or another output type.
+        PromcseError: No rows to write (the counts say why), or an output :func:`check_mined_output` refuses.
     """
-    out = Path(path)
+    out = check_mined_output(path)
     suffix = out.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise PromcseError("must end in .csv or .jsonl", path=out, key="path")
     if not len(result):
         s = result.stats
         raise PromcseError(f"no row got {result.config.per_anchor} negative(s): all {s.rows_in} rows were "

@@ -8,8 +8,10 @@ unless the user names a hub model and has a hub.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -17,6 +19,11 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 from promcse.errors import PromcseError
 
 MINILM = "minilm"
+SAFE_WEIGHTS: tuple[str, ...] = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS: tuple[str, ...] = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# The PromCSE authors' released format (promcse.models.released) may carry pytorch_model.bin: transformers reads
+# it with torch.load(weights_only=True), as released.py does. Every other backbone must be safetensors.
+RELEASED_ARCHITECTURES = frozenset({"BertForCL", "RobertaForCL"})
 
 
 @dataclass(frozen=True)
@@ -186,19 +193,63 @@ def row_position_ids(config: object, input_ids: torch.Tensor, attention_mask: to
     return positions.clamp(max=int(getattr(config, "max_position_embeddings", 512)) - 1)
 
 
+def check_weight_files(resolved: str, config: object) -> bool:
+    """Refuse a backbone whose weights could only be read by unpickling; say whether to read safetensors only.
+
+    A local folder must hold ``model.safetensors`` (or its sharded index). One holding only
+    ``pytorch_model.bin`` is refused: unpickling a file can run any code it carries, and promcse never does it
+    for a backbone. The released PromCSE format (``config.json`` architectures ``BertForCL``/``RobertaForCL``)
+    is the one exception; see :data:`RELEASED_ARCHITECTURES`.
+
+    Args:
+        resolved: The backbone's directory, or a hub name.
+        config: Its transformers config (``architectures``, ``transformers_weights`` are read).
+
+    Returns:
+        True when transformers must read safetensors only (everything but a released ``.bin`` folder).
+
+    Raises:
+        PromcseError: Naming the folder (or its ``config.json``) and how to convert the weights.
+    """
+    folder = Path(resolved)
+    explicit = getattr(config, "transformers_weights", None)
+    if explicit is not None and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+        raise PromcseError(f"names the weights file '{explicit}', which is not safetensors; promcse never unpickles "
+                           "a backbone", path=folder / "config.json", key="transformers_weights")
+    if not folder.is_dir() or any((folder / name).is_file() for name in SAFE_WEIGHTS):
+        return True
+    if set(getattr(config, "architectures", None) or ()) & RELEASED_ARCHITECTURES:
+        return False
+    pickled = [name for name in PICKLED_WEIGHTS if os.path.lexists(folder / name)]
+    if pickled:
+        raise PromcseError(f"holds only pickled PyTorch weights ({', '.join(pickled)}) and promcse never unpickles "
+                           "a backbone (loading a pickle can run any code it carries). Convert them to safetensors "
+                           "where you trust the file (model.save_pretrained(folder, safe_serialization=True) writes "
+                           "model.safetensors), or use a folder that has model.safetensors", path=folder,
+                           key="model.backbone")
+    return True
+
+
 def load_backbone(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an encoder and its tokenizer in fp32 with eager-compatible (SDPA) attention.
 
+    A folder holding only pickled weights (``pytorch_model.bin``) is refused before anything loads
+    (:func:`check_weight_files`); every other backbone is read from safetensors only.
+
     Raises:
-        PromcseError: If the name is neither a local directory nor loadable from a hub cache.
+        PromcseError: If the name is neither a local directory nor loadable from a hub cache, or its
+            weights are pickled only.
     """
     resolved = resolve_backbone(name_or_path)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         config = AutoConfig.from_pretrained(resolved)
         family = family_of(config.model_type)  # unsupported families stop here, before the weights load
+        safe_only = check_weight_files(resolved, config)  # pickled-only folders stop here, never unpickled
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-        extra = {"add_pooling_layer": False} if family.has_pooling_layer else {}
+        extra: dict[str, Any] = {"add_pooling_layer": False} if family.has_pooling_layer else {}
+        if safe_only:
+            extra["use_safetensors"] = True  # transformers never falls back to a pickled file (hub names too)
         model = AutoModel.from_pretrained(resolved, config=config, dtype=torch.float32, **extra)
     except (OSError, ValueError) as err:
         raise PromcseError(

@@ -19,6 +19,7 @@ needed to build or test it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -92,20 +93,29 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
         model: What :func:`promcse.load` accepts.
         output: Directory to create (an existing one is updated; never the checkpoint itself).
         copy_backbone: Copy the backbone into ``output/backbone`` instead of referencing it.
-        eval_results: ``promcse eval --json`` output to show in the model card.
+        eval_results: ``promcse eval --json`` output to show in the model card (checked by
+            :func:`check_eval_results` before the model loads).
 
     Returns:
         The output directory.
+
+    Raises:
+        PromcseError: ``output`` is a file, lies under one or cannot be written; malformed ``eval_results``;
+            a model that cannot be loaded or exported.
     """
     import safetensors.torch
 
     from promcse.models.checkpoint import BACKBONE_DIR
-    from promcse.io.files import atomic_write_text
+    from promcse.io.files import atomic_write_text, check_output_dir
     from promcse.models.loading import load
 
     source, out = str(model), Path(output)
     if Path(source).exists() and out.resolve() == Path(source).resolve():
         raise PromcseError("the export directory must differ from the checkpoint directory", path=out)
+    # an existing directory is updated (any files in it may stay); a file, or a path under one, is refused
+    check_output_dir(out, ours=lambda name: True, what="sentence-transformers export", label="output")
+    if eval_results is not None:
+        check_eval_results(eval_results)
     encoder = load(source, device="cpu")
     if encoder.gated:
         raise PromcseError("a gated prompt (model.prompt_gate): the sentence-transformers module does not carry its "
@@ -147,12 +157,29 @@ def _st_config() -> dict[str, Any]:
 
 
 def _checkpoint_meta(source: str) -> dict[str, Any]:
-    """The checkpoint's config.json (training config, step, dev score), or {} for a bare backbone."""
+    """The checkpoint's config.json (training config, step, dev score), or {} for a bare backbone.
+
+    Read strictly (:func:`promcse.io.schema.read_json_object`); the card shows only the fields of the types it
+    expects (:func:`_number`), so a hand-edited ``"stsb_dev": "high"`` is left out of the card, not shown.
+    """
+    from promcse.io.schema import read_json_object
     from promcse.models.checkpoint import CONFIG_FILE, is_checkpoint
 
     if not is_checkpoint(source):
         return {}
-    return json.loads((Path(source) / CONFIG_FILE).read_text(encoding="utf-8"))
+    return read_json_object(Path(source) / CONFIG_FILE)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` when it is a finite real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _cell(text: str) -> str:
+    """A task name as one markdown table cell (no pipe or line break can split the table)."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def model_card(encoder: SentenceEncoder, source: str, ref: dict[str, Any], meta: dict[str, Any],
@@ -162,7 +189,7 @@ def model_card(encoder: SentenceEncoder, source: str, ref: dict[str, Any], meta:
     prompt_params = sum(p.numel() for p in encoder.prompt.parameters()) if encoder.prompt is not None else 0
     head_params = sum(p.numel() for p in encoder.head.parameters()) if encoder.head is not None else 0
     base = "sentence-transformers/all-MiniLM-L6-v2" if spec.backbone == MINILM else spec.backbone
-    run = meta.get("run_config") or {}
+    run = meta.get("run_config") if isinstance(meta.get("run_config"), dict) else {}
     lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
              "tags:", "- sentence-transformers", "- sentence-similarity", "- promcse", f"base_model: {base}", "---", "",
              f"# PromCSE sentence encoder ({Path(source).name or source})", "",
@@ -176,9 +203,11 @@ def model_card(encoder: SentenceEncoder, source: str, ref: dict[str, Any], meta:
              f"- Max tokens: {encoder.max_length} (position limit less the prompt's shift)", "",
              "## Training", ""]
     if run:
-        data = run.get("data", {})
-        lines += [f"- Data: `{data.get('train_file', 'n/a')}` ({meta.get('train_rows', '?')} rows)",
-                  f"- Checkpoint step: {meta.get('step', '?')}", "", "```json", json.dumps(run, indent=2), "```"]
+        data = run.get("data") if isinstance(run.get("data"), dict) else {}
+        train_file = data.get("train_file") if isinstance(data.get("train_file"), str) else "n/a"
+        rows, step = (meta.get(k) if _number(meta.get(k)) is not None else "?" for k in ("train_rows", "step"))
+        lines += [f"- Data: `{train_file}` ({rows} rows)",
+                  f"- Checkpoint step: {step}", "", "```json", json.dumps(run, indent=2), "```"]
     else:
         lines.append("No training record (a bare backbone).")
     lines += ["", "## Evaluation", "", *_eval_lines(meta, eval_results), "", "## Usage", "", "```python",
@@ -197,15 +226,16 @@ def _where(ref: dict[str, Any]) -> str:
 
 
 def _eval_lines(meta: dict[str, Any], eval_results: dict[str, Any] | None) -> list[str]:
-    """STS results as a table (from ``promcse eval --json``), else the training-time STS-B dev score."""
+    """STS results as a table (from ``promcse eval --json``, checked by :func:`check_eval_results`), else the
+    training-time STS-B dev score (left out unless it is a finite number)."""
     lines: list[str] = []
     tasks = (eval_results or {}).get("tasks", {})
     if tasks:
         lines += ["Spearman x100 (SentEval 'all'):", "", "| task | spearman |", "|---|---|"]
-        lines += [f"| {name} | {float(r['spearman']):.2f} |" for name, r in tasks.items()
-                  if isinstance(r, dict) and "spearman" in r]
-    if meta.get("stsb_dev") is not None:
-        lines.append(f"STS-B dev Spearman x100 at the saved step: {float(meta['stsb_dev']):.2f}")
+        lines += [f"| {_cell(name)} | {float(r['spearman']):.2f} |" for name, r in tasks.items()]
+    dev = _number(meta.get("stsb_dev"))
+    if dev is not None:
+        lines.append(f"STS-B dev Spearman x100 at the saved step: {dev:.2f}")
     return lines or ["Not evaluated yet: run `promcse eval --model CKPT --tasks all`."]
 
 
@@ -291,15 +321,51 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def read_eval_results(path: str | Path) -> dict[str, Any]:
-    """Read ``promcse eval --json`` output (for :func:`export_sentence_transformers`'s model card).
+def check_eval_results(results: Any, path: str | Path | None = None) -> dict[str, Any]:
+    """Check what the model card reads of ``promcse eval --json`` output: an object whose optional ``tasks``
+    is an object of task name -> object with a finite number ``spearman`` (other keys are not read).
+
+    Args:
+        results: The parsed results.
+        path: The file they were read from, for messages.
 
     Raises:
-        PromcseError: The file cannot be read or is not valid JSON.
+        PromcseError: Naming the file and the key at fault (``tasks.sts12.spearman``).
+    """
+    prefix = "" if path is not None else "eval_results."  # a Python caller's argument, else the file's keys
+    if not isinstance(results, dict):
+        raise PromcseError(f"expected a JSON object (promcse eval's JSON results), got {type(results).__name__}",
+                           path=path, key=None if path is not None else "eval_results")
+    tasks = results.get("tasks", {})
+    if not isinstance(tasks, dict):
+        raise PromcseError(f"expected an object of task results, got {type(tasks).__name__}", path=path,
+                           key=f"{prefix}tasks")
+    for name, result in tasks.items():
+        if not isinstance(result, dict):
+            raise PromcseError(f"expected an object, got {type(result).__name__}", path=path,
+                               key=f"{prefix}tasks.{name}")
+        value = result.get("spearman")
+        if _number(value) is None:
+            shown = json.dumps(value)[:40] if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+            raise PromcseError(f"expected a finite number, got {shown}", path=path,
+                               key=f"{prefix}tasks.{name}.spearman")
+    return results
+
+
+def read_eval_results(path: str | Path) -> dict[str, Any]:
+    """Read ``promcse eval --json`` output (for :func:`export_sentence_transformers`'s model card), strictly.
+
+    A regular UTF-8 file of at most 16 MiB holding one JSON object (nesting, huge integers and ``NaN`` refused
+    by :func:`promcse.io.jsonl.parse_json`), checked by :func:`check_eval_results`.
+
+    Raises:
+        PromcseError: Naming the file (and the key) when it cannot be read, is not JSON or not of that shape.
     """
     from promcse.io.data import read_text
+    from promcse.io.jsonl import parse_json
+    from promcse.io.schema import MAX_CONFIG_BYTES, regular_size
 
-    try:
-        return json.loads(read_text(path))
-    except ValueError as err:
-        raise PromcseError(f"not valid JSON: {err}", path=path) from None
+    size = regular_size(path)
+    if size > MAX_CONFIG_BYTES:
+        raise PromcseError(f"file is {size} bytes; evaluation results are at most {MAX_CONFIG_BYTES}", path=path)
+    return check_eval_results(parse_json(read_text(path), path), path)

@@ -75,10 +75,18 @@ def _parquet_rows(path: Path, text_field: str, id_field: str | None) -> Iterator
     if missing:
         raise PromcseError(f"missing column(s) {', '.join(missing)}; found {', '.join(table.schema_arrow.names)}",
                            path=path)
-    number = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
-        texts = batch.column(text_field).to_pylist()
-        ids = batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
+    number, batches = 0, table.iter_batches(batch_size=PARQUET_BATCH, columns=columns)
+    while True:
+        try:  # a damaged page or column chunk is found only when its batch is decoded
+            batch = next(batches, None)
+            if batch is None:
+                break
+            texts = batch.column(text_field).to_pylist()
+            ids = batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
+        except Exception as err:  # pyarrow's ArrowInvalid/ArrowIOError/OSError, and whatever a codec raises
+            raise PromcseError(f"cannot read parquet from this row on (rows are read {PARQUET_BATCH} at a time), "
+                               f"damaged data: {type(err).__name__}: {str(err)[:200]}", path=path,
+                               line=number + 1) from None
         for rid, text in zip(ids, texts):
             number += 1  # parquet rows are reported as lines, 1-based
             yield (_check_id(rid, path, number, id_field) if id_field else None,

@@ -8,6 +8,10 @@ resolved reference and, for a directory, every file's name, size and modificatio
 another seed or another run on the same data reuses them and any change recomputes. A multi-source run
 (``data.sources``) keeps one cache per source, so adding a source to a run embeds only the new file's texts.
 The loop then looks up the rows of each batch: the teacher never runs during training.
+
+The cache directory is checked before the teacher loads (:func:`check_cache_dir`: not a file, not under one,
+writable when vectors are to be written), and a record is read strictly (:func:`read_record`); errors name the
+setting ``loss.distill_cache``.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from promcse.errors import PromcseError
-from promcse.io.files import atomic_write, atomic_write_text, sha256_file
+from promcse.io.files import atomic_write, atomic_write_text, check_output_dir, sha256_file
+from promcse.io.jsonl import parse_json
+from promcse.io.schema import load_array, read_regular_file
 from promcse.models.loading import load, reference_key
-from promcse.io.schema import load_array, read_versioned
 
 FORMAT = "promcse-teacher-cache"
 VERSION = 1
+CACHE_KEY = "loss.distill_cache"  # the setting that names the cache directory, named in its errors
+MAX_RECORD_BYTES = 2**20  # a record is a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,60 @@ def cache_key(reference: str, texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+def check_cache_dir(directory: str | Path, writable: bool, label: str = CACHE_KEY) -> Path:
+    """Refuse, before the teacher loads, a cache directory that is a file, lies under one, or (``writable``,
+    when vectors are to be written) cannot be written in.
+
+    Raises:
+        PromcseError: Naming the directory and ``label`` (the setting that gave it).
+    """
+    where = Path(directory)
+    if os.path.lexists(where) and not where.is_dir():
+        raise PromcseError("exists and is not a directory: the teacher cache is a directory of .npy/.json pairs",
+                           path=where, key=label)
+    if writable:
+        try:
+            check_output_dir(where, ours=lambda name: True, what="teacher cache directory", label=label)
+        except PromcseError as err:  # its write probe names no key: name the setting that gave the directory
+            raise PromcseError(err.message, path=err.path, key=err.key or label) from None
+    return where
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A cache record (``<key>.json``), strictly: a regular UTF-8 file, one JSON object, this format and version.
+
+    Raises:
+        PromcseError: Naming the record (and the key at fault).
+    """
+    raw = read_regular_file(path, MAX_RECORD_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PromcseError("not UTF-8 text; delete it to recompute", path=path) from None
+    record = parse_json(text, path)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise PromcseError("not a promcse teacher cache record; delete it to recompute", path=path)
+    version = record.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PromcseError(f"expected a positive int, got {json.dumps(version)[:40]}", path=path, key="version")
+    if version > VERSION:
+        raise PromcseError("teacher cache written by a newer promcse; upgrade or delete it", path=path, key="version")
+    for name, kind in (("key", str), ("rows", int), ("sha256", str)):
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise PromcseError(f"expected {kind.__name__}, got {json.dumps(value)[:40]}; delete it to recompute",
+                               path=path, key=name)
+    return record
+
+
 def _read_cached(directory: Path, key: str, count: int) -> np.ndarray | None:
     """The cached vectors for ``key``, or None when absent; a damaged cache is named, never used."""
     meta_path, npy_path = directory / f"{key[:32]}.json", directory / f"{key[:32]}.npy"
-    if not meta_path.exists():
+    if not os.path.lexists(meta_path):
         return None
-    meta = read_versioned(meta_path, FORMAT, VERSION, "teacher cache")
-    if meta.get("key") != key or meta.get("rows") != count or not npy_path.is_file() \
-            or meta.get("sha256") != sha256_file(npy_path):
+    meta = read_record(meta_path)
+    if meta["key"] != key or meta["rows"] != count or not npy_path.is_file() \
+            or meta["sha256"] != sha256_file(npy_path):
         raise PromcseError("teacher cache does not match its record (a changed or partial file); delete it to "
                            "recompute", path=npy_path)
     vectors = load_array(npy_path)
@@ -107,17 +161,22 @@ def _write_cache(directory: Path, key: str, reference: str, vectors: np.ndarray)
 
 
 def build_teacher_cache(reference: str, texts: list[str], directory: str | Path, device: str = "auto",
-                        batch_size: int = 64, show_progress: bool = True) -> TeacherCache:
+                        batch_size: int = 64, show_progress: bool = True, label: str = CACHE_KEY) -> TeacherCache:
     """Embeddings of the distinct ``texts`` by the teacher ``reference``, from the cache or computed now.
 
+    Args:
+        label: The setting that names ``directory``, for errors (``loss.distill_cache``).
+
     Raises:
-        PromcseError: The teacher cannot be loaded, or the cache is damaged.
+        PromcseError: The teacher cannot be loaded, the cache is damaged, or ``directory`` is a file, lies
+            under one or (when the vectors are to be computed) is not writable: refused before the teacher loads.
     """
     distinct = list(dict.fromkeys(texts))
     key = cache_key(reference, distinct)
-    where = Path(directory)
+    where = check_cache_dir(directory, writable=False, label=label)
     vectors = _read_cached(where, key, len(distinct))
     if vectors is None:
+        check_cache_dir(where, writable=True, label=label)
         model = load(reference, device=device)
         if show_progress:
             print(f"teacher {reference}: embedding {len(distinct):,} distinct training texts (cached in {where})")
@@ -130,13 +189,13 @@ def build_teacher_cache(reference: str, texts: list[str], directory: str | Path,
 
 
 def build_source_caches(reference: str, sources: Sequence[list[str]], directory: str | Path, device: str = "auto",
-                        batch_size: int = 64, show_progress: bool = True) -> TeacherCache:
+                        batch_size: int = 64, show_progress: bool = True, label: str = CACHE_KEY) -> TeacherCache:
     """One cache per source (each keyed by that source's texts alone), merged into one lookup.
 
     A text found in several sources keeps its first source's row (the teacher's vector of it is the same).
     """
     parts = [build_teacher_cache(reference, texts, directory, device=device, batch_size=batch_size,
-                                 show_progress=show_progress) for texts in sources]
+                                 show_progress=show_progress, label=label) for texts in sources]
     if len(parts) == 1:
         return parts[0]
     rows: dict[str, int] = {}
