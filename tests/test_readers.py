@@ -79,3 +79,12 @@ def test_training_columns_mode_and_row_errors(tmp_path: Path) -> None:
     assert info.value.line == 3
     with pytest.raises(PromcseError, match="unknown corpus file type"):
         list(iter_corpus(write(tmp_path / "x.xml", "<a/>")))
+
+
+@pytest.mark.parametrize("text", ['{"a": ' + "[" * 5000 + "]" * 5000 + "}", '{"a": ' + "7" * 5000 + "}", '{"a": NaN}'])
+def test_checkpoint_json_is_read_with_the_same_limits(tmp_path: Path, text: str) -> None:
+    from promcse.io.schema import read_json_object
+
+    with pytest.raises(PromcseError, match="not valid UTF-8 JSON") as info:
+        read_json_object(write(tmp_path / "config.json", text))
+    assert info.value.path == str(tmp_path / "config.json")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from promcse.errors import PromcseError
+from promcse.io.jsonl import parse_json
 
 MAX_CONFIG_BYTES = 16 * 2**20
 MAX_HEADER_BYTES = 64 * 2**20
@@ -47,10 +48,13 @@ def read_regular_file(path: str | Path, limit: int) -> bytes:
 
 def read_json_object(path: str | Path, limit: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
     """A JSON object from a regular UTF-8 file."""
-    try:
-        data = json.loads(read_regular_file(path, limit).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    raw = read_regular_file(path, limit)
+    try:  # parse_json: json's limits made errors (deep nesting, 5,000-digit integers, NaN), not tracebacks
+        data = parse_json(raw.decode("utf-8"), path)
+    except UnicodeDecodeError as err:
         raise PromcseError(f"not valid UTF-8 JSON: {err}", path=path) from None
+    except PromcseError as err:
+        raise PromcseError(f"not valid UTF-8 JSON: {err.message}", path=path) from None
     if not isinstance(data, dict):
         raise PromcseError(f"expected a JSON object, got {type(data).__name__}", path=path)
     return data
