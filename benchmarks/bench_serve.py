@@ -17,6 +17,11 @@ an exception (connection error, timeout). ``p50_ms``/``p99_ms`` are over the goo
 is read after each round; ``rss_growth_mib`` is the last round's minus the first's.
 At the end the server gets SIGTERM and must exit 0.
 
+Mixed dimensions (``--mixed-dims``): the server also serves ``tiny``, a randomly initialised 2-layer BERT of width
+96 built in the temporary directory with MiniLM's tokenizer (384 vs 96 dimensions), and good embedding requests
+go to either model, a third of them through ``POST /v1/embeddings`` (half of those with ``dimensions``), so that
+engine batches mix rows of both widths.
+
 Memory probes (issue 15): ``--batching off`` serves one request per forward pass; ``--idle-trim off`` turns off
 the engine's ``malloc_trim`` when its queue drains; ``--server-env MALLOC_ARENA_MAX=2`` (repeatable) sets the
 server's environment. ``--tracemalloc`` runs the server under a small wrapper that, on SIGUSR1 (sent after the
@@ -33,7 +38,7 @@ server exit code other than 0. The last line printed is JSON:
 
 Usage:
     python benchmarks/bench_serve.py [--requests 2000] [--clients 8] [--rounds 3] [--max-seconds 60] [--server-threads 1]
-        [--batching on|off] [--idle-trim on|off] [--server-env KEY=VALUE] [--tracemalloc]
+        [--batching on|off] [--idle-trim on|off] [--server-env KEY=VALUE] [--tracemalloc] [--mixed-dims]
 """
 
 from __future__ import annotations
@@ -156,7 +161,22 @@ def build_index(directory: Path, size: int) -> None:
     index.save(directory)
 
 
-def make_plan(count: int, bad_fraction: float, texts: list[str], rng: random.Random) -> list[tuple[str, Any, int]]:
+def embed_request(texts: list[str], rng: random.Random, models: tuple[str, ...]) -> tuple[str, Any, int]:
+    """A good embedding request: ``/embed``, or (several models) a third through ``/v1/embeddings``."""
+    batch = [t[:120] for t in rng.sample(texts, rng.randint(1, 8))]
+    if len(models) == 1:
+        return ("/embed", {"texts": batch}, 200)
+    model = rng.choice(models)
+    if rng.random() < 1 / 3:
+        body: dict[str, Any] = {"input": batch, "model": model}
+        if rng.random() < 0.5:
+            body["dimensions"] = rng.choice([8, 32, 64])
+        return ("/v1/embeddings", body, 200)
+    return ("/embed", {"texts": batch, "model": model}, 200)
+
+
+def make_plan(count: int, bad_fraction: float, texts: list[str], rng: random.Random,
+              models: tuple[str, ...] = ("minilm",)) -> list[tuple[str, Any, int]]:
     """``count`` requests: (path, payload, expected status)."""
     plan: list[tuple[str, Any, int]] = []
     for _ in range(count):
@@ -164,11 +184,26 @@ def make_plan(count: int, bad_fraction: float, texts: list[str], rng: random.Ran
         if draw < bad_fraction:
             plan.append(rng.choice(BAD))
         elif draw < bad_fraction + 0.6 * (1 - bad_fraction):
-            batch = [t[:120] for t in rng.sample(texts, rng.randint(1, 8))]
-            plan.append(("/embed", {"texts": batch}, 200))
+            plan.append(embed_request(texts, rng, models))
         else:
             plan.append(("/search", {"query": rng.choice(texts)[:120], "top_k": rng.randint(1, 10)}, 200))
     return plan
+
+
+def write_tiny_model(directory: Path) -> Path:
+    """A random 2-layer BERT of width 96 with MiniLM's tokenizer (``--mixed-dims``): another output dimension."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from promcse.encoder.backbone import minilm_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=192, max_position_embeddings=512)
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
 
 
 def endpoint_of(path: str, expected: int) -> str:
@@ -321,6 +356,8 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--tracemalloc", action="store_true",
                         help="tracemalloc snapshots + mallinfo2 of the server after the warm-up and each round "
                              "(slows the server)")
+    parser.add_argument("--mixed-dims", action="store_true",
+                        help="also serve a 96-dim model and mix requests over both (batches of two widths)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     extra_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
@@ -338,7 +375,8 @@ def server_command(args: argparse.Namespace, root: Path, port: int,
     argv = [sys.executable, "-m", "promcse", "serve", "--model", "minilm=minilm", "--index",
             f"docs={root / 'index'}", "--host", HOST, "--port", str(port), "--device", "cpu",
             "--batching", args.batching, "--idle-trim", args.idle_trim,
-            *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else [])]
+            *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else []),
+            *(["--model", f"tiny={write_tiny_model(root / 'tiny')}"] if args.mixed_dims else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
     if args.tracemalloc:
         (root / "trace").mkdir()
@@ -349,10 +387,16 @@ def server_command(args: argparse.Namespace, root: Path, port: int,
     return argv, env
 
 
+def models_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The served models good requests go to."""
+    return ("minilm", "tiny") if args.mixed_dims else ("minilm",)
+
+
 def warm_up(args: argparse.Namespace, served: Served, server: psutil.Process, texts: list[str],
             rng: random.Random) -> float:
     """The unmeasured warm-up requests, then the server's RSS (MiB) and, with ``--tracemalloc``, probe 0."""
-    warm = run_round(served.url, make_plan(args.warmup, 0.0, texts, rng), args.clients, served.deadline)
+    warm = run_round(served.url, make_plan(args.warmup, 0.0, texts, rng, models_of(args)), args.clients,
+                     served.deadline)
     rss0 = server.memory_info().rss / 2**20
     print(f"warm-up: {len(warm['records'])} requests, RSS {rss0:.1f} MiB")
     if args.tracemalloc:
@@ -363,7 +407,8 @@ def warm_up(args: argparse.Namespace, served: Served, server: psutil.Process, te
 def measured_round(args: argparse.Namespace, served: Served, server: psutil.Process, number: int, share: int,
                    texts: list[str], rng: random.Random, totals: Totals) -> None:
     """Round ``number`` of ``share`` requests, added to ``totals``; the server's RSS (and probe) after it, printed."""
-    result = run_round(served.url, make_plan(share, args.bad_fraction, texts, rng), args.clients, served.deadline)
+    plan = make_plan(share, args.bad_fraction, texts, rng, models_of(args))
+    result = run_round(served.url, plan, args.clients, served.deadline)
     totals.records += result["records"]
     totals.failures += result["failures"]
     totals.seconds += result["seconds"]
@@ -417,7 +462,7 @@ def serve_and_load(args: argparse.Namespace, extra_env: dict[str, str], began: f
 def endpoint_stats(records: list[tuple[str, float, bool]]) -> dict[str, dict[str, Any]]:
     """Count, p50 and p99 (ms) per endpoint (``bad``: the bad requests)."""
     endpoints = {}
-    for name in ("embed", "search", "bad"):
+    for name in ("embed", "v1/embeddings", "search", "bad"):
         lat = [r[1] for r in records if r[0] == name]
         e50, e99 = percentiles_ms(lat)
         endpoints[name] = {"n": len(lat), "p50_ms": e50, "p99_ms": e99}
@@ -439,7 +484,7 @@ def headline_of(args: argparse.Namespace, totals: Totals, exit_code: int | None,
         "unsent": totals.unsent, "server_exit": exit_code, "batching": args.batching, "idle_trim": args.idle_trim,
         "malloc_arenas": args.malloc_arenas if args.malloc_arenas is not None else "server default (2)",
         "server_env": extra_env, "rss_warmup_mib": round(rss0, 1) if rss0 is not None else None,
-        "wall_s": round(time.monotonic() - began, 1),
+        "wall_s": round(time.monotonic() - began, 1), "mixed_dims": args.mixed_dims,
     }
 
 
