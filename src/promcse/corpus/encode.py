@@ -1,8 +1,9 @@
 """Streaming corpus encoding: ``promcse encode --input FILE|DIR --output DIR`` (the files: :mod:`promcse.corpus.shards`).
 
-The input is read as a stream of rows, one shard (``shard_size`` rows) at a time, so memory is bounded by
-the shard size, not the corpus. Formats, by extension (a directory: every such file under it, sorted by
-relative path):
+The input is read as a stream of rows, one shard (``shard_size`` rows) at a time, and each shard is encoded
+and written ``chunk_rows`` rows at a time (:class:`promcse.corpus.shard_writer.ShardWriter`), so memory holds one
+shard's ids and texts plus one chunk's tokens and vectors, neither the corpus nor a shard's vectors. Formats, by
+extension (a directory: every such file under it, sorted by relative path):
 
 - ``.txt``: one text per line (strict UTF-8, BOM and CRLF accepted, surrounding whitespace stripped);
 - ``.jsonl``: one JSON object per line, the text in ``text_field``, an optional id in ``id_field``
@@ -22,12 +23,15 @@ whole stream, to know where its shards start); :func:`promcse.corpus.shards.merg
 from __future__ import annotations
 
 import hashlib
-
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from promcse.io.allocator import malloc_trim
@@ -39,8 +43,10 @@ from promcse.models.loading import reference_key
 from promcse.encoder.model import SentenceEncoder
 from promcse.corpus.shards import (FORMAT, FORMAT_VERSION, MANIFEST, SAME_RUN, canonical_dtype, owned_name, read_manifest,
                             verify_shard, write_manifest, write_shard)
+from promcse.corpus.shard_writer import ShardWriter
 
 HEAD_BYTES = 1 << 20  # the quick fingerprint hashes the first MiB of each file
+TRUNCATED = r"\d+ of \d+ texts reached the \d+-token limit"  # encode_texts' warning, given once per shard here
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class EncodeJob:
         with_texts: Store each row's text next to its id (for ``index build --from-vectors``).
         max_length: Truncate at this many tokens.
         show_progress: Show a tqdm bar over rows.
+        chunk_rows: Rows tokenized and encoded at a time within a shard, rounded down to whole batches (at least
+            one): bounds memory; the files are the same for every value.
     """
 
     input: Path
@@ -76,6 +84,7 @@ class EncodeJob:
     with_texts: bool = True
     max_length: int | None = None
     show_progress: bool = False
+    chunk_rows: int = 4096
 
 
 def _file_hash(path: Path, full: bool) -> str:
@@ -156,20 +165,61 @@ def resume_state(job: EncodeJob, model_ref: str, dim: int,
     return existing, {entry["index"] for entry in kept}
 
 
+@contextmanager
+def _one_truncation_warning() -> Iterator[None]:
+    """Hide encode_texts' per-call truncation warning: :func:`_length_order` gives the shard's one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TRUNCATED, category=UserWarning)
+        yield
+
+
+def _length_order(encoder: SentenceEncoder, texts: list[str], job: EncodeJob) -> np.ndarray:
+    """The shard's rows longest first by token count, ties in row order: the order one ``encode_texts`` call
+    over the whole shard encodes them in. Tokenizes a chunk at a time and keeps only the counts; warns once
+    if texts were truncated, as that call did."""
+    limit = min(job.max_length or encoder.max_length, encoder.max_length)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for at in range(0, len(texts), job.chunk_rows):
+        tokens = encoder.tokenizer(texts[at:at + job.chunk_rows], truncation=True, max_length=limit, padding=False)
+        lengths[at:at + job.chunk_rows] = [len(ids) for ids in tokens["input_ids"]]
+    cut = int((lengths >= limit).sum())
+    if cut:
+        warnings.warn(f"{cut} of {len(texts)} texts reached the {limit}-token limit and were truncated",
+                      stacklevel=2)
+    return np.argsort(-lengths, kind="stable")
+
+
 def _encode_shard(encoder: SentenceEncoder, job: EncodeJob, manifest: dict[str, Any], index: int, start: int,
                   chunk: list[tuple[Any, str]]) -> None:
-    """Encode one shard, write its files, then the manifest that lists it."""
+    """Encode one shard a chunk at a time into its files, then write the manifest that lists it.
+
+    The chunks follow :func:`_length_order` and hold whole batches, so every forward pass sees the texts one
+    ``encode_texts`` call over the shard would batch together, and the files are byte-identical to
+    :func:`write_shard`'s of that call's vectors; only one chunk's tokens and vectors are in memory at a time.
+    """
     texts = [text for _, text in chunk]
-    vectors = encode_texts(encoder, texts, batch_size=job.batch_size, normalize=job.normalize,
-                           max_length=job.max_length)
-    store_shard(job, manifest, index, start, vectors, [rid for rid, _ in chunk], texts)
-    del vectors
+    step = max(1, job.chunk_rows // job.batch_size) * job.batch_size
+    order = _length_order(encoder, texts, job)
+    with ShardWriter(job.output, index, len(chunk), encoder.dim, manifest["dtype"]) as writer:
+        for at in range(0, len(chunk), step):  # the rows file, in row order
+            writer.add_rows([rid for rid, _ in chunk[at:at + step]], texts[at:at + step] if job.with_texts else None)
+        for at in range(0, len(order), step):
+            rows = order[at:at + step]
+            with _one_truncation_warning():
+                vectors = encode_texts(encoder, [texts[r] for r in rows], batch_size=job.batch_size,
+                                       normalize=job.normalize, max_length=job.max_length)
+            writer.put(rows, np.asarray(vectors))
+            del vectors
+        entry = writer.finish(start)
+    manifest["shards"].append(entry)
+    write_manifest(job.output, manifest)
     malloc_trim()  # batches of every shape leave free holes glibc keeps: hand them back once per shard
 
 
 def store_shard(job: EncodeJob, manifest: dict[str, Any], index: int, start: int, vectors: Any, ids: list[Any],
                 texts: list[str]) -> None:
-    """Write an encoded shard's files, then the manifest that lists it (every engine writes through here)."""
+    """Write a shard encoded whole (the Ray engine's) with :func:`write_shard`, then the manifest that lists it.
+    ``encode_corpus`` streams its shards through :class:`ShardWriter` instead: the same files, byte for byte."""
     entry = write_shard(job.output, index, start, vectors, ids, texts if job.with_texts else None, manifest["dtype"])
     manifest["shards"].append(entry)
     write_manifest(job.output, manifest)
@@ -199,8 +249,9 @@ def encode_corpus(encoder: SentenceEncoder, job: EncodeJob, model_ref: str) -> d
     Raises:
         PromcseError: Bad rows (file and line named), an empty corpus, or an output of another run.
     """
-    if job.shard_size < 1:
-        raise PromcseError(f"must be at least 1, got {job.shard_size}", key="shard_size")
+    for key in ("shard_size", "chunk_rows", "batch_size"):
+        if getattr(job, key) < 1:
+            raise PromcseError(f"must be at least 1, got {getattr(job, key)}", key=key)
     manifest, done = resume_state(job, model_ref, encoder.dim)
     if manifest["complete"]:
         return manifest
