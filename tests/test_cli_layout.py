@@ -58,7 +58,7 @@ def subcommands() -> list[list[str]]:
 
 def test_every_command_is_listed() -> None:
     names = {" ".join(c) for c in subcommands()}
-    assert {"train", "encode", "eval", "quickstart", "index", "index build", "index search", "serve",
+    assert {"train", "encode", "eval", "compare", "quickstart", "index", "index build", "index search", "serve",
             "export", "mine"} <= names
 
 

@@ -1,1 +1,2 @@
-"""Evaluation of any encode function: the STS protocol, Crisscrossed Captions and result plots."""
+"""Evaluation of any encode function: the STS protocol, Crisscrossed Captions, BEIR retrieval (with its corpus
+embedding cache and paired comparisons) and result plots."""

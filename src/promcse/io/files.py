@@ -10,7 +10,8 @@ written (under a regular file, in ``/proc`` or another unwritable place), that i
 directory where a file belongs and vice versa, a FIFO or device), that would overwrite an input, or an existing
 directory holding files that are not the writer's own. Missing parent directories are created when the
 output is written, as for every promcse output. :func:`file_manifest` and :func:`verify_manifest` record and
-check the size and sha256 of every file a directory holds (indexes).
+check the size and sha256 of every file a directory holds (indexes). :func:`cache_home` is where promcse's caches
+live.
 """
 
 from __future__ import annotations
@@ -208,6 +209,17 @@ def check_output_dir(path: str | Path, *, ours: Callable[[str], bool] = lambda n
                                "empty directory", path=out, key=label)
     _check_writable(out, out.parent if replaced or not out.is_dir() else out)
     return out
+
+
+def cache_home() -> Path:
+    """promcse's cache folder: ``$PROMCSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/promcse``, else ``~/.cache/promcse``.
+
+    Each kind of cache lives in its own subfolder (``onnx``, ``embeddings``).
+    """
+    if os.environ.get("PROMCSE_CACHE_DIR"):
+        return Path(os.environ["PROMCSE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "promcse"
 
 
 def sha256_file(path: str | Path) -> str:

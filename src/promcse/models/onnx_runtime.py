@@ -258,10 +258,9 @@ class OnnxEncoder:
 
 def cache_root() -> Path:
     """``$PROMCSE_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/promcse/onnx``, else ``~/.cache/promcse/onnx``."""
-    if os.environ.get("PROMCSE_CACHE_DIR"):
-        return Path(os.environ["PROMCSE_CACHE_DIR"]) / "onnx"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "promcse" / "onnx"
+    from promcse.io.files import cache_home
+
+    return cache_home() / "onnx"
 
 
 def _file_facts(path: Path) -> list[Any]:
