@@ -280,3 +280,13 @@ def test_a_good_cache_entry_is_used_without_export(built: dict[str, Path], tmp_p
         warnings.simplefilter("error")
         assert promcse.load(str(built["ckpt"]), backend="onnx").directory == entry
     assert (entry / GRAPH).stat().st_mtime_ns == stamp
+
+
+def test_the_cache_key_holds_the_loaders_own_choices() -> None:
+    """A released checkpoint loaded with another pooler must not be served from the first pooler's export."""
+    from promcse.models.onnx_runtime import cache_key
+
+    plain = cache_key("minilm")
+    assert cache_key("minilm", options={"pooler": None, "prompt_length": None}) == plain
+    assert len({plain, cache_key("minilm", options={"pooler": "cls"}), cache_key("minilm", options={"pooler": "avg"}),
+                cache_key("minilm", options={"prompt_length": 16})}) == 4

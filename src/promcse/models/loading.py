@@ -114,4 +114,5 @@ def _load_onnx(ref: str, device: str, backend: str, pooler: str | None, prompt_l
         raise PromcseError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}", key="backend")
     if backend == "torch":
         raise PromcseError(f"{ref} is an ONNX export: load it with backend 'onnx'", key="backend")
-    return load_onnx(ref, lambda r: load(r, device="cpu", pooler=pooler, prompt_length=prompt_length), device=device)
+    return load_onnx(ref, lambda r: load(r, device="cpu", pooler=pooler, prompt_length=prompt_length), device=device,
+                     options={"pooler": pooler, "prompt_length": prompt_length})

@@ -272,8 +272,9 @@ def _file_facts(path: Path) -> list[Any]:
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def cache_key(model_ref: str, quantize: str = "none") -> str:
-    """Hash naming the cached export of ``model_ref`` (see the module docstring)."""
+def cache_key(model_ref: str, quantize: str = "none", options: dict[str, Any] | None = None) -> str:
+    """Hash naming the cached export of ``model_ref`` (see the module docstring); ``options``: the loader's own
+    choices that change the vectors (a released checkpoint's ``pooler``, ``prompt_length``), part of the key."""
     import torch
     import transformers
 
@@ -284,7 +285,8 @@ def cache_key(model_ref: str, quantize: str = "none") -> str:
     path = Path(resolve_backbone(model_ref))
     parts: dict[str, Any] = {"ref": str(path.resolve()) if path.exists() else model_ref, "files": _file_facts(path),
                              "quantize": quantize, "format_version": FORMAT_VERSION, "promcse": __version__,
-                             "torch": torch.__version__, "transformers": transformers.__version__}
+                             "torch": torch.__version__, "transformers": transformers.__version__,
+                             "options": {k: v for k, v in sorted((options or {}).items()) if v is not None}}
     if is_checkpoint(path):
         backbone = Path(resolve_backbone(read_spec(path).backbone))
         parts["backbone"] = [str(backbone.resolve()) if backbone.exists() else str(backbone), _file_facts(backbone)]
@@ -292,7 +294,7 @@ def cache_key(model_ref: str, quantize: str = "none") -> str:
 
 
 def load_onnx(model_ref: str, load_torch: Callable[[str], Any], quantize: str = "none", device: str = "auto",
-              threads: int = 0) -> OnnxEncoder:
+              threads: int = 0, options: dict[str, Any] | None = None) -> OnnxEncoder:
     """An :class:`OnnxEncoder` for any model reference: an export as it is, anything else exported once and cached.
 
     An export directory is verified (:mod:`promcse.models.onnx_meta`) and refused when it fails. A cache entry
@@ -305,12 +307,14 @@ def load_onnx(model_ref: str, load_torch: Callable[[str], Any], quantize: str = 
         quantize: ``none`` or ``int8`` for the cached export.
         device: ``auto`` or ``cpu``.
         threads: ONNX Runtime intra-op threads (0: its default).
+        options: What ``load_torch`` was told beyond the reference (pooler, prompt length): part of the cache key,
+            so a released checkpoint loaded with another pooler is exported again, not served from another's entry.
     """
     if is_onnx_export(model_ref):
         return OnnxEncoder(model_ref, threads=threads, device=device)
     check_device(device)  # fail before a slow load and export
     _runtime()
-    key = cache_key(model_ref, quantize)
+    key = cache_key(model_ref, quantize, options)
     target = cache_root() / key
     if os.path.lexists(target):
         cached = _open_cached(target, model_ref, key, threads, device)
