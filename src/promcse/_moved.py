@@ -14,8 +14,9 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 # old path -> new path; only the ones README.md and docs/ named before the stage folders.
 MOVED: dict[str, str] = {
@@ -65,6 +66,21 @@ class MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         alias = module.__spec__
         if alias is not None and alias.loader_state is not None:
             module.__spec__ = alias.loader_state  # the module is already executed under its new name
+
+
+def moved_names(package: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for a folder that replaced a 0.1 module: ``names`` maps each name the 0.1 docs
+    imported from ``package`` to the module that holds it now; the first lookup warns, later ones are plain."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module '{package}' has no attribute {name!r}")
+        warn_moved(f"{package}.{name}", f"{names[name]}.{name}")
+        value = getattr(importlib.import_module(names[name]), name)
+        setattr(sys.modules[package], name, value)  # warned once; later lookups are plain attributes
+        return value
+
+    return __getattr__
 
 
 def install() -> None:
