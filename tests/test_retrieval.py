@@ -265,6 +265,28 @@ def test_cli_eval_retrieval_then_compare(tiny_bert: Path, tmp_path: Path, monkey
     assert "tiny:test" in out and "ndcg@10" in out and "mrr@10" in out and "p(boot)" in out
 
 
+def test_cli_query_only_prompt_reuses_the_backbones_corpus_vectors(tiny_bert: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--documents: the prompt encodes the queries, the frozen backbone the documents, from its cache entry."""
+    monkeypatch.setenv("PROMCSE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = write_beir(tmp_path / "tiny", TINY_DOCS, TINY_QUERIES, TINY_QRELS)
+    ckpt = make_prompt_checkpoint(tiny_bert, tmp_path / "ckpt")
+    frozen, query_only = tmp_path / "frozen.json", tmp_path / "q.json"
+    assert main(["eval", "--model", str(tiny_bert), "--retrieval", str(folder), "--json", str(frozen),
+                 "--no-progress"]) == 0
+    assert main(["eval", "--model", str(ckpt), "--documents", str(tiny_bert), "--retrieval", str(folder), "--json",
+                 str(query_only), "--no-progress"]) == 0
+    first = json.loads(frozen.read_text())["retrieval"]["tiny:test"]
+    second = json.loads(query_only.read_text())["retrieval"]["tiny:test"]
+    assert (first["cache"], second["cache"]) == ("miss", "hit")
+    from promcse.evaluation.retrieval import evaluate_encoder
+    from promcse.models.loading import load
+
+    fresh = evaluate_encoder(load(str(ckpt), device="cpu"), folder, documents=load(str(tiny_bert), device="cpu"),
+                             cache=False, show_progress=False)
+    assert fresh["metrics"] == pytest.approx(second["metrics"], abs=1e-9)  # cached corpus vectors, same answer
+
+
 def test_cli_eval_keeps_sts_by_default_and_runs_both(tiny_bert: Path, tiny_data: dict[str, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from promcse.cli import build_parser

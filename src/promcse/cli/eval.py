@@ -48,10 +48,12 @@ def read_datasets(specs: list[str]) -> dict[str, Any]:
 
 
 def _retrieval(encoder: Any, datasets: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """``{"<name>:<split>": result}`` of one encoder on every dataset."""
+    """``{"<name>:<split>": result}`` of one encoder on every dataset (documents by ``--documents`` if given)."""
     from promcse.evaluation.retrieval import evaluate_encoder
+    from promcse.models.loading import load
 
-    return {name: evaluate_encoder(encoder, data, top_k=args.top_k, cache=not args.no_cache,
+    documents = None if args.documents is None else load(args.documents, device=args.device, backend=args.backend)
+    return {name: evaluate_encoder(encoder, data, top_k=args.top_k, cache=not args.no_cache, documents=documents,
                                    max_length=args.max_length, batch_size=args.batch_size,
                                    show_progress=not args.no_progress)
             for name, data in datasets.items()}
@@ -116,6 +118,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-length", type=POSITIVE_INT, default=None,
                    help="retrieval: truncate queries and documents at N tokens (default: the model's position "
                    "limit; MTEB uses 256 for all-MiniLM-L6-v2)")
+    p.add_argument("--documents", metavar="MODEL",
+                   help="retrieval: encode the documents with this model instead (e.g. the frozen backbone 'minilm' "
+                        "under a query-side-only prompt: its cached corpus vectors are reused, nothing is re-embedded)")
     p.add_argument("--no-cache", action="store_true",
                    help="retrieval: neither read nor write the corpus embedding cache ($PROMCSE_CACHE_DIR/embeddings)")
     p.add_argument("--json", help="write results as JSON here (retrieval: with per-query values, for "
