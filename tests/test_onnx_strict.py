@@ -290,3 +290,14 @@ def test_the_cache_key_holds_the_loaders_own_choices() -> None:
     assert cache_key("minilm", options={"pooler": None, "prompt_length": None}) == plain
     assert len({plain, cache_key("minilm", options={"pooler": "cls"}), cache_key("minilm", options={"pooler": "avg"}),
                 cache_key("minilm", options={"prompt_length": 16})}) == 4
+
+
+def test_an_export_under_a_file_or_in_an_unwritable_place_is_refused_before_any_work(tmp_path: Path) -> None:
+    from promcse.models.onnx_graph import check_output
+
+    (tmp_path / "notes.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(PromcseError, match="notes.txt is a file"):
+        check_output(tmp_path / "notes.txt" / "export")
+    with pytest.raises(PromcseError, match="cannot write"):
+        check_output(Path("/proc/promcse-export"))
+    check_output(tmp_path / "new" / "export")  # a missing parent is fine: created when written

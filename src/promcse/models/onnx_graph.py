@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from promcse.encoder.backbone import position_limit
 from promcse.errors import PromcseError
-from promcse.io.files import atomic_directory, atomic_write_text
+from promcse.io.files import atomic_directory, atomic_write_text, check_output_dir
 from promcse.encoder.model import SentenceEncoder
 from promcse.encoder.multiprompt import build_bank
 from promcse.encoder.pooling import POOLERS
@@ -247,9 +247,12 @@ def graph_meta(encoders: Sequence[SentenceEncoder], names: Sequence[str], source
 
 
 def check_output(output: Path) -> None:
-    """An export replaces only an empty directory or an earlier ONNX export, never anything else."""
+    """An export replaces only an empty directory or an earlier ONNX export, never anything else; a path under a
+    file or in an unwritable place is refused too (:func:`promcse.io.files.check_output_dir`), before any work."""
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / META_FILE).is_file())):
         raise PromcseError("output exists and is not an ONNX export of promcse; choose a new directory", path=output)
+    earlier = (output / META_FILE).is_file()
+    check_output_dir(output, ours=lambda name: earlier, replaced=True, what="ONNX export directory")
 
 
 def export_encoders(encoders: Sequence[SentenceEncoder], names: Sequence[str], output: str | Path,
