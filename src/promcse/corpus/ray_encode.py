@@ -16,8 +16,9 @@
   with a single process to float rounding (~1e-7) rather than bit for bit.
 
 Only this process writes: the encoded rows come back to it and every shard and the manifest are written
-through :func:`promcse.corpus.encode.store_shard`, as in a single process, so the output directory need not be
-shared. Models must be readable at the same path (or hub name) on every node.
+through :func:`promcse.corpus.encode.store_shard` (the whole-shard writer; a single-process encode streams each
+shard through :class:`promcse.corpus.shard_writer.ShardWriter` into byte-identical files), so the output
+directory need not be shared. Models must be readable at the same path (or hub name) on every node.
 
 ``ray`` is an optional extra (``pip install 'promcse[ray]'``), imported only when these functions run.
 """
