@@ -161,6 +161,14 @@ class SentenceEncoder(nn.Module):
         """Encode texts to an (N, D) array in input order; see :func:`promcse.encoder.encode.encode_texts`."""
         return encode_texts(self, texts, batch_size=batch_size, normalize=normalize, **kwargs)
 
+    def encode_query(self, texts: list[str], **kwargs: Any) -> Any:
+        """Encode search queries: one prompt encodes both roles alike, so this is :meth:`encode`."""
+        return self.encode(texts, **kwargs)
+
+    def encode_document(self, texts: list[str], **kwargs: Any) -> Any:
+        """Encode documents: one prompt encodes both roles alike, so this is :meth:`encode`."""
+        return self.encode(texts, **kwargs)
+
     def similarity(self, a: list[str], b: list[str], batch_size: int = 64) -> Any:
         """Cosine similarity matrix (len(a), len(b)) between two lists of texts."""
         return similarity(self, a, b, batch_size=batch_size)

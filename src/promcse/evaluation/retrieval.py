@@ -26,6 +26,7 @@ from promcse.evaluation.beir import TEXT_RULE, BeirData, read_beir
 from promcse.evaluation.embedding_cache import cache_parts, cached_vectors, default_cache_dir
 from promcse.evaluation.fingerprint import document_fingerprint
 from promcse.evaluation.scoring import EncodeFn
+from promcse.models.roles import RoleEncoder
 
 # Our metric name -> pytrec_eval's measure (the key it reports is the measure with "_" for ".").
 METRICS: dict[str, str] = {"ndcg@10": "ndcg_cut.10", "mrr@10": "recip_rank", "recall@100": "recall.100",
@@ -197,7 +198,9 @@ def evaluate_encoder(
     """:func:`evaluate_retrieval` with a promcse encoder (``promcse.load``'s torch or ONNX encoder).
 
     Args:
-        encoder: Encodes the queries (and the documents unless ``documents`` is given).
+        encoder: Encodes the queries (and the documents unless ``documents`` is given). A
+            :class:`promcse.models.roles.RoleEncoder` encodes queries with its query role and documents with its
+            document role, whose fingerprint keys the cache: a query-only pair shares the frozen backbone's entry.
         documents: The document encoder, when it differs: e.g. the frozen backbone under a query-side-only
             prompt. The cache is keyed on it alone, so such a run reuses the frozen backbone's corpus vectors.
         fingerprint: The document encoder's identity (default:
@@ -207,7 +210,9 @@ def evaluate_encoder(
         batch_size: Texts per forward pass.
         folder, split, top_k, cache, show_progress: As for :func:`evaluate_retrieval`.
     """
-    doc_encoder = documents if documents is not None else encoder
+    query_encoder, doc_encoder = encoder, documents if documents is not None else encoder
+    if isinstance(encoder, RoleEncoder):  # distinct roles: queries and documents each through their own
+        query_encoder, doc_encoder = encoder.query, documents if documents is not None else encoder.document
 
     def encode_with(model: Any) -> EncodeFn:
         return lambda texts: model.encode(texts, batch_size=batch_size, show_progress=show_progress,
@@ -216,8 +221,8 @@ def evaluate_encoder(
     if fingerprint is None and cache is not False:
         fingerprint = document_fingerprint(doc_encoder, max_length)
     limit = min(max_length or doc_encoder.max_length, doc_encoder.max_length)
-    return evaluate_retrieval(encode_with(encoder), encode_with(doc_encoder), folder, split, top_k, cache=cache,
-                              fingerprint=fingerprint, max_length=limit, show_progress=show_progress)
+    return evaluate_retrieval(encode_with(query_encoder), encode_with(doc_encoder), folder, split, top_k,
+                              cache=cache, fingerprint=fingerprint, max_length=limit, show_progress=show_progress)
 
 
 def format_retrieval_table(results: dict[str, dict[str, Any]], model_name: str) -> str:

@@ -8,7 +8,9 @@ A reference is, in this order of precedence:
 2. a checkpoint in the PromCSE authors' released format (a Hugging Face directory whose weights hold
    ``prefix_encoder.*``; see :mod:`promcse.models.released`), or any directory when ``pooler``/``prompt_length``
    are given;
-3. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
+3. a role pair (a directory with ``roles.json``, see :mod:`promcse.models.roles`): a
+   :class:`promcse.models.roles.RoleEncoder` whose query and document roles share one backbone (torch only);
+4. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
    encoder, frozen, with mean pooling (sentence-transformers' setting for MiniLM).
 """
 
@@ -26,6 +28,7 @@ from promcse.errors import PromcseError
 from promcse.encoder.model import SentenceEncoder, build_encoder, default_spec
 from promcse.models.onnx_runtime import BACKENDS, OnnxEncoder, is_onnx_export, load_onnx
 from promcse.models.released import alias_prompt_length, is_released, load_released
+from promcse.models.roles import RoleEncoder, is_role_pair, load_roles
 
 BackboneSource = Callable[[str], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
@@ -44,13 +47,15 @@ def reference_key(model_ref: str) -> str:
 
 
 def kind_of(model_ref: str, pooler: str | None = None, prompt_length: int | None = None) -> str:
-    """``checkpoint``, ``released`` or ``backbone``: how :func:`load` reads ``model_ref``.
+    """``checkpoint``, ``roles``, ``released`` or ``backbone``: how :func:`load` reads ``model_ref``.
 
     Raises:
         PromcseError: A path that exists but is none of these.
     """
     if is_checkpoint(model_ref):
         return "checkpoint"
+    if is_role_pair(model_ref):
+        return "roles"
     if pooler is not None or prompt_length is not None or is_released(model_ref):
         return "released"
     path = Path(model_ref)
@@ -62,14 +67,14 @@ def kind_of(model_ref: str, pooler: str | None = None, prompt_length: int | None
 @overload
 def load(model: str | Path, device: str = ..., pooler: str | None = ..., prompt_length: int | None = ...,
          backbones: BackboneSource | None = ..., backend: Literal["torch"] = ...,
-         pre_seq_len: int | None = ...) -> SentenceEncoder: ...
+         pre_seq_len: int | None = ...) -> SentenceEncoder | RoleEncoder: ...
 @overload
 def load(model: str | Path, device: str = ..., pooler: str | None = ..., prompt_length: int | None = ...,
          backbones: BackboneSource | None = ..., *, backend: str,
-         pre_seq_len: int | None = ...) -> SentenceEncoder | OnnxEncoder: ...
+         pre_seq_len: int | None = ...) -> SentenceEncoder | RoleEncoder | OnnxEncoder: ...
 def load(model: str | Path, device: str = "auto", pooler: str | None = None, prompt_length: int | None = None,
          backbones: BackboneSource | None = None, backend: str = "torch",
-         pre_seq_len: int | None = None) -> SentenceEncoder | OnnxEncoder:
+         pre_seq_len: int | None = None) -> SentenceEncoder | RoleEncoder | OnnxEncoder:
     """Load an encoder from any model reference (see the module docstring), in eval mode on ``device``.
 
     Args:
@@ -89,6 +94,11 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pro
     """
     ref, source = str(model), backbones or load_backbone
     prompt_length = alias_prompt_length(prompt_length, pre_seq_len)
+    if is_role_pair(ref):
+        if backend != "torch":
+            raise PromcseError("a role pair (roles.json) loads with the torch backend only; export each role's "
+                               "checkpoint to ONNX on its own", path=ref, key="backend")
+        return load_roles(ref, source).eval().to(resolve_device(device))
     if backend != "torch" or is_onnx_export(ref):
         return _load_onnx(ref, device, backend, pooler, prompt_length)
     target = resolve_device(device)

@@ -3,7 +3,9 @@
 Endpoints (JSON in and out; every error is ``{"error": {"status": int, "message": str, ...}}``, and on
 ``/v1/`` routes OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
 
-- ``POST /embed`` ``{"texts": [...], "model": NAME, "normalize": true}`` -> ``{"embeddings", "dim", "model"}``
+- ``POST /embed`` ``{"texts": [...], "model": NAME, "normalize": true, "input_type": "query" | "document"}`` ->
+  ``{"embeddings", "dim", "model"}``; ``input_type`` (default ``document``) picks a role pair's role
+  (:mod:`promcse.models.roles`) and is accepted and ignored for any other model;
 - ``POST /similarity`` ``{"a": [...], "b": [...], "model": NAME}`` -> ``{"scores": [[...]], "model"}``
 - ``POST /search`` ``{"query": "...", "index": NAME, "top_k": k, "threshold": t}`` -> ``{"results": [...]}``
 - ``POST /v1/embeddings``, ``GET /v1/models``: the OpenAI embeddings API (:mod:`promcse.serving.openai_api`);
@@ -27,7 +29,7 @@ never yields a 500. ``promcse serve`` stops on SIGTERM or SIGINT after finishing
 # annotations, which live in create_app's scope (fastapi is imported lazily, so ``promcse --help``
 # works without the optional serving dependencies).
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -56,6 +58,7 @@ def _schemas() -> tuple[type, type, type]:
         texts: list[StrictStr] = Field(min_length=1)
         model: StrictStr | None = None
         normalize: StrictBool = True
+        input_type: Literal["query", "document"] | None = None
 
     class SimilarityRequest(Strict):
         a: list[StrictStr] = Field(min_length=1)
@@ -126,7 +129,7 @@ def _add_model_routes(app: Any, ctx: ServeContext) -> None:
     async def embed(body: EmbedRequest, request: Request) -> Any:  # type: ignore[valid-type]
         check_texts(body.texts, ctx.limits, "texts")
         name = ctx.model_name(request, body.model)
-        vectors = await ctx.embed(request, body.texts, name)
+        vectors = await ctx.embed(request, body.texts, ctx.registry.entry(name, body.input_type))
         vectors = unit_rows(vectors) if body.normalize else vectors
         return fast_json({"embeddings": np.asarray(vectors, dtype=np.float32).tolist(), "dim": int(vectors.shape[1]),
                           "model": name})
@@ -157,7 +160,8 @@ def _add_search_route(app: Any, ctx: ServeContext) -> None:
             raise ApiError(404, f"unknown index {name!r}; available: {', '.join(ctx.indexes) or 'none'}")
         index, encoder_name = ctx.indexes[name]
         request.state.model = encoder_name
-        query = unit_rows(await ctx.embed(request, [body.query], encoder_name)).astype(np.float32)
+        query = unit_rows(await ctx.embed(request, [body.query], ctx.registry.entry(encoder_name, "query")))
+        query = query.astype(np.float32)
         hits = index.search_vectors(query, top_k=body.top_k, threshold=body.threshold)[0]
         return {"results": [h._asdict() for h in hits], "index": name, "model": encoder_name}
 

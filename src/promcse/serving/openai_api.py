@@ -1,13 +1,15 @@
 """The OpenAI embeddings API on the promcse server: ``POST /v1/embeddings`` and ``GET /v1/models``.
 
 Request ``{"input": str | [str], "model": NAME, "encoding_format": "float" | "base64", "dimensions": int,
-"user": str}``; response ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}],
+"user": str, "input_type": "query" | "document"}``; response ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}],
 "model": NAME, "usage": {"prompt_tokens": n, "total_tokens": n}}``. Embeddings are L2-normalised (as
 OpenAI's are); ``dimensions`` keeps the first d components and renormalises them (OpenAI's shortening; our
 models were not trained for it, so expect lower quality than the full vector); ``base64`` is the
 little-endian float32 bytes, what the official client requests by default. Errors use OpenAI's body
 (``{"error": {"message", "type", "param", "code"}}``, see :func:`promcse.serving.guards.error_body`). ``model`` is
-any served model or prompt name, so an OpenAI client picks a domain prompt by name.
+any served model or prompt name, so an OpenAI client picks a domain prompt by name. ``input_type`` (an extension,
+as in other OpenAI-compatible servers; default ``document``) picks a role pair's role (:mod:`promcse.models.roles`):
+queries through the query role, passages through the document role; other models ignore it.
 """
 
 import base64
@@ -31,6 +33,7 @@ def _schema() -> type:
         encoding_format: Literal["float", "base64"] = "float"
         dimensions: StrictInt | None = Field(None, ge=1)
         user: StrictStr | None = None
+        input_type: Literal["query", "document"] | None = None
 
     return EmbeddingsRequest
 
@@ -65,7 +68,7 @@ def add_openai_routes(app: Any, ctx: ServeContext) -> None:
             raise ApiError(400, "input must not be empty", param="input", code="invalid_value")
         check_texts(texts, ctx.limits, "input")
         name = ctx.model_name(request, body.model)
-        raw, tokens = await ctx.embed_counted(request, texts, name)
+        raw, tokens = await ctx.embed_counted(request, texts, ctx.registry.entry(name, body.input_type))
         vectors = shorten(raw, body.dimensions)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]

@@ -7,6 +7,12 @@ call, so the encoders do not interfere. Bare backbones (``minilm``, an HF name) 
 as a frozen encoder with mean pooling. Full fine-tunes and released PromCSE checkpoints (see
 :mod:`promcse.models.released`; their pooler comes from ``promcse.json``) carry their own backbone and are not shared.
 
+A role pair (:mod:`promcse.models.roles`) added as ``NAME`` is one listed model whose two roles are registered as
+the internal entries ``NAME#query`` and ``NAME#document`` (:meth:`PromptRegistry.entry` maps a name and an
+``input_type`` to one): encoders over the shared backbone like any other prompt, so rows of both roles and of
+every other prompt on that backbone share forward passes. ``NAME`` alone means its document role
+(:data:`DEFAULT_ROLE`).
+
 Calls through the registry are serialised by one lock: the backbone's ``train``/``eval`` flag is shared
 state, and on CPU one forward already uses every core.
 """
@@ -28,6 +34,9 @@ from promcse.errors import PromcseError
 from promcse.models.loading import backbone_key, load, reference_key
 from promcse.encoder.model import SentenceEncoder
 from promcse.encoder.multiprompt import PromptBank, build_bank, encode_bank
+from promcse.models.roles import ROLES, RoleEncoder
+
+DEFAULT_ROLE = "document"  # what a role pair's name alone, and a request without input_type, means
 
 
 class PromptRegistry:
@@ -45,21 +54,22 @@ class PromptRegistry:
         self.device = resolve_device(device)
         self.lock = threading.RLock()
         self._encoders: dict[str, SentenceEncoder] = {}
-        self._refs: dict[str, str] = {}
+        self._refs: dict[str, str] = {}  # listed name -> reference (role pairs once, not their entries)
+        self._roles: dict[str, RoleEncoder] = {}
         self._backbones: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         # (backbone module id, gated) -> bank, name -> row
         self._banks: dict[tuple[int, bool], tuple[PromptBank, dict[str, int]]] = {}
 
     def __contains__(self, name: object) -> bool:
-        return name in self._encoders
+        return name in self._refs
 
     def __len__(self) -> int:
-        return len(self._encoders)
+        return len(self._refs)
 
     @property
     def names(self) -> list[str]:
-        """Registered model names in insertion order."""
-        return list(self._encoders)
+        """Registered model names in insertion order (a role pair once, under the name it was added as)."""
+        return list(self._refs)
 
     @property
     def backbones(self) -> dict[str, PreTrainedModel]:
@@ -76,18 +86,22 @@ class PromptRegistry:
         wanted = reference_key(model_ref)
         return next((name for name, ref in self._refs.items() if reference_key(ref) == wanted), None)
 
-    def add(self, name: str, model: str | Path) -> SentenceEncoder:
-        """Load ``model`` (checkpoint dir, released PromCSE dir with ``promcse.json``, HF name or path, or
-        ``minilm``) under ``name``.
+    def add(self, name: str, model: str | Path) -> SentenceEncoder | RoleEncoder:
+        """Load ``model`` (checkpoint dir, role pair, released PromCSE dir with ``promcse.json``, HF name or path,
+        or ``minilm``) under ``name``.
 
         Raises:
-            PromcseError: A taken or empty name, or a model that cannot be loaded.
+            PromcseError: A taken or empty name, a name with ``#``, or a model that cannot be loaded.
         """
-        if not name or name in self._encoders:
-            raise PromcseError(f"model name {name!r} is empty or already registered")
+        if not name or "#" in name or name in self._refs:
+            raise PromcseError(f"model name {name!r} is empty, holds '#' or is already registered")
         encoder = load(model, device=str(self.device), backbones=self._backbone)
         with self.lock:
-            self._encoders[name] = encoder
+            if isinstance(encoder, RoleEncoder):
+                self._roles[name] = encoder
+                self._encoders.update({f"{name}#{role}": side for role, side in encoder.roles.items()})
+            else:
+                self._encoders[name] = encoder
             self._refs[name] = str(model)
             self._banks.clear()  # the stacked prompt tables are rebuilt for the new set of models
         return encoder
@@ -99,20 +113,42 @@ class PromptRegistry:
             self._backbones[key] = load_backbone(name_or_path)
         return self._backbones[key]
 
+    def entry(self, name: str, input_type: str | None = None) -> str:
+        """The internal entry that encodes ``input_type`` (``query``/``document``, None: :data:`DEFAULT_ROLE`) for
+        model ``name``: ``NAME#ROLE`` for a role pair, ``name`` itself for any other model (one prompt encodes
+        both roles alike).
+
+        Raises:
+            PromcseError: Unknown model or input type.
+        """
+        if input_type is not None and input_type not in ROLES:
+            raise PromcseError(f"unknown input_type {input_type!r}; choose one of {', '.join(ROLES)}",
+                               key="input_type")
+        self.get(name)
+        return f"{name}#{input_type or DEFAULT_ROLE}" if name in self._roles else name
+
     def get(self, name: str | None = None) -> SentenceEncoder:
-        """The encoder registered as ``name`` (the first one when None).
+        """The encoder registered as ``name`` (the first one when None; a role pair's document role; an
+        internal entry ``NAME#ROLE`` too).
 
         Raises:
             PromcseError: Unknown name (the available names are listed).
         """
         if name is None:
-            if not self._encoders:
+            if not self._refs:
                 raise PromcseError("no models are registered")
-            return next(iter(self._encoders.values()))
+            name = next(iter(self._refs))
+        if name in self._roles:
+            name = f"{name}#{DEFAULT_ROLE}"
         try:
             return self._encoders[name]
         except KeyError:
-            raise PromcseError(f"unknown model {name!r}; available: {', '.join(self._encoders) or 'none'}") from None
+            raise PromcseError(f"unknown model {name!r}; available: {', '.join(self._refs) or 'none'}") from None
+
+    def roles(self, name: str) -> RoleEncoder | None:
+        """The role pair registered as ``name``, None for a model with one encoder."""
+        self.get(name)
+        return self._roles.get(name)
 
     def encode(self, texts: list[str], model: str | None = None, batch_size: int = 64, normalize: bool = True,
                output: Literal["numpy", "torch"] = "numpy", show_progress: bool = False) -> np.ndarray | torch.Tensor:
@@ -165,7 +201,16 @@ class PromptRegistry:
 
     def describe(self, name: str) -> dict[str, Any]:
         """JSON-able facts about one registered model (for ``GET /models``)."""
-        encoder = self.get(name)
+        facts = self._facts(name, self.get(name))
+        pair = self._roles.get(name)
+        if pair is not None:
+            facts["roles"] = {role: self._facts(name, side) for role, side in pair.roles.items()}
+            facts["default_input_type"] = DEFAULT_ROLE
+        return facts
+
+    @staticmethod
+    def _facts(name: str, encoder: SentenceEncoder) -> dict[str, Any]:
+        """What :meth:`describe` says about one encoder."""
         spec = encoder.spec
         prompt_params = sum(p.numel() for p in encoder.prompt.parameters()) if encoder.prompt is not None else 0
         return {"name": name, "backbone": spec.backbone, "mode": spec.mode, "pooler": spec.pooler,
