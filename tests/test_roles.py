@@ -245,3 +245,20 @@ def test_unknown_input_type_is_refused_in_each_routes_shape(served) -> None:  # 
     ours = client.post("/embed", json={"texts": ["a dog"], "model": "pair", "input_type": 1})
     assert ours.status_code == 422 and ours.json()["error"]["status"] == 422
     assert any("input_type" in d["loc"] for d in ours.json()["error"]["detail"])
+
+
+def test_cli_pair_writes_a_query_only_pair(tiny_bert: Path, ckpts: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from promcse.cli import main
+
+    out = tmp_path / "qpair"
+    assert main(["pair", "--query", str(ckpts["q"]), "--output", str(out)]) == 0
+    assert "document: the frozen backbone" in capsys.readouterr().out
+    assert json.loads((out / "roles.json").read_text(encoding="utf-8"))["document"] is None
+    encoder = load(str(out), device="cpu")
+    assert isinstance(encoder, RoleEncoder)
+    texts = ["a dog runs", "the cat sleeps"]
+    frozen = load(str(tiny_bert), device="cpu")
+    assert np.array_equal(encoder.encode_document(texts), frozen.encode(texts))
+    assert main(["pair", "--output", str(tmp_path / "none")]) == 2  # no role given
+    assert "--query" in capsys.readouterr().err
