@@ -183,3 +183,13 @@ def test_cli_message_translates_keys_of_the_running_command_only() -> None:
     assert cli_message(section, train) == "c.yaml, key 'output': unknown section"
     own = PromcseError("is an existing directory", path="o", key="output")
     assert cli_message(own, train) == "--output o: is an existing directory"
+
+
+def test_serve_without_its_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: importing it raises ImportError
+    assert promcse.cli.main(["serve", "--model", "m=minilm"]) == 2
+    err = capsys.readouterr().err
+    assert "needs uvicorn" in err and "pip install 'promcse[serve]'" in err and "Traceback" not in err

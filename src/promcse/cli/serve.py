@@ -50,8 +50,24 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
                         keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections)
 
 
+def require_serving_extra() -> None:
+    """The HTTP server's packages are an optional extra: say how to install them instead of an ImportError."""
+    import importlib
+
+    missing = []
+    for package in ("fastapi", "uvicorn"):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise PromcseError(f"promcse serve needs {' and '.join(missing)}, which the [serve] extra installs: "
+                           "pip install 'promcse[serve]'")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``promcse serve``: load models and indexes, then serve until interrupted."""
+    require_serving_extra()  # before any option checks or model loads
     options = serve_options(args)
     if not is_loopback(args.host) and not options.api_key and not options.insecure:
         raise PromcseError(f"--host {args.host} is reachable from other machines: set --api-key (or ${API_KEY_ENV}) "

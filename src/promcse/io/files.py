@@ -274,30 +274,26 @@ def verify_manifest(directory: str | Path, files: object, required: Iterable[str
 
 @contextlib.contextmanager
 def directory_lock(directory: str | Path, what: str = "promcse") -> Iterator[None]:
-    """Hold an exclusive lock on ``directory`` (file ``.promcse.lock`` with the owner's pid) while inside.
+    """Hold an exclusive lock on ``directory`` (``.promcse.lock``; the owner's pid in ``.promcse.lock.owner``).
 
-    Two runs writing into one directory would interleave their files; the second is refused at once.
-    The lock is an ``flock``: the kernel drops it when the process dies, so a crash never leaves it stale.
+    Two runs writing into one directory would interleave their files; the second is refused at once. The lock
+    is filelock's OS lock (``flock`` on POSIX, ``msvcrt`` on Windows), which the OS drops when the process dies,
+    so a crash never leaves it stale; the owner file only serves the message.
 
     Raises:
         PromcseError: When another process holds it.
     """
-    import fcntl
+    from filelock import FileLock, Timeout
 
-    path = Path(directory) / ".promcse.lock"
-    handle = open(path, "a+", encoding="utf-8")
+    lock, owner = FileLock(str(Path(directory) / ".promcse.lock")), Path(directory) / ".promcse.lock.owner"
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            raise PromcseError(f"{what} is already writing here (pid {owner}); wait for it or use another "
-                               f"directory", path=directory) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text(encoding="utf-8").strip() if owner.is_file() else ""
+        raise PromcseError(f"{what} is already writing here (pid {holder or 'another process'}); wait for it or "
+                           "use another directory", path=directory) from None
+    try:
+        owner.write_text(str(os.getpid()), encoding="utf-8")
         yield
     finally:
-        handle.close()
+        lock.release()
