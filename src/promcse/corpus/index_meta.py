@@ -22,7 +22,8 @@ from promcse.io.schema import load_array
 from promcse.corpus import index_kinds
 from promcse.corpus.index_kinds import (COMPRESSED, FAISS_FILE, META_FILE, NUMPY_FILE, KindParams, MemoryStore,
                                         ShardStore, load_npy)
-from promcse.corpus.json_fields import (MAX_DIM, MAX_INT, MAX_ROWS, checked, only, read_object, sha256_hex,
+from promcse.io.schema import read_versioned
+from promcse.io.json_fields import (MAX_DIM, MAX_INT, MAX_ROWS, checked, only, sha256_hex,
                                         shown)
 from promcse.corpus.shards import MANIFEST, finite_matrix, sha256_file
 
@@ -93,7 +94,7 @@ def read_meta(root: Path) -> dict[str, Any]:
         PromcseError: Naming ``meta.json`` and the key at fault.
     """
     path = root / META_FILE
-    meta = read_object(path, FORMAT, FORMAT_VERSION, "index directory")
+    meta = read_versioned(path, FORMAT, FORMAT_VERSION, "index directory")
     only(meta, KEYS, path)
     backend = checked(meta, "backend", str, path, choices=BACKENDS)
     checked(meta, "model", str, path, null=True, default=None)

@@ -32,7 +32,8 @@ from promcse.io.jsonl import iter_jsonl
 from promcse.errors import PromcseError
 from promcse.io.schema import load_array
 from promcse.io.files import atomic_write, atomic_write_text, check_output_dir, sha256_file  # noqa: F401
-from promcse.corpus.json_fields import MAX_DIM, MAX_ROWS, checked, only, plain_name, read_object, sha256_hex
+from promcse.io.schema import read_versioned
+from promcse.io.json_fields import MAX_DIM, MAX_ROWS, checked, only, plain_name, sha256_hex
 
 FORMAT = "promcse-vectors"
 FORMAT_VERSION = 1
@@ -124,7 +125,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         PromcseError: No manifest, unreadable JSON, not a promcse vector directory, or a bad field (named).
     """
     path = Path(root) / MANIFEST
-    manifest = read_object(path, FORMAT, FORMAT_VERSION, "vector directory")
+    manifest = read_versioned(path, FORMAT, FORMAT_VERSION, "vector directory")
     check_manifest(manifest, path)
     return manifest
 

@@ -64,17 +64,20 @@ def read_versioned(path: str | Path, fmt: str, max_version: int, what: str) -> d
     """A JSON object whose ``format`` is ``fmt`` and whose integer ``format_version`` is at most ``max_version``.
 
     Raises:
-        PromcseError: Missing (naming its folder), not a regular file, not JSON, another format, a newer version.
+        PromcseError: Missing (naming its folder), not a regular file, over 16 MiB, not UTF-8 JSON or past
+            :func:`~promcse.io.jsonl.parse_json`'s limits, not an object, another format, a negative or newer version.
     """
     path = Path(path)
     if not os.path.lexists(path):
         raise PromcseError(f"not a promcse {what} (no {path.name})", path=path.parent)
     data = read_json_object(path)
     if data.get("format") != fmt:
-        raise PromcseError(f"not a promcse {what} (wrong format field)", path=path)
+        raise PromcseError(f"not a promcse {what} (wrong format field)", path=path, key="format")
     version = data.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         raise PromcseError(f"expected int, got {json.dumps(version)[:40]}", path=path, key="format_version")
+    if version < 0:
+        raise PromcseError(f"{version} is outside 0..{max_version}", path=path, key="format_version")
     if version > max_version:
         raise PromcseError(f"{what} written by a newer promcse; upgrade to read it", path=path)
     return data

@@ -1,7 +1,7 @@
 """Strict reading of the JSON files promcse writes beside vectors: an index's ``meta.json``, a shard manifest.
 
-Both are parsed with the limits of :func:`promcse.io.jsonl.parse_json` (nesting, integer digits, no ``NaN``),
-then every field is checked for its exact type (a string is never an int, a bool never a number, a float never
+Both are read by :func:`promcse.io.schema.read_versioned` (format, version, and the limits of
+:func:`promcse.io.jsonl.parse_json`: nesting, integer digits, no ``NaN``); then every field is checked for its exact type (a string is never an int, a bool never a number, a float never
 an int) and range before anything uses it. A violation is one :class:`~promcse.errors.PromcseError` naming the
 file and the key, dotted for nested fields (``store.path``, ``shards[3].rows``).
 """
@@ -9,15 +9,12 @@ file and the key, dotted for nested fields (``store.path``, ``shards[3].rows``).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from promcse.errors import PromcseError
-from promcse.io.jsonl import parse_json
-from promcse.io.schema import MAX_CONFIG_BYTES, read_regular_file
 
 MAX_INT = 2**31 - 1  # FAISS keeps its search and build settings in C ints
 MAX_ROWS = 2**40  # rows of one corpus or index: far above any real one
@@ -25,32 +22,6 @@ MAX_DIM = 2**16  # vector size
 SHA256 = re.compile(r"[0-9a-f]{64}")
 REQUIRED: Any = object()  # the default of :func:`checked` for a key that must be present
 _TYPE_NAMES = {bool: "bool", int: "int", str: "string", dict: "object", list: "array"}
-
-
-def read_object(path: str | Path, fmt: str, max_version: int, what: str) -> dict[str, Any]:
-    """The JSON object in ``path`` whose ``format`` is ``fmt`` and integer ``format_version`` at most ``max_version``.
-
-    Raises:
-        PromcseError: Missing (naming its folder), not a regular file, over 16 MiB, not UTF-8, invalid JSON or
-            past :func:`~promcse.io.jsonl.parse_json`'s limits, not an object, another format, a newer version.
-    """
-    path = Path(path)
-    if not os.path.lexists(path):
-        raise PromcseError(f"not a promcse {what} (no {path.name})", path=path.parent)
-    raw = read_regular_file(path, MAX_CONFIG_BYTES)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise PromcseError(f"not valid UTF-8: byte 0x{raw[err.start]:02x} at offset {err.start}", path=path) from None
-    data = parse_json(text, path)
-    if not isinstance(data, dict):
-        raise PromcseError(f"expected a JSON object, got {type(data).__name__}", path=path)
-    if data.get("format") != fmt:
-        raise PromcseError(f"not a promcse {what} (wrong format field)", path=path, key="format")
-    version = checked(data, "format_version", int, path, lo=0, hi=MAX_INT, default=0)
-    if version > max_version:
-        raise PromcseError(f"{what} written by a newer promcse; upgrade to read it", path=path)
-    return data
 
 
 def shown(value: Any) -> str:
