@@ -36,6 +36,9 @@ Hard cap: everything, setup included, stops after ``--max-seconds``; requests no
 server exit code other than 0. The last line printed is JSON:
 ``{"requests", "errors", "throughput_rps", "p50_ms", "p99_ms", "rss_growth_mib", ...}``.
 
+The load (texts, request plan, one round of clients) is in ``serve_load.py`` and the memory probes in
+``serve_trace.py`` beside this script; this file starts and stops the server and reports.
+
 Usage:
     python benchmarks/bench_serve.py [--requests 2000] [--clients 8] [--rounds 3] [--max-seconds 60] [--server-threads 1]
         [--batching on|off] [--idle-trim on|off] [--server-env KEY=VALUE] [--tracemalloc] [--mixed-dims]
@@ -46,236 +49,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
-import queue
 import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
 
+from serve_load import build_index, make_plan, percentiles_ms, run_round, sentences, summary_line, write_tiny_model
+from serve_trace import TRACED, add_trace, probe_numbers, probe_server
+
 HOST = "127.0.0.1"  # loopback only: the benchmark never binds or connects anywhere else
-BAD: list[tuple[str, Any, int]] = [  # (path, JSON payload or raw bytes, expected status) with default limits
-    ("/embed", {"texts": ["x"] * 257}, 413),
-    ("/embed", {"texts": ["y" * 2001]}, 413),
-    ("/embed", b'{"texts": ["unterminated"', 422),
-    ("/embed", {"texts": "not a list"}, 422),
-    ("/embed", b'{"texts": ["\\ud800 lone surrogate"]}', 422),
-    ("/embed", {"texts": ["fine"], "model": "../../etc/passwd"}, 404),
-    ("/search", {"query": "q", "top_k": 101}, 422),
-    ("/search", {"query": "q", "index": "missing"}, 404),
-    ("/search", {"query": "q", "threshold": "high"}, 422),
-]
 
-
-# Run as ``python -c TRACED serve ...`` (the promcse command line): on SIGUSR1, start tracemalloc (the first time)
-# and dump a snapshot and glibc's mallinfo2 into $BENCH_TRACE_DIR/probe-N.pickle (a temporary name, then renamed).
-TRACED = r"""
-import ctypes, os, pickle, runpy, signal, sys, tracemalloc
-where, count = os.environ["BENCH_TRACE_DIR"], [0]
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-def mallinfo():
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (AttributeError, OSError):
-        return None
-    fn.restype = MallInfo2
-    info = fn()
-    return {name: getattr(info, name) for name, _ in MallInfo2._fields_}
-def probe(sig, frame):
-    if not tracemalloc.is_tracing():
-        tracemalloc.start(6)
-    snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-    path = os.path.join(where, f"probe-{count[0]}")
-    with open(path + ".tmp", "wb") as out:
-        pickle.dump({"snapshot": snap, "mallinfo": mallinfo()}, out)
-    os.replace(path + ".tmp", path + ".pickle")
-    count[0] += 1
-signal.signal(signal.SIGUSR1, probe)
-sys.argv = ["promcse"] + sys.argv[1:]
-runpy.run_module("promcse", run_name="__main__", alter_sys=True)
-"""
-
-
-def probe_server(process: subprocess.Popen, trace_dir: Path, number: int, timeout: float = 60) -> dict[str, Any]:
-    """SIGUSR1 the traced server; wait for its ``number``-th probe file and load it."""
-    process.send_signal(signal.SIGUSR1)
-    path, until = trace_dir / f"probe-{number}.pickle", time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None or time.monotonic() > until:
-            raise SystemExit(f"the traced server wrote no {path.name}")
-        time.sleep(0.1)
-    with open(path, "rb") as src:
-        return pickle.load(src)
-
-
-def probe_numbers(probe: dict[str, Any]) -> tuple[float, float | None]:
-    """(traced MiB, glibc heap free MiB) of one probe."""
-    traced = sum(stat.size for stat in probe["snapshot"].statistics("filename")) / 2**20
-    info = probe["mallinfo"]
-    return traced, (info["fordblks"] / 2**20 if info else None)
-
-
-def top_growth(first: dict[str, Any], last: dict[str, Any], count: int = 8) -> list[str]:
-    """Allocation sites (line, with the calling lines) that grew most from ``first`` to ``last``."""
-    diff = last["snapshot"].compare_to(first["snapshot"], "traceback")
-    lines = []
-    for stat in diff[:count]:
-        frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in list(stat.traceback)[:4])
-        lines.append(f"{stat.size_diff / 1024:+.1f} KiB ({stat.count_diff:+d} blocks) at {frames}")
-    return lines
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
-
-
-def sentences(count: int, skip: int = 0) -> list[str]:
-    """Distinct non-empty lines of the bundled wiki sample."""
-    path = resources.files("promcse").joinpath("resources", "data", "train", "wiki_5k.txt")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    unique = list(dict.fromkeys(line for line in lines if line))
-    return unique[skip:skip + count]
-
-
-def build_index(directory: Path, size: int) -> None:
-    from promcse.corpus.search import Index
-
-    index = Index("minilm", kind="flat", device="cpu")
-    index.add(sentences(size))
-    index.save(directory)
-
-
-def embed_request(texts: list[str], rng: random.Random, models: tuple[str, ...]) -> tuple[str, Any, int]:
-    """A good embedding request: ``/embed``, or (several models) a third through ``/v1/embeddings``."""
-    batch = [t[:120] for t in rng.sample(texts, rng.randint(1, 8))]
-    if len(models) == 1:
-        return ("/embed", {"texts": batch}, 200)
-    model = rng.choice(models)
-    if rng.random() < 1 / 3:
-        body: dict[str, Any] = {"input": batch, "model": model}
-        if rng.random() < 0.5:
-            body["dimensions"] = rng.choice([8, 32, 64])
-        return ("/v1/embeddings", body, 200)
-    return ("/embed", {"texts": batch, "model": model}, 200)
-
-
-def make_plan(count: int, bad_fraction: float, texts: list[str], rng: random.Random,
-              models: tuple[str, ...] = ("minilm",)) -> list[tuple[str, Any, int]]:
-    """``count`` requests: (path, payload, expected status)."""
-    plan: list[tuple[str, Any, int]] = []
-    for _ in range(count):
-        draw = rng.random()
-        if draw < bad_fraction:
-            plan.append(rng.choice(BAD))
-        elif draw < bad_fraction + 0.6 * (1 - bad_fraction):
-            plan.append(embed_request(texts, rng, models))
-        else:
-            plan.append(("/search", {"query": rng.choice(texts)[:120], "top_k": rng.randint(1, 10)}, 200))
-    return plan
-
-
-def write_tiny_model(directory: Path) -> Path:
-    """A random 2-layer BERT of width 96 with MiniLM's tokenizer (``--mixed-dims``): another output dimension."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from promcse.encoder.backbone import minilm_path
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=192, max_position_embeddings=512)
-    BertModel(config, add_pooling_layer=False).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
-
-
-def endpoint_of(path: str, expected: int) -> str:
-    return path.strip("/") if expected == 200 else "bad"
-
-
-def run_round(url: str, plan: list[tuple[str, Any, int]], clients: int, deadline: float) -> dict[str, Any]:
-    """Send ``plan`` from ``clients`` threads; stop at ``deadline``."""
-    work: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()
-    for item in plan:
-        work.put(item)
-    records: list[tuple[str, float, bool]] = []  # (endpoint, latency s, ok)
-    failures: list[str] = []
-    cut_off = [0]  # timed out only because the hard cap shortened the timeout: unsent, not an error
-    lock = threading.Lock()
-
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=30) as session:
-            while time.monotonic() < deadline:
-                try:
-                    path, payload, expected = work.get_nowait()
-                except queue.Empty:
-                    return
-                timeout = max(0.5, min(30.0, deadline - time.monotonic()))
-                capped = timeout < 30.0
-                start = time.perf_counter()
-                try:
-                    if isinstance(payload, bytes):
-                        response = session.post(path, content=payload, timeout=timeout,
-                                                headers={"content-type": "application/json"})
-                    else:
-                        response = session.post(path, json=payload, timeout=timeout)
-                    ok = response.status_code == expected
-                    detail = f"{path} -> {response.status_code} (expected {expected}): {response.text[:160]}"
-                except httpx.TimeoutException as err:
-                    if capped and time.monotonic() >= deadline:
-                        with lock:
-                            cut_off[0] += 1
-                        continue
-                    ok, detail = False, f"{path} -> {type(err).__name__}: {err}"
-                except httpx.HTTPError as err:
-                    ok, detail = False, f"{path} -> {type(err).__name__}: {err}"
-                elapsed = time.perf_counter() - start
-                with lock:
-                    records.append((endpoint_of(path, expected), elapsed, ok))
-                    if not ok:
-                        failures.append(detail)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=max(1.0, deadline - time.monotonic() + 35))
-    return {"records": records, "failures": failures, "seconds": time.perf_counter() - started,
-            "unsent": len(plan) - len(records)}
-
-
-def percentiles_ms(latencies: list[float]) -> tuple[float | None, float | None]:
-    if not latencies:
-        return None, None
-    p50, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 99])
-    return round(float(p50), 2), round(float(p99), 2)
-
-
-def summary_line(records: list[tuple[str, float, bool]]) -> str:
-    parts = []
-    for name in ("embed", "search", "bad"):
-        lat = [r[1] for r in records if r[0] == name]
-        p50, p99 = percentiles_ms(lat)
-        parts.append(f"{name} n={len(lat)} p50={p50} ms p99={p99} ms")
-    return "; ".join(parts)
 
 
 def wait_healthy(process: subprocess.Popen, url: str, deadline: float, log: Path) -> None:
@@ -486,16 +284,6 @@ def headline_of(args: argparse.Namespace, totals: Totals, exit_code: int | None,
         "server_env": extra_env, "rss_warmup_mib": round(rss0, 1) if rss0 is not None else None,
         "wall_s": round(time.monotonic() - began, 1), "mixed_dims": args.mixed_dims,
     }
-
-
-def add_trace(headline: dict[str, Any], probes: list[dict[str, Any]]) -> None:
-    """With two probes or more: traced and glibc-free MiB per probe into ``headline``; print the top growth."""
-    if len(probes) > 1:
-        numbers = [probe_numbers(p) for p in probes]
-        headline["traced_mib"] = [round(t, 2) for t, _ in numbers]  # [0] right after tracing started
-        headline["heap_free_mib"] = [round(f, 1) if f is not None else None for _, f in numbers]
-        for line in top_growth(probes[0], probes[-1]):
-            print(f"growth since warm-up: {line}")
 
 
 def main() -> int:
