@@ -10,7 +10,9 @@ A reference is, in this order of precedence:
    are given;
 3. a role pair (a directory with ``roles.json``, see :mod:`promcse.models.roles`): a
    :class:`promcse.models.roles.RoleEncoder` whose query and document roles share one backbone (torch only);
-4. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
+4. a PEFT prefix-tuning adapter (a directory with ``adapter_config.json``, see :mod:`promcse.models.peft_adapter`):
+   its prefix over the base model it names (``base_model_name_or_path``, loaded through ``backbones``), mean pooling;
+5. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
    encoder, frozen, with mean pooling (sentence-transformers' setting for MiniLM).
 """
 
@@ -27,6 +29,7 @@ from promcse.models.checkpoint import is_checkpoint, load_checkpoint, read_spec
 from promcse.errors import PromcseError
 from promcse.encoder.model import SentenceEncoder, build_encoder, default_spec
 from promcse.models.onnx_runtime import BACKENDS, OnnxEncoder, is_onnx_export, load_onnx
+from promcse.models.peft_adapter import is_peft_adapter, load_peft_adapter
 from promcse.models.released import alias_prompt_length, is_released, load_released
 from promcse.models.roles import RoleEncoder, is_role_pair, load_roles
 
@@ -47,7 +50,7 @@ def reference_key(model_ref: str) -> str:
 
 
 def kind_of(model_ref: str, pooler: str | None = None, prompt_length: int | None = None) -> str:
-    """``checkpoint``, ``roles``, ``released`` or ``backbone``: how :func:`load` reads ``model_ref``.
+    """``checkpoint``, ``roles``, ``peft``, ``released`` or ``backbone``: how :func:`load` reads ``model_ref``.
 
     Raises:
         PromcseError: A path that exists but is none of these.
@@ -56,6 +59,8 @@ def kind_of(model_ref: str, pooler: str | None = None, prompt_length: int | None
         return "checkpoint"
     if is_role_pair(model_ref):
         return "roles"
+    if is_peft_adapter(model_ref):
+        return "peft"
     if pooler is not None or prompt_length is not None or is_released(model_ref):
         return "released"
     path = Path(model_ref)
@@ -80,11 +85,12 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pro
     Args:
         model: The reference.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
-        pooler: For released-format directories without a recorded pooler.
-        prompt_length: Prompt length of a released checkpoint (checked against its weights).
+        pooler: For released-format directories without a recorded pooler, and PEFT adapters (default ``avg``).
+        prompt_length: Prompt length of a released checkpoint or PEFT adapter (checked against its weights).
         backbones: Where frozen backbones come from (default: load a fresh copy); the registry passes its
-            cache so that prompts over one backbone share it. Full fine-tunes and released checkpoints
-            always carry their own weights.
+            cache so that prompts over one backbone share it. It is given the name a checkpoint or adapter
+            records, so it can also stand a local copy in for that name. Full fine-tunes and released
+            checkpoints always carry their own weights.
         backend: ``torch``, or ``onnx``: an :class:`promcse.models.onnx_runtime.OnnxEncoder` (CPU) of an ONNX export
             directory, or of any other reference exported once into a cache folder.
         pre_seq_len: The reference code's name for ``prompt_length`` (a documented alias).
@@ -110,6 +116,8 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pro
         else:
             backbone, tokenizer = source(spec.backbone)
             encoder = load_checkpoint(ref, backbone=backbone, tokenizer=tokenizer)
+    elif kind == "peft":
+        encoder = load_peft_adapter(ref, source, pooler=pooler, prompt_length=prompt_length)
     elif kind == "released":
         encoder = load_released(ref, pooler=pooler, prompt_length=prompt_length)
     else:
