@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from promcse.cli import compare, encode, export, index, mine, pair, serve, train
+from promcse.cli import adapt, compare, encode, export, index, mine, pair, serve, train
 from promcse.cli import eval as eval_
 from promcse.cli.common import _quiet_libraries, run_command
 
@@ -25,7 +25,7 @@ __all__ = ["build_parser", "main"]
 # Each command group adds its subcommands to the ``promcse`` subparsers, in this order.
 COMMANDS: tuple[Callable[[Any], None], ...] = (
     train.register, encode.register, eval_.register, compare.register, index.register, serve.register,
-    export.register, mine.register, pair.register,
+    export.register, mine.register, pair.register, adapt.register,
 )
 
 

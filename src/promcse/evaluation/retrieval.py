@@ -14,6 +14,7 @@ and ×100. Per-query values come with the means. The corpus vectors are cached
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,16 +171,62 @@ def evaluate_retrieval(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise PromcseError(f"must be a positive integer, got {top_k!r}", key="top_k")
     data = folder if isinstance(folder, BeirData) else read_beir(folder, split)
+    corpus = corpus_vectors(data, encode_documents, cache=cache, fingerprint=fingerprint, max_length=max_length)
+    query_vectors = _vectors(encode_queries, data.query_texts, "query", corpus.vectors.shape[1])
+    return score_vectors(data, query_vectors, corpus, top_k, ignore_identical_ids, show_progress)
+
+
+@dataclass(frozen=True)
+class CorpusVectors:
+    """The unit vectors of a corpus's documents that have text.
+
+    Attributes:
+        rows: Each vector's position in the corpus (``data.doc_ids``); empty documents have none.
+        vectors: (len(rows), dim) float32 unit vectors.
+        status: How they came from the embedding cache (``hit``, ``miss``, ``recomputed``, ``off``).
+    """
+
+    rows: list[int]
+    vectors: np.ndarray
+    status: str
+
+
+def corpus_vectors(data: BeirData, encode_documents: EncodeFn, *, cache: bool | str | Path = True,
+                   fingerprint: str | None = None, max_length: int | None = None) -> CorpusVectors:
+    """The document vectors of ``data`` (from the cache when ``fingerprint`` names the encoder and it has them)."""
     kept = _retrievable(data)
     parts = cache_parts(fingerprint, data.corpus_sha256, TEXT_RULE, max_length) if fingerprint else None
     texts = [data.doc_texts[i] for i in kept]
-    doc_vectors, status = cached_vectors(_cache_dir(cache), parts, len(kept),
-                                         lambda: _vectors(encode_documents, texts, "document"))
-    query_vectors = _vectors(encode_queries, data.query_texts, "query", doc_vectors.shape[1])
+    vectors, status = cached_vectors(_cache_dir(cache), parts, len(kept),
+                                     lambda: _vectors(encode_documents, texts, "document"))
+    return CorpusVectors(kept, vectors, status)
+
+
+def score_vectors(data: BeirData, query_vectors: np.ndarray, corpus: CorpusVectors, top_k: int = DEFAULT_TOP_K,
+                  ignore_identical_ids: bool = True, show_progress: bool = False) -> dict[str, Any]:
+    """Rank the corpus for each judged query's (unit) vector and score the run (:func:`evaluate_retrieval`'s
+    result)."""
+    kept = corpus.rows
     exclude = _identical_rows(data, kept) if ignore_identical_ids else None
-    ranked = rank(query_vectors, doc_vectors, top_k, exclude, show_progress)
+    ranked = rank(query_vectors, corpus.vectors, top_k, exclude, show_progress)
     run = {q: {data.doc_ids[kept[row]]: score for row, score in hits} for q, hits in zip(data.query_ids, ranked)}
-    return _summary(data, score_run(data.qrels, run), top_k, status, ignore_identical_ids)
+    return _summary(data, score_run(data.qrels, run), top_k, corpus.status, ignore_identical_ids)
+
+
+def encoder_corpus_vectors(encoder: Any, data: BeirData, max_length: int | None = None, *,
+                           cache: bool | str | Path = True, batch_size: int = 64,
+                           show_progress: bool = True) -> CorpusVectors:
+    """:func:`corpus_vectors` of a promcse encoder, keyed in the cache exactly as :func:`evaluate_encoder` keys
+    it (so an evaluation and a training run over the same documents share one entry)."""
+    fingerprint = document_fingerprint(encoder, max_length) if cache is not False else None
+    limit = min(max_length or encoder.max_length, encoder.max_length)
+    encode = _encode_with(encoder, batch_size, show_progress, max_length)
+    return corpus_vectors(data, encode, cache=cache, fingerprint=fingerprint, max_length=limit)
+
+
+def _encode_with(model: Any, batch_size: int, show_progress: bool, max_length: int | None) -> EncodeFn:
+    return lambda texts: model.encode(texts, batch_size=batch_size, show_progress=show_progress,
+                                      max_length=max_length)
 
 
 def evaluate_encoder(
@@ -215,8 +262,7 @@ def evaluate_encoder(
         query_encoder, doc_encoder = encoder.query, documents if documents is not None else encoder.document
 
     def encode_with(model: Any) -> EncodeFn:
-        return lambda texts: model.encode(texts, batch_size=batch_size, show_progress=show_progress,
-                                          max_length=max_length)
+        return _encode_with(model, batch_size, show_progress, max_length)
 
     if fingerprint is None and cache is not False:
         fingerprint = document_fingerprint(doc_encoder, max_length)
