@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only rank 0 reports
     best = "n/a" if result.best_dev is None else f"{result.best_dev:.2f} (step {result.best_step})"
-    print(f"trained {result.steps} steps in {result.seconds:.0f}s; best STS-B dev {best}; checkpoint: {result.output_dir}")
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s; best dev {best}; checkpoint: {result.output_dir}")
     return 0
 
 

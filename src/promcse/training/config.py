@@ -61,6 +61,7 @@ class DataConfig:
     sources: list[Source] = field(default_factory=list, metadata={"help": "several training files in one run, replacing train_file: a YAML list of {file, weight, contrastive}; each step's batch comes from one file, drawn by weight"})
     max_length: int = _f(32, "truncate training inputs at this many tokens")
     eval_data_dir: str = _f("", "eval data dir (tsv/original/...); empty: PROMCSE_DATA_DIR or the bundled STS-B dev")
+    dev: str = _f("stsb", "model selection: 'stsb' (STS-B dev Spearman) or 'retrieval:DIR[:SPLIT]' (nDCG@10 on a BEIR folder's split, default 'dev'; documents re-encoded by the model at data.max_length each evaluation)")
 
 
 @dataclass
@@ -93,7 +94,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.0, "fraction of steps with linear warmup")
     grad_clip: float = _f(1.0, "clip the gradient norm (0 = off)")
     seed: int = _f(42, "random seed")
-    eval_every: int = _f(125, "evaluate on STS-B dev every N steps (0 = only at the end, -1 = never)")
+    eval_every: int = _f(125, "evaluate on the dev scorer (data.dev) every N steps (0 = only at the end, -1 = never)")
     log_every: int = _f(10, "write a metrics line every N steps")
     device: str = _f("auto", "auto | cpu | cuda")
     save_every: int = _f(0, "write a resumable training state every N steps (0 = off); resume with --resume DIR")
@@ -223,6 +224,8 @@ def validate(config: RunConfig) -> None:
         (t.log_every >= 1, "train.log_every", "must be >= 1"),
         (t.grad_clip >= 0.0, "train.grad_clip", "must be >= 0 (0 = off)"),
         (t.weight_decay >= 0.0, "train.weight_decay", "must be >= 0"),
+        (config.data.dev == "stsb" or config.data.dev.removeprefix("retrieval:").partition(":")[0] != ""
+         and config.data.dev.startswith("retrieval:"), "data.dev", "must be 'stsb' or 'retrieval:DIR[:SPLIT]'"),
         (config.data.max_length >= 2, "data.max_length", "must be >= 2 (the special tokens alone take 2)"),
         (lo.temperature > 0, "loss.temperature", "must be > 0"),
         (t.batch_size >= 2, "train.batch_size", "contrastive learning needs at least 2 rows per batch"),

@@ -51,7 +51,7 @@ class TrainResult:
     Attributes:
         output_dir: Where the (best) checkpoint was saved.
         steps: Optimizer steps taken (in total, across resumes).
-        best_dev: Best STS-B dev Spearman x100 seen (None if never evaluated).
+        best_dev: Best dev score seen (STS-B dev Spearman x100 by default; None if never evaluated).
         best_step: Step of that checkpoint.
         seconds: Wall time of the loop (this process only).
         history: Every evaluation as (step, dev Spearman).
@@ -80,10 +80,11 @@ class TrainingRun:
         max_length: Training truncation (``data.max_length``).
         out: Run directory.
         dist: Process context; only the main process logs, evaluates and writes.
-        scorer: STS-B dev scorer (main process; None = no evaluation).
+        scorer: Model-selection scorer, higher is better (main process; None = no evaluation).
         meta: Extra fields for every checkpoint's ``config.json`` (run config, row count).
         show_progress: Draw a tqdm bar (main process).
         teacher: The teacher's cached embeddings (distillation), or None.
+        dev_name: The key the dev score is logged and saved under (``stsb_dev`` for STS-B dev).
     """
 
     encoder: SentenceEncoder
@@ -100,6 +101,7 @@ class TrainingRun:
     meta: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
     teacher: TeacherCache | None = None
+    dev_name: str = "stsb_dev"
 
 
 @contextlib.contextmanager
@@ -194,13 +196,13 @@ def _after_step(run: TrainingRun, state: LoopState, terms: dict[str, float], log
 
 
 def _evaluate(run: TrainingRun, state: LoopState, log: IO[str] | None, bar: Any) -> None:
-    """Score on STS-B dev; save the checkpoint when it is the best so far."""
+    """Score on the dev scorer; save the checkpoint when it is the best so far."""
     assert run.scorer is not None
     dev = run.scorer(run.encoder)
     run.encoder.train()
     state.history.append([state.step, dev])
-    _log(log, {"step": state.step, "stsb_dev": dev})
-    bar.write(f"step {state.step}: STS-B dev {dev:.2f}")
+    _log(log, {"step": state.step, run.dev_name: dev})
+    bar.write(f"step {state.step}: {run.dev_name} {dev:.2f}")
     if dev > state.best:
         state.best, state.best_step = dev, state.step
-        save_checkpoint(run.encoder, run.out, {**run.meta, "step": state.step, "stsb_dev": dev})
+        save_checkpoint(run.encoder, run.out, {**run.meta, "step": state.step, run.dev_name: dev})

@@ -136,20 +136,37 @@ def make_optimizer(encoder: SentenceEncoder, train: TrainConfig, total_steps: in
 
 
 def dev_scorer(data: DataConfig) -> Callable[[SentenceEncoder], float]:
-    """A function scoring an encoder on STS-B dev (Spearman x100)."""
-    from promcse.evaluation.sts import score_split
+    """The model-selection scorer ``data.dev`` names: STS-B dev Spearman x100, or retrieval dev nDCG@10 x100."""
+    if data.dev == "stsb":
+        from promcse.evaluation.sts import score_split
 
-    data_dir = data.eval_data_dir or None
-    return lambda encoder: score_split(lambda texts: encode_texts(encoder, texts, batch_size=128), "stsb-dev", data_dir)
+        data_dir = data.eval_data_dir or None
+        return lambda encoder: score_split(lambda texts: encode_texts(encoder, texts, batch_size=128), "stsb-dev",
+                                           data_dir)
+    from promcse.evaluation.beir import read_beir
+    from promcse.evaluation.retrieval import evaluate_encoder
+
+    folder, _, split = data.dev.removeprefix("retrieval:").partition(":")
+    beir = read_beir(folder, split or "dev")  # read (and checked) once, before the first step
+    return lambda encoder: evaluate_encoder(encoder, beir, max_length=data.max_length, cache=False,
+                                            show_progress=False)["metrics"]["ndcg@10"]
+
+
+def dev_label(data: DataConfig, custom: bool) -> str:
+    """The name the dev score is logged and saved under."""
+    return "dev" if custom else ("stsb_dev" if data.dev == "stsb" else "retrieval_dev_ndcg@10")
 
 
 def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
-          encoder: SentenceEncoder | None = None, resume: bool = False, overwrite: bool = False) -> TrainResult:
+          encoder: SentenceEncoder | None = None, resume: bool = False, overwrite: bool = False,
+          evaluator: Callable[[SentenceEncoder], float] | None = None) -> TrainResult:
     """Train per ``config``; saves the best (or last) checkpoint, ``metrics.jsonl`` and the config.
 
     With ``resume``, continue the run in ``output_dir`` from its newest saved state (``train.save_every``).
     One directory holds one run: a new run into a directory holding another run's files is refused, unless
     ``overwrite`` (then that run's states and checkpoint are deleted first).
+    ``evaluator`` replaces the model-selection scorer of ``data.dev``: any function of the encoder whose higher
+    value is better (logged and saved as ``dev``).
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; rank 0 alone evaluates, logs
     and writes the output directory.
 
@@ -174,7 +191,7 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
             objective = build_objective(config.loss)
             examples = load_examples(config.data, objective, config.train.batch_size)
             teacher = load_teacher(config.loss, examples, out, device, show_progress and dist.is_main)
-            run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress)
+            run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress, evaluator)
             check_teacher(objective, teacher, run.encoder)
             run.teacher = teacher
             return run_loop(run, _starting_state(run, config, resume))
@@ -183,7 +200,8 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
 
 
 def _build_run(config: RunConfig, objective: Objective, examples: TrainExamples | Mixture, encoder: SentenceEncoder | None,
-               device: torch.device, dist: DistContext, out: Path, show_progress: bool) -> TrainingRun:
+               device: torch.device, dist: DistContext, out: Path, show_progress: bool,
+               evaluator: Callable[[SentenceEncoder], float] | None = None) -> TrainingRun:
     """Seed, build (or take) the encoder, the step order and the optimizer."""
     t = config.train
     seed_everything(t.seed)
@@ -204,9 +222,10 @@ def _build_run(config: RunConfig, objective: Objective, examples: TrainExamples 
     note = report_truncation(encoder.tokenizer, examples, config.data.max_length) if dist.is_main else None
     if note and show_progress:
         tqdm.write(note)
-    scorer = dev_scorer(config.data) if t.eval_every >= 0 and dist.is_main else None
+    scorer = (evaluator or dev_scorer(config.data)) if t.eval_every >= 0 and dist.is_main else None
     return TrainingRun(encoder, objective, examples, batches, optimizer, scheduler, t, config.data.max_length, out,
-                       dist, scorer, {"run_config": config.to_dict(), "train_rows": len(examples)}, show_progress)
+                       dist, scorer, {"run_config": config.to_dict(), "train_rows": len(examples)}, show_progress,
+                       dev_name=dev_label(config.data, evaluator is not None))
 
 
 def _starting_state(run: TrainingRun, config: RunConfig, resume: bool) -> LoopState | None:
