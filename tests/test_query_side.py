@@ -213,3 +213,24 @@ def test_cli_adapt_labels_and_corpus(tiny_bert: Path, tmp_path: Path, monkeypatc
     assert main(["adapt", "--labels", str(folder), "--output", str(tmp_path / "d"), "--dev-fraction", "1.5",
                  *common]) == 2
     assert "--dev-fraction" in capsys.readouterr().err
+
+
+def test_labelled_pairs_mine_negatives_that_are_never_relevant(tiny_bert: Path, tmp_path: Path) -> None:
+    from promcse.io.data import read_training_file
+    from promcse.training.adapt import mined_negatives, write_labelled_pairs
+
+    corpus = CorpusVectors([0, 1, 2, 3], np.eye(4, dtype=np.float32), "off")
+    query = np.array([[0.9, 0.8, 0.7, 0.1]], dtype=np.float32)
+    assert mined_negatives(corpus, query, [[0]], 2) == [[1, 2]]
+    assert mined_negatives(corpus, query, [[0, 1]], 2) == [[2, 3]]
+    folder = tiny_folder(tmp_path / "b")
+    setup = AdaptSetup(backbone=str(tiny_bert), document_max_length=32, cache=False, show_progress=False)
+    n = write_labelled_pairs(folder, tmp_path / "pairs.jsonl", "train", 2, setup)
+    examples = read_training_file(tmp_path / "pairs.jsonl", require_hard_negatives=True)
+    data = read_beir(folder, "train")
+    assert n == len(examples) == 30 and len(examples.negatives) == 2
+    texts = dict(zip(data.doc_ids, data.doc_texts))
+    for query_id, anchor, positive, neg1, neg2 in zip(data.query_ids, examples.anchor, examples.positive,
+                                                      *examples.negatives):
+        relevant = {texts[d] for d, s in data.qrels[query_id].items() if s > 0}
+        assert positive in relevant and neg1 not in relevant and neg2 not in relevant and neg1 != neg2

@@ -19,8 +19,21 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     """Train, save the role pair, and say how it did and how to use it."""
     from promcse.training.adapt import AdaptSetup, adapt_corpus, adapt_labelled
 
+    if not args.output and not args.pairs_out:
+        raise SystemExit("promcse adapt: give --output DIR (or --pairs-out FILE)")
+
     setup = AdaptSetup(backbone=args.backbone, document_max_length=args.document_max_length,
                        cache=False if args.no_cache else True, show_progress=not args.no_progress)
+    if args.pairs_out:
+        from promcse.training.adapt import write_labelled_pairs
+
+        if not args.labels:
+            raise SystemExit("promcse adapt: --pairs-out needs --labels DIR")
+        n = write_labelled_pairs(args.labels, args.pairs_out, args.split, args.negatives, setup)
+        print(f"wrote {n} (query, relevant document, {args.negatives} mined negative(s)) rows to {args.pairs_out}; "
+              f"train a prompt for both roles with: promcse train --set data.train_file={args.pairs_out} "
+              f"--set data.max_length={args.document_max_length} --set data.dev=retrieval:{args.labels}:dev")
+        return 0
     if args.labels:
         _, result = adapt_labelled(args.labels, args.output, args.split, args.dev_split, args.dev_fraction,
                                    _config(args, False), setup)
@@ -49,7 +62,10 @@ def register(subparsers: Any) -> None:
     source.add_argument("--labels", metavar="DIR", help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     source.add_argument("--corpus", metavar="FILE|DIR", help="unlabeled documents: a BEIR folder or corpus.jsonl, "
                         "a .txt with one document a line, a .jsonl/.csv with a text field, or a folder of them")
-    p.add_argument("--output", required=True, help="the role pair directory to write")
+    p.add_argument("--output", help="the role pair directory to write (required unless --pairs-out)")
+    p.add_argument("--pairs-out", metavar="FILE", help="instead of training, write the labelled pairs with mined "
+                   "hard negatives (relevant documents never mined) as a promcse train file (both roles trained)")
+    p.add_argument("--negatives", type=int, default=1, help="mined hard negatives per pair (--pairs-out)")
     p.add_argument("--split", default="train", help="qrels split to train on (--labels)")
     p.add_argument("--dev-split", help="qrels split to select the best epoch on (default: carve --dev-fraction "
                    "of the training queries)")

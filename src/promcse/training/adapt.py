@@ -13,6 +13,7 @@ backbone: documents already indexed with the backbone stay valid.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +33,7 @@ from promcse.io.jsonl import iter_jsonl
 from promcse.models.checkpoint import save_checkpoint
 from promcse.models.roles import save_roles
 from promcse.training.query_side import (QueryRows, QueryTuneConfig, QueryTuneResult, fit_queries, labelled_rows,
-                                         query_encoder, retrieval_dev_scorer)
+                                         query_encoder, relevant_rows, retrieval_dev_scorer)
 
 SIGNALS: tuple[str, ...] = ("sentence", "title", "auto")
 MIN_WORDS = 5  # a pseudo-query sentence shorter than this is a fragment ("Methods.")
@@ -149,6 +150,43 @@ def frozen_corpus(data: BeirData, setup: AdaptSetup) -> CorpusVectors:
     """The frozen backbone's vectors of the corpus (cached as an evaluation with the same limit caches them)."""
     return encoder_corpus_vectors(frozen_encoder(setup), data, setup.document_max_length, cache=setup.cache,
                                   show_progress=setup.show_progress)
+
+
+def mined_negatives(corpus: CorpusVectors, query_vectors: np.ndarray, relevant: list[list[int]],
+                    k: int) -> list[list[int]]:
+    """Each query's ``k`` best-ranked corpus rows (by the given unit query vectors) among those not judged
+    relevant to it (the false-negative filter: a relevant document is never a negative)."""
+    out = []
+    for vector, skip in zip(query_vectors, relevant):
+        ranked = np.argsort(-(corpus.vectors @ vector), kind="stable")[: k + len(skip)]
+        out.append([int(r) for r in ranked if int(r) not in set(skip)][:k])
+    return out
+
+
+def write_labelled_pairs(folder: str | Path, output: str | Path, split: str = "train", negatives: int = 1,
+                         setup: AdaptSetup | None = None, data: BeirData | None = None) -> int:
+    """A training file (JSON Lines: ``sent0`` query, ``sent1`` relevant document, ``hard_neg``/``hard_neg_1..k``
+    mined by the frozen backbone) from a BEIR split's judgements (or ``data``, e.g. a carved part), for
+    ``promcse train``: a prompt for both roles, documents re-encoded.
+
+    Returns:
+        The number of rows written (one per relevant pair).
+    """
+    setup = setup or AdaptSetup()
+    data = data or read_beir(folder, split)
+    corpus = frozen_corpus(data, setup)
+    vectors = frozen_encoder(setup).encode(data.query_texts, batch_size=128, show_progress=False, max_length=64)
+    relevant = relevant_rows(data, corpus)
+    mined = mined_negatives(corpus, np.asarray(vectors), relevant, negatives)
+    names = ["hard_neg"] if negatives == 1 else [f"hard_neg_{i + 1}" for i in range(negatives)]
+    lines = []
+    for text, rows, negs in zip(data.query_texts, relevant, mined):
+        hard = {name: data.doc_texts[corpus.rows[r]] for name, r in zip(names, negs)}
+        lines += [json.dumps({"sent0": text, "sent1": data.doc_texts[corpus.rows[r]], **hard}) for r in rows]
+    if not lines:
+        raise PromcseError(f"no query of split {data.split!r} has a relevant document with text", path=data.folder)
+    Path(output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
 
 
 def save_query_prompt(encoder: SentenceEncoder, output: str | Path, meta: dict[str, Any]) -> Path:

@@ -127,23 +127,24 @@ class QueryTuneResult:
     history: list[tuple[int, float]] = field(default_factory=list)
 
 
+def relevant_rows(data: BeirData, corpus: CorpusVectors) -> list[list[int]]:
+    """For each judged query of ``data`` (in order), the rows of ``corpus`` judged relevant to it (score > 0)."""
+    row_of = {data.doc_ids[i]: row for row, i in enumerate(corpus.rows)}
+    return [sorted(row_of[d] for d, score in data.qrels[q].items() if score > 0 and d in row_of)
+            for q in data.query_ids]
+
+
 def labelled_rows(data: BeirData, corpus: CorpusVectors) -> QueryRows:
     """The judged queries of ``data`` with their relevant documents (score > 0) as rows of ``corpus``.
 
     Raises:
         PromcseError: When no query has a relevant document with text.
     """
-    row_of = {data.doc_ids[i]: row for row, i in enumerate(corpus.rows)}
-    texts, relevant = [], []
-    for query_id, text in zip(data.query_ids, data.query_texts):
-        rows = sorted(row_of[d] for d, score in data.qrels[query_id].items() if score > 0 and d in row_of)
-        if rows:
-            texts.append(text)
-            relevant.append(rows)
-    if not texts:
+    pairs = [(t, r) for t, r in zip(data.query_texts, relevant_rows(data, corpus)) if r]
+    if not pairs:
         raise PromcseError(f"no query of split {data.split!r} has a relevant document with text",
                            path=data.folder / "qrels" / f"{data.split}.tsv")
-    return QueryRows(texts, relevant)
+    return QueryRows([t for t, _ in pairs], [r for _, r in pairs])
 
 
 def query_encoder(backbone: str, config: QueryTuneConfig) -> SentenceEncoder:
