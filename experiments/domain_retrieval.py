@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PROMCSE_RETRIEVAL_DIR", ROOT.parent / "shared" / "data" / "retrieval"))
 RESULTS = ROOT / "experiments" / "results" / "retrieval"
 DEV_SPLIT = {"scifact": None, "nfcorpus": "dev"}  # None: carve 20 % of train
-TRAINED = ("prompt", "lora", "full", "corpus", "corpus_title", "corpus_sentence", "prompt_eh")
+TRAINED = ("both", "prompt", "lora", "full", "corpus", "corpus_title", "corpus_sentence", "prompt_eh")
 LABELS = {"frozen": "frozen all-MiniLM-L6-v2", "bm25": "BM25 (bm25s, English stemmer)",
-          "prompt": "query prompt, labels (P=10)", "prompt_eh": "query prompt, labels, + EH (w=1)",
-          "lora": "query LoRA, labels (r=5, PEFT)", "full": "query tower fully fine-tuned, labels",
-          "corpus": "query prompt, corpus only (auto: titles + sentences)",
+          "prompt": "query prompt, labels (P=20)", "both": "one prompt for queries and documents, labels", "prompt_eh": "query prompt, labels, + EH (w=1)",
+          "lora": "query LoRA, labels (r=10, PEFT)", "full": "query tower fully fine-tuned, labels",
+          "corpus": "query prompt, corpus only (titles + sentences)",
           "corpus_title": "query prompt, corpus only (titles)", "corpus_sentence": "query prompt, corpus only (sentences)"}
 
 
@@ -45,13 +45,19 @@ def _setup() -> Any:
     return AdaptSetup(backbone="minilm", document_max_length=256, cache=True, show_progress=False)
 
 
-def _config(row: str, seed: int) -> Any:
+# Chosen on dev only (experiments/domain_sweep.py; docs/RESULTS.md "Choosing the recipe"): SciFact (about one
+# relevant document a query) takes a sharper softmax; NFCorpus (dozens a query) collapses with it.
+TUNED: dict[str, dict[str, float]] = {"scifact": {"lr": 2e-2, "temperature": 0.02}, "nfcorpus": {}}
+
+
+def _config(dataset: str, row: str, seed: int) -> Any:
     from promcse.training.query_side import QueryTuneConfig
 
     mode = row if row in ("lora", "full") else "prompt"
     if row.startswith("corpus"):
         return QueryTuneConfig(mode="prompt", epochs=3, patience=0, seed=seed)
-    return QueryTuneConfig(mode=mode, seed=seed, eh_weight=1.0 if row == "prompt_eh" else 0.0)
+    tuned = TUNED[dataset] if mode == "prompt" else {k: v for k, v in TUNED[dataset].items() if k != "lr"}
+    return QueryTuneConfig(mode=mode, seed=seed, eh_weight=1.0 if row == "prompt_eh" else 0.0, **tuned)
 
 
 def _artifact_bytes(encoder: Any) -> int:
@@ -75,21 +81,62 @@ def _test_result(encoder: Any, dataset: str) -> dict[str, Any]:
     return score_vectors(test, np.asarray(vectors, dtype=np.float32), corpus)
 
 
-def run_trained(dataset: str, row: str, seed: int) -> dict[str, Any]:
-    """Train one query-side row on ``dataset`` and evaluate it on test."""
+def run_trained(dataset: str, row: str, seed: int, ship: bool = False) -> dict[str, Any]:
+    """Train one query-side row on ``dataset`` and evaluate it on test; with ``ship``, save the labelled query
+    prompt as checkpoints/promcse-minilm-<dataset>-query."""
     from promcse.training.adapt import adapt_corpus, adapt_labelled
 
-    config, setup = _config(row, seed), _setup()
+    config, setup = _config(dataset, row, seed), _setup()
     if row.startswith("corpus"):
         signal = {"corpus": "auto", "corpus_title": "title", "corpus_sentence": "sentence"}[row]
         dev = (DATA / dataset, DEV_SPLIT[dataset] or "train")
         encoder, fit = adapt_corpus(DATA / dataset, None, signal, config, setup, dev=dev)
     else:
-        encoder, fit = adapt_labelled(DATA / dataset, None, "train", DEV_SPLIT[dataset], 0.2, config, setup)
+        output = ROOT / "checkpoints" / f"promcse-minilm-{dataset}-query" if ship and row == "prompt" else None
+        encoder, fit = adapt_labelled(DATA / dataset, output, "train", DEV_SPLIT[dataset], 0.2, config, setup)
     result = _test_result(encoder.eval(), dataset)
     result["facts"] = {"trainable": fit.trainable, "artifact_bytes": _artifact_bytes(encoder),
                        "train_seconds": round(fit.seconds, 1), "rebuild_index": False, "best_dev": fit.best_dev,
                        "best_epoch": fit.best_epoch, "history": fit.history, "config": asdict(config)}
+    return result
+
+
+BOTH_MAX_PAIRS = 1000  # both-roles training re-encodes 256-token documents every step: a CPU budget, see RESULTS
+
+
+def run_both(dataset: str, seed: int) -> dict[str, Any]:
+    """One prompt for queries and documents (documents re-encoded), trained by ``promcse train`` on the labelled
+    pairs with one mined hard negative each; the last step is kept (a dev evaluation re-encodes the corpus)."""
+    import random
+
+    from promcse.evaluation.beir import read_beir
+    from promcse.evaluation.retrieval import evaluate_encoder
+    from promcse.models.loading import load
+    from promcse.training.adapt import carve_dev, write_labelled_pairs
+    from promcse.training.config import load_config
+    from promcse.training.train import train
+
+    data = read_beir(DATA / dataset, "train")
+    if DEV_SPLIT[dataset] is None:
+        data = carve_dev(data, 0.2)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = Path(tmp) / "pairs.jsonl"
+        write_labelled_pairs(DATA / dataset, pairs, setup=_setup(), data=data)
+        lines = pairs.read_text(encoding="utf-8").splitlines()
+        random.Random(seed).shuffle(lines)
+        pairs.write_text("\n".join(lines[:BOTH_MAX_PAIRS]) + "\n", encoding="utf-8")
+        config = load_config(None, [
+            "model.prompt_length=10", "model.shift_positions=false", "model.pooler=avg", "model.head=none",
+            f"data.train_file={pairs}", "data.max_length=256", "loss.name=nt_xent", "train.batch_size=32",
+            "train.lr=5e-3", "train.epochs=1", "train.eval_every=-1", f"train.seed={seed}"])
+        start = time.time()
+        train(config, Path(tmp) / "run", show_progress=False)
+        seconds = time.time() - start
+        encoder = load(str(Path(tmp) / "run"), device="cpu")
+        result = evaluate_encoder(encoder, DATA / dataset, "test", max_length=256, cache=False, show_progress=False)
+        result["facts"] = {"trainable": sum(t.numel() for t in encoder.trainable_tensors().values()),
+                           "artifact_bytes": _artifact_bytes(encoder), "train_seconds": round(seconds, 1),
+                           "rebuild_index": True, "pairs": min(len(lines), BOTH_MAX_PAIRS)}
     return result
 
 
@@ -124,7 +171,7 @@ def run_bm25(dataset: str) -> dict[str, Any]:
     return result
 
 
-def run_one(dataset: str, row: str, seed: int) -> Path:
+def run_one(dataset: str, row: str, seed: int, ship: bool = False) -> Path:
     out = RESULTS / f"{dataset}-{row}-s{seed}.json"
     if out.exists():
         print(f"skip {out.name} (exists)")
@@ -134,8 +181,10 @@ def run_one(dataset: str, row: str, seed: int) -> Path:
         result = run_frozen(dataset)
     elif row == "bm25":
         result = run_bm25(dataset)
+    elif row == "both":
+        result = run_both(dataset, seed)
     else:
-        result = run_trained(dataset, row, seed)
+        result = run_trained(dataset, row, seed, ship)
     payload = {"model": row, "seed": seed, "seconds": round(time.time() - start, 1),
                "retrieval": {f"{dataset}:test": result}}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -178,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="frozen,bm25,prompt,lora,full,corpus")
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--report", action="store_true", help="print the table from the stored results")
+    parser.add_argument("--ship", action="store_true", help="save the first seed's labelled query prompt under "
+                        "checkpoints/")
     args = parser.parse_args(argv)
     if args.report:
         print(report())
@@ -186,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in args.rows.split(","):
             seeds = [int(s) for s in args.seeds.split(",")] if row in TRAINED else [0]
             for seed in seeds:
-                run_one(dataset, row, seed)
+                run_one(dataset, row, seed, args.ship and seed == seeds[0])
     return 0
 
 

@@ -234,3 +234,18 @@ def test_labelled_pairs_mine_negatives_that_are_never_relevant(tiny_bert: Path, 
                                                       *examples.negatives):
         relevant = {texts[d] for d, s in data.qrels[query_id].items() if s > 0}
         assert positive in relevant and neg1 not in relevant and neg2 not in relevant and neg1 != neg2
+
+
+def test_cli_adapt_pairs_out_writes_a_training_file(tiny_bert: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from promcse.cli import main
+    from promcse.io.data import read_training_file
+
+    folder = tiny_folder(tmp_path / "b")
+    assert main(["adapt", "--labels", str(folder), "--pairs-out", str(tmp_path / "p.jsonl"), "--negatives", "2",
+                 "--backbone", str(tiny_bert), "--document-max-length", "32", "--no-cache", "--no-progress"]) == 0
+    assert "promcse train --set data.train_file=" in capsys.readouterr().out
+    assert len(read_training_file(tmp_path / "p.jsonl", require_hard_negatives=True).negatives) == 2
+    assert main(["adapt", "--labels", str(folder), "--temperature", "0", "--output", str(tmp_path / "o"),
+                 "--backbone", str(tiny_bert), "--no-progress"]) == 2
+    assert "--temperature" in capsys.readouterr().err

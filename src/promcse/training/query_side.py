@@ -34,7 +34,7 @@ from promcse.evaluation.retrieval import CorpusVectors, score_vectors
 from promcse.objectives.corpus_losses import corpus_hinge, corpus_nt_xent, query_corpus_similarity
 
 MODES: tuple[str, ...] = ("prompt", "lora", "full")
-DEFAULT_LR: dict[str, float] = {"prompt": 5e-3, "lora": 1e-3, "full": 2e-5}
+DEFAULT_LR: dict[str, float] = {"prompt": 1e-2, "lora": 1e-3, "full": 2e-5}
 Scorer = Callable[[SentenceEncoder], float]
 
 
@@ -45,12 +45,13 @@ class QueryTuneConfig:
     Attributes:
         mode: ``prompt`` | ``lora`` | ``full``: what is trained on the query side.
         prompt_length: P, prefix length (``prompt``).
-        lora_rank: r of LoRA on the query and value projections (``lora``); r = 5 on MiniLM is 46,080
-            parameters, the same as P = 10.
+        lora_rank: r of LoRA on the query and value projections (``lora``); r = 10 on MiniLM is 92,160
+            parameters, the same as P = 20.
         lr: Peak learning rate (0: :data:`DEFAULT_LR` of the mode).
         epochs: Passes over the training queries (the best epoch on dev is kept).
         batch_size: Queries per step.
-        temperature: tau of :func:`corpus_nt_xent`.
+        temperature: tau of :func:`corpus_nt_xent` (0.02 was better on SciFact dev, one or two relevant documents a
+            query; it collapsed NFCorpus, dozens a query: docs/RESULTS.md).
         eh_weight, eh_margin: Weight and margin of :func:`corpus_hinge` (0: off).
         max_length: Token limit of queries.
         warmup_ratio: Fraction of steps of linear warmup (then linear decay to 0).
@@ -59,17 +60,17 @@ class QueryTuneConfig:
     """
 
     mode: str = "prompt"
-    prompt_length: int = 10
-    lora_rank: int = 5
+    prompt_length: int = 20
+    lora_rank: int = 10
     lr: float = 0.0
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 32
     temperature: float = 0.05
     eh_weight: float = 0.0
     eh_margin: float = 0.2
     max_length: int = 64
     warmup_ratio: float = 0.1
-    patience: int = 3
+    patience: int = 4
     seed: int = 42
 
     def check(self) -> None:
