@@ -93,6 +93,8 @@ def run_trained(dataset: str, row: str, seed: int, ship: bool = False) -> dict[s
         encoder, fit = adapt_corpus(DATA / dataset, None, signal, config, setup, dev=dev)
     else:
         output = ROOT / "checkpoints" / f"promcse-minilm-{dataset}-query" if ship and row == "prompt" else None
+        if output is not None:  # a role pair directory holds only its own files until results.json is rewritten
+            (output / "results.json").unlink(missing_ok=True)
         encoder, fit = adapt_labelled(DATA / dataset, output, "train", DEV_SPLIT[dataset], 0.2, config, setup)
     result = _test_result(encoder.eval(), dataset)
     result["facts"] = {"trainable": fit.trainable, "artifact_bytes": _artifact_bytes(encoder),
@@ -221,6 +223,22 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def write_ship_results(dataset: str, seed: int = 42) -> Path:
+    """checkpoints/promcse-minilm-<dataset>-query/results.json: the shipped seed's test metrics beside the frozen
+    backbone's, from the stored result files."""
+    def metrics(row: str, s: int) -> dict[str, float]:
+        payload = json.loads((RESULTS / f"{dataset}-{row}-s{s}.json").read_text())
+        return payload["retrieval"][f"{dataset}:test"]["metrics"]
+
+    out = ROOT / "checkpoints" / f"promcse-minilm-{dataset}-query" / "results.json"
+    record = {"dataset": f"{dataset}:test", "test": metrics("prompt", seed), "frozen_test": metrics("frozen", 0),
+              "documents": "frozen all-MiniLM-L6-v2, 256 tokens (unchanged index)",
+              "command": f"python experiments/domain_retrieval.py --datasets {dataset} --rows frozen,prompt "
+                         f"--seeds {seed} --ship"}
+    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="scifact,nfcorpus")
@@ -238,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")] if row in TRAINED else [0]
             for seed in seeds:
                 run_one(dataset, row, seed, args.ship and seed == seeds[0])
+            if args.ship and row == "prompt":
+                write_ship_results(dataset, seeds[0])
     return 0
 
 
