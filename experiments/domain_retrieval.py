@@ -99,7 +99,7 @@ def run_trained(dataset: str, row: str, seed: int, ship: bool = False) -> dict[s
     result = _test_result(encoder.eval(), dataset)
     result["facts"] = {"trainable": fit.trainable, "artifact_bytes": _artifact_bytes(encoder),
                        "train_seconds": round(fit.seconds, 1), "rebuild_index": False, "best_dev": fit.best_dev,
-                       "best_epoch": fit.best_epoch, "history": fit.history, "config": asdict(config)}
+                       "best_epoch": fit.best_epoch, "history": fit.history, "train_loss": fit.train_loss, "config": asdict(config)}
     return result
 
 

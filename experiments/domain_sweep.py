@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
         config = QueryTuneConfig(**{"patience": 4, "epochs": 15, **json.loads(spec)})
         _, result = adapt_labelled(DATA / dataset, None, "train", dev, 0.2, config, AdaptSetup(show_progress=False))
         print(dataset, spec, "best", round(result.best_dev or 0.0, 2), "epoch", result.best_epoch, "start",
-              round(result.history[0][1], 2), "s", round(result.seconds), flush=True)
+              round(result.history[0][1], 2), "s", round(result.seconds), "loss", [round(x, 3) for x in
+                                                                          result.train_loss], flush=True)
     return 0
 
 

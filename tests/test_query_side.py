@@ -126,7 +126,17 @@ def test_fit_queries_learns_and_keeps_the_best_epoch(tiny_bert: Path) -> None:
     assert result.history[0] == (0, start) and result.best_dev == max(s for _, s in result.history)
     assert result.best_dev > start + 0.1 and minus_loss(encoder) == pytest.approx(result.best_dev, abs=1e-5)
     assert result.trainable == sum(p.numel() for p in encoder.prompt.parameters())
+    assert len(result.train_loss) == 6 and result.train_loss[-1] < result.train_loss[0]
     assert all(torch.equal(before[k], v) for k, v in encoder.backbone.state_dict().items())
+
+
+def test_gated_query_prompt_starts_as_the_frozen_backbone(tiny_bert: Path) -> None:
+    from promcse.models.loading import load
+
+    gated = query_encoder(str(tiny_bert), QueryTuneConfig(prompt_length=4, prompt_gate=True)).eval()
+    texts = ["dog park", "red cat music"]
+    frozen = load(str(tiny_bert), device="cpu").encode(texts, show_progress=False)
+    assert np.allclose(gated.encode(texts, show_progress=False), frozen, atol=1e-6)
 
 
 def test_lora_and_full_modes_train_what_they_say(tiny_bert: Path) -> None:

@@ -45,6 +45,8 @@ class QueryTuneConfig:
     Attributes:
         mode: ``prompt`` | ``lora`` | ``full``: what is trained on the query side.
         prompt_length: P, prefix length (``prompt``).
+        prompt_dropout: Dropout on the prefix while training (``prompt``).
+        prompt_gate: A gated prefix (``model.prompt_gate``): it starts as exactly the frozen backbone.
         lora_rank: r of LoRA on the query and value projections (``lora``); r = 10 on MiniLM is 92,160
             parameters, the same as P = 20.
         lr: Peak learning rate (0: :data:`DEFAULT_LR` of the mode).
@@ -61,6 +63,8 @@ class QueryTuneConfig:
 
     mode: str = "prompt"
     prompt_length: int = 20
+    prompt_dropout: float = 0.1
+    prompt_gate: bool = False
     lora_rank: int = 10
     lr: float = 0.0
     epochs: int = 15
@@ -118,6 +122,7 @@ class QueryTuneResult:
         seconds: Wall time of the training loop.
         steps: Optimizer steps taken.
         trainable: Number of trained parameters.
+        train_loss: Mean training loss of each epoch (dropout on), to tell underfitting from overfitting.
     """
 
     best_dev: float | None
@@ -126,6 +131,7 @@ class QueryTuneResult:
     steps: int
     trainable: int
     history: list[tuple[int, float]] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
 
 
 def relevant_rows(data: BeirData, corpus: CorpusVectors) -> list[list[int]]:
@@ -154,8 +160,8 @@ def query_encoder(backbone: str, config: QueryTuneConfig) -> SentenceEncoder:
     shape = shape_of(model.config)
     prompt = None
     if config.mode == "prompt":  # positions unshifted: at init the prompt barely moves the frozen model's vectors
-        prompt = PromptSpec.for_backbone(shape, config.prompt_length, dropout=0.1, init_std=0.02,
-                                         shift_positions=False)
+        prompt = PromptSpec.for_backbone(shape, config.prompt_length, dropout=config.prompt_dropout, init_std=0.02,
+                                         shift_positions=False, gate=config.prompt_gate)
     mode = {"prompt": "prompt", "lora": "frozen", "full": "full"}[config.mode]
     encoder = build_encoder(EncoderSpec(backbone=backbone, shape=shape, mode=mode, prompt=prompt, pooler="avg"),
                             model, tokenizer)
@@ -221,9 +227,11 @@ def _restore(encoder: SentenceEncoder, state: dict[str, torch.Tensor]) -> None:
 
 
 def _epoch(encoder: SentenceEncoder, rows: QueryRows, documents: torch.Tensor, config: QueryTuneConfig,
-           optimizer: torch.optim.Optimizer, scheduler: object, epoch: int, bar: tqdm) -> None:
+           optimizer: torch.optim.Optimizer, scheduler: object, epoch: int, bar: tqdm) -> float:
+    """One pass over the queries; returns the mean loss."""
     encoder.train()
-    for batch in _batches(len(rows), config.batch_size, epoch, config.seed):
+    total, batches = 0.0, _batches(len(rows), config.batch_size, epoch, config.seed)
+    for batch in batches:
         loss = _loss(encoder, rows, batch, documents, config)
         if not math.isfinite(float(loss.detach())):
             raise PromcseError(f"loss became {float(loss.detach())} in epoch {epoch}; lower the learning rate", key="lr")
@@ -234,6 +242,8 @@ def _epoch(encoder: SentenceEncoder, rows: QueryRows, documents: torch.Tensor, c
         scheduler.step()  # type: ignore[attr-defined]
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.update(1)
+        total += float(loss.detach())
+    return total / len(batches)
 
 
 def fit_queries(encoder: SentenceEncoder, rows: QueryRows, corpus: CorpusVectors, config: QueryTuneConfig,
@@ -249,14 +259,14 @@ def fit_queries(encoder: SentenceEncoder, rows: QueryRows, corpus: CorpusVectors
     total = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(encoder.trainable_parameters(), lr=config.peak_lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * config.warmup_ratio), total)
-    best, best_epoch, history, state = -math.inf, 0, [], _snapshot(encoder)
+    best, best_epoch, history, losses, state = -math.inf, 0, [], [], _snapshot(encoder)
     if dev_scorer is not None:  # epoch 0: the untrained side, so a run never ends worse than its start on dev
         best = dev_scorer(encoder.eval())
         history.append((0, best))
     start, done = time.time(), 0
     with tqdm(total=total, desc="adapt", unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
         for epoch in range(1, config.epochs + 1):
-            _epoch(encoder, rows, documents, config, optimizer, scheduler, epoch, bar)
+            losses.append(_epoch(encoder, rows, documents, config, optimizer, scheduler, epoch, bar))
             done = epoch * steps_per_epoch
             if dev_scorer is None:
                 best_epoch = epoch
@@ -272,5 +282,5 @@ def fit_queries(encoder: SentenceEncoder, rows: QueryRows, corpus: CorpusVectors
         _restore(encoder, state)
     trainable = sum(t.numel() for t in encoder.trainable_tensors().values())
     return QueryTuneResult(None if dev_scorer is None else best, best_epoch, time.time() - start, done, trainable,
-                           history)
+                           history, losses)
 
