@@ -47,6 +47,7 @@ class QueryTuneConfig:
         prompt_length: P, prefix length (``prompt``).
         prompt_dropout: Dropout on the prefix while training (``prompt``).
         prompt_gate: A gated prefix (``model.prompt_gate``): it starts as exactly the frozen backbone.
+        prompt_projection: Train the prefix through P-tuning v2's reparameterisation MLP (more trainable parameters).
         lora_rank: r of LoRA on the query and value projections (``lora``); r = 10 on MiniLM is 92,160
             parameters, the same as P = 20.
         lr: Peak learning rate (0: :data:`DEFAULT_LR` of the mode).
@@ -65,6 +66,7 @@ class QueryTuneConfig:
     prompt_length: int = 20
     prompt_dropout: float = 0.1
     prompt_gate: bool = False
+    prompt_projection: bool = False
     lora_rank: int = 10
     lr: float = 0.0
     epochs: int = 15
@@ -161,7 +163,8 @@ def query_encoder(backbone: str, config: QueryTuneConfig) -> SentenceEncoder:
     prompt = None
     if config.mode == "prompt":  # positions unshifted: at init the prompt barely moves the frozen model's vectors
         prompt = PromptSpec.for_backbone(shape, config.prompt_length, dropout=config.prompt_dropout, init_std=0.02,
-                                         shift_positions=False, gate=config.prompt_gate)
+                                         shift_positions=False, gate=config.prompt_gate,
+                                         projection=config.prompt_projection)
     mode = {"prompt": "prompt", "lora": "frozen", "full": "full"}[config.mode]
     encoder = build_encoder(EncoderSpec(backbone=backbone, shape=shape, mode=mode, prompt=prompt, pooler="avg"),
                             model, tokenizer)
