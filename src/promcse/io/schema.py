@@ -49,12 +49,12 @@ def read_regular_file(path: str | Path, limit: int) -> bytes:
 def read_json_object(path: str | Path, limit: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
     """A JSON object from a regular UTF-8 file."""
     raw = read_regular_file(path, limit)
-    try:  # parse_json: json's limits made errors (deep nesting, 5,000-digit integers, NaN), not tracebacks
-        data = parse_json(raw.decode("utf-8"), path)
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise PromcseError(f"not valid UTF-8 JSON: {err}", path=path) from None
-    except PromcseError as err:
-        raise PromcseError(f"not valid UTF-8 JSON: {err.message}", path=path) from None
+        raise PromcseError(f"not valid UTF-8: {err.reason} at byte {err.start}", path=path) from None
+    # parse_json: json's limits made errors naming the line (deep nesting, 5,000-digit integers, NaN), not tracebacks
+    data = parse_json(text, path)
     if not isinstance(data, dict):
         raise PromcseError(f"expected a JSON object, got {type(data).__name__}", path=path)
     return data
