@@ -89,3 +89,13 @@ def test_checkpoint_json_is_read_with_the_same_limits(tmp_path: Path, text: str)
         read_json_object(write(tmp_path / "config.json", text))
     assert info.value.path == str(tmp_path / "config.json")
     assert "JSON: invalid JSON" not in str(info.value)  # one prefix, not two
+
+
+def test_result_json_is_strict_json_with_nan_as_null() -> None:
+    import json as json_mod
+
+    from promcse.io.json_fields import dumps_strict
+
+    text = dumps_strict({"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": "x", "e": 2})
+    assert json_mod.loads(text) == {"a": None, "b": [1.5, None, {"c": None}], "d": "x", "e": 2}
+    assert "NaN" not in text and "Infinity" not in text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from promcse.cli.common import NON_NEGATIVE_INT, POSITIVE_INT
@@ -18,8 +17,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_comparison(result))
     if args.json:
         from promcse.io.files import atomic_write_text
+        from promcse.io.json_fields import dumps_strict
 
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.json, dumps_strict(result) + "\n")
         print(f"wrote {args.json}")
     return 0
 

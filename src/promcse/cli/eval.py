@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +88,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = [_evaluate_model(model, tasks, datasets, args) for model in args.model]
     if args.json:
         from promcse.io.files import atomic_write_text
+        from promcse.io.json_fields import dumps_strict
 
         payload = results[0] if len(results) == 1 else results
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
+        atomic_write_text(args.json, dumps_strict(payload) + "\n")  # a NaN score (constant vectors) is null
         print(f"wrote {args.json}")
     if args.plot:
         from promcse.evaluation.plots import plot_results

@@ -91,3 +91,20 @@ def sha256_hex(value: Any, path: str | Path, key: str) -> str:
     if not isinstance(value, str) or not SHA256.fullmatch(value):
         raise PromcseError(f"expected a sha256 (64 hex digits), got {shown(value)}", path=path, key=key)
     return value
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``, so that it dumps as strict JSON
+    (``json.dumps`` would write ``NaN``, which no strict reader, promcse's included, accepts)."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``value`` (non-finite floats as ``null``; see :func:`finite_json`)."""
+    return json.dumps(finite_json(value), indent=indent, allow_nan=False)
