@@ -168,3 +168,17 @@ def test_a_failed_shard_leaves_no_files(tmp_path: Path) -> None:
         with ShardWriter(tmp_path, 0, 4, 3, "float32") as writer:
             writer.put([4], np.ones((1, 3), np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_vectors_never_reach_a_shard(tmp_path: Path) -> None:
+    vectors = np.ones((4, 3), dtype=np.float32)
+    vectors[2, 1] = np.nan
+    (tmp_path / "s").mkdir()
+    (tmp_path / "w").mkdir()
+    with pytest.raises(PromcseError, match="row 6 of shard 1"):
+        with ShardWriter(tmp_path / "s", 1, 8, 3, "float32") as writer:
+            writer.put([4, 5, 6, 7], vectors)
+    assert not list((tmp_path / "s").iterdir()), "nothing was left behind"
+    with pytest.raises(PromcseError, match="row 2 of shard 0"):
+        write_shard(tmp_path / "w", 0, 0, vectors, list(range(4)), None, "float16")
+    assert not list((tmp_path / "w").iterdir())

@@ -31,7 +31,7 @@ import numpy as np
 
 from promcse.errors import PromcseError
 from promcse.io.files import sha256_file
-from promcse.corpus.shards import canonical_dtype, quantize, shard_name
+from promcse.corpus.shards import canonical_dtype, quantize, refuse_non_finite, shard_name
 
 
 def npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
@@ -153,6 +153,7 @@ class ShardWriter:
         if len(where) != len(vectors) or (where and not 0 <= min(where) <= max(where) < self.rows):
             raise PromcseError(f"{len(vectors)} vectors for rows {where[:3]}... of a {self.rows}-row shard",
                                key="positions")
+        refuse_non_finite(vectors, self.index, where)
         stored, scales = quantize(vectors, self.dtype)
         self.files["vectors"].put(where, stored)  # type: ignore[union-attr]
         if scales is not None:

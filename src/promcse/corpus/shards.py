@@ -97,6 +97,7 @@ def _write_file(root: Path, name: str, data: bytes) -> str:
 def write_shard(root: Path, index: int, start: int, vectors: np.ndarray, ids: list[Any], texts: list[str] | None,
                 dtype: str) -> dict[str, Any]:
     """Write shard ``index`` (rows ``start ..``) and return its manifest entry; the manifest is the caller's."""
+    refuse_non_finite(vectors, index, list(range(len(vectors))))
     stored, scales = quantize(vectors, dtype)
     stem = shard_name(index)
     entry: dict[str, Any] = {"index": index, "start": start, "rows": len(ids), "files": {}}
@@ -243,6 +244,17 @@ def require_finite(vectors: np.ndarray, path: Path | None = None) -> None:
         more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
         raise PromcseError(f"row {int(rows[0])}{more} holds NaN or infinite values; an index over it would "
                            "answer wrongly", path=path)
+
+
+def refuse_non_finite(vectors: np.ndarray, shard: int, positions: list[int]) -> None:
+    """Stop an encode before a NaN or infinite vector reaches a shard (an index over it would answer wrongly):
+    the message names the shard and the row in it (``positions[i]`` is vector ``i``'s row)."""
+    bad = ~np.isfinite(np.asarray(vectors, dtype=np.float32)).reshape(len(vectors), -1).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise PromcseError(f"the encoder returned NaN or infinite values for row {positions[first]} of shard "
+                           f"{shard} ({int(bad.sum())} such row(s) in this batch); nothing of it was stored",
+                           key="vectors")
 
 
 def finite_matrix(vectors: Any, key: str = "vectors") -> np.ndarray:
