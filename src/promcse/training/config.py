@@ -100,6 +100,8 @@ class TrainConfig:
     save_every: int = _f(0, "write a resumable training state every N steps (0 = off); resume with --resume DIR")
     keep_states: int = _f(2, "how many saved training states to keep")
     grad_cache_chunk: int = _f(0, "GradCache chunk size in rows of all views together (0 = plain full-batch step); see docs/SCALING.md")
+    report_to: str = _f("", "experiment trackers, comma-separated: tensorboard (event files under <output>/tensorboard; offline) or none")
+    early_stopping_patience: int = _f(0, "stop after this many evaluations in a row without a better dev score (0 = off; the best checkpoint is kept; single process only)")
     precision: str = _f("fp32", "fp32 | bf16: bf16 autocast for the forward passes (CUDA; on CPU bf16 matmuls are far slower than fp32)")
 
 
@@ -198,6 +200,19 @@ def _set(config: RunConfig, dotted: str, value: Any) -> None:
     setattr(section, name, _coerce(value, hints[name], dotted))
 
 
+def _tracking_checks(t: TrainConfig) -> list[tuple[bool, str, str]]:
+    """Early stopping and ``train.report_to``."""
+    from promcse.training.callbacks import TRACKERS
+
+    return [
+        (t.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0 = off)"),
+        (t.early_stopping_patience == 0 or t.eval_every >= 0, "train.early_stopping_patience",
+         "needs evaluations (train.eval_every >= 0)"),
+        (all(n.strip() in ("", "none", *TRACKERS) for n in t.report_to.split(",")), "train.report_to",
+         f"must name trackers among {', '.join(TRACKERS)} (comma-separated) or none"),
+    ]
+
+
 def validate(config: RunConfig) -> None:
     """Reject impossible combinations (before any model or data is loaded).
 
@@ -235,6 +250,7 @@ def validate(config: RunConfig) -> None:
         (t.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0"),
         (t.save_every >= 0, "train.save_every", "must be >= 0"),
         (t.keep_states >= 1, "train.keep_states", "must be >= 1"),
+        *_tracking_checks(t),
         (t.eval_every >= -1, "train.eval_every", "must be >= -1 (-1 = never, 0 = only at the end)"),
         (lo.tile_size >= 0, "loss.tile_size", "must be >= 0"),
         *_objective_checks(lo, OBJECTIVES),

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from promcse.models.checkpoint import save_checkpoint
+from promcse.training.callbacks import Callback, run_callbacks
 from promcse.training.config import TrainConfig
 from promcse.io.data import TrainExamples
 from promcse.training.distributed import DistContext, shard_rows
@@ -85,6 +86,7 @@ class TrainingRun:
         show_progress: Draw a tqdm bar (main process).
         teacher: The teacher's cached embeddings (distillation), or None.
         dev_name: The key the dev score is logged and saved under (``stsb_dev`` for STS-B dev).
+        callbacks: Hooks called on the main process (:mod:`promcse.training.callbacks`).
     """
 
     encoder: SentenceEncoder
@@ -102,6 +104,7 @@ class TrainingRun:
     show_progress: bool = True
     teacher: TeacherCache | None = None
     dev_name: str = "stsb_dev"
+    callbacks: list[Callback] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -175,20 +178,28 @@ def run_loop(run: TrainingRun, state: LoopState | None = None) -> TrainResult:
             if caught:
                 bar.write(f"signal {caught[0]}: state saved at step {step}")
                 raise TrainingInterrupted(step, run.out, caught[0])
+            if main and any(c.should_stop() for c in run.callbacks):
+                bar.write(f"stopped early at step {step}; the best checkpoint (step {state.best_step}) is kept")
+                break
     if run.scorer is None and main:
-        state.best_step = total
-        save_checkpoint(run.encoder, run.out, {**run.meta, "step": total})
+        state.best_step = state.step
+        save_checkpoint(run.encoder, run.out, {**run.meta, "step": state.step})
+        run_callbacks(run.callbacks, "on_save", state.step, run.out)
+    if main:
+        run_callbacks(run.callbacks, "on_end", state.step)
     history = [(int(s), float(d)) for s, d in state.history]
     best = None if run.scorer is None else state.best
-    return TrainResult(run.out, total, best, state.best_step if main else total, time.time() - start, history)
+    return TrainResult(run.out, state.step, best, state.best_step if main else total, time.time() - start, history)
 
 
 def _after_step(run: TrainingRun, state: LoopState, terms: dict[str, float], log: IO[str] | None, bar: Any,
                 stop: bool, started: float) -> None:
     """Main process, after each step: log, evaluate (keep the best checkpoint), save a training state."""
     step, last, t = state.step, state.step == len(run.batches), run.train
+    lr = run.scheduler.get_last_lr()[0]
     if step % t.log_every == 0 or last:
-        _log(log, {"step": step, "lr": run.scheduler.get_last_lr()[0], **terms, "elapsed": time.time() - started})
+        _log(log, {"step": step, "lr": lr, **terms, "elapsed": time.time() - started})
+    run_callbacks(run.callbacks, "on_step", step, {**terms, "lr": lr})
     if run.scorer is not None and ((t.eval_every and step % t.eval_every == 0) or last):
         _evaluate(run, state, log, bar)
     if (t.save_every and step % t.save_every == 0) or stop:
@@ -203,6 +214,8 @@ def _evaluate(run: TrainingRun, state: LoopState, log: IO[str] | None, bar: Any)
     state.history.append([state.step, dev])
     _log(log, {"step": state.step, run.dev_name: dev})
     bar.write(f"step {state.step}: {run.dev_name} {dev:.2f}")
+    run_callbacks(run.callbacks, "on_evaluate", state.step, run.dev_name, dev)
     if dev > state.best:
         state.best, state.best_step = dev, state.step
         save_checkpoint(run.encoder, run.out, {**run.meta, "step": state.step, run.dev_name: dev})
+        run_callbacks(run.callbacks, "on_save", state.step, run.out)

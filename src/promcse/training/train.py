@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from promcse.encoder.backbone import load_backbone, resolve_device, shape_of
+from promcse.training.callbacks import Callback, EarlyStopping, reporters
 from promcse.training.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, build_objective, save_config
 from promcse.io.data import LABEL_COLUMN, TrainExamples, batch_order, read_training_file, resolve_train_file
 from promcse.training.distributed import DistContext, broadcast_parameters, describe_scale, fit_batches, setup, teardown
@@ -159,14 +160,17 @@ def dev_label(data: DataConfig, custom: bool) -> str:
 
 def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
           encoder: SentenceEncoder | None = None, resume: bool = False, overwrite: bool = False,
-          evaluator: Callable[[SentenceEncoder], float] | None = None) -> TrainResult:
+          evaluator: Callable[[SentenceEncoder], float] | None = None,
+          callbacks: list[Callback] | None = None) -> TrainResult:
     """Train per ``config``; saves the best (or last) checkpoint, ``metrics.jsonl`` and the config.
 
     With ``resume``, continue the run in ``output_dir`` from its newest saved state (``train.save_every``).
     One directory holds one run: a new run into a directory holding another run's files is refused, unless
     ``overwrite`` (then that run's states and checkpoint are deleted first).
     ``evaluator`` replaces the model-selection scorer of ``data.dev``: any function of the encoder whose higher
-    value is better (logged and saved as ``dev``).
+    value is better (logged and saved as ``dev``). ``callbacks`` (:class:`promcse.training.callbacks.Callback`)
+    are called on the main process, after the trackers of ``train.report_to`` and early stopping
+    (``train.early_stopping_patience``).
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; rank 0 alone evaluates, logs
     and writes the output directory.
 
@@ -192,6 +196,7 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
             examples = load_examples(config.data, objective, config.train.batch_size)
             teacher = load_teacher(config.loss, examples, out, device, show_progress and dist.is_main)
             run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress, evaluator)
+            run.callbacks = _callbacks(config.train, out, dist, callbacks) if dist.is_main else []
             check_teacher(objective, teacher, run.encoder)
             run.teacher = teacher
             return run_loop(run, _starting_state(run, config, resume))
@@ -226,6 +231,17 @@ def _build_run(config: RunConfig, objective: Objective, examples: TrainExamples 
     return TrainingRun(encoder, objective, examples, batches, optimizer, scheduler, t, config.data.max_length, out,
                        dist, scorer, {"run_config": config.to_dict(), "train_rows": len(examples)}, show_progress,
                        dev_name=dev_label(config.data, evaluator is not None))
+
+
+def _callbacks(t: TrainConfig, out: Path, dist: DistContext, extra: list[Callback] | None) -> list[Callback]:
+    """The trackers of ``train.report_to``, early stopping, then the caller's callbacks."""
+    stopping: list[Callback] = []
+    if t.early_stopping_patience:
+        if dist.world_size > 1:
+            raise PromcseError("early stopping runs on one process (the others could not learn of the stop)",
+                               key="train.early_stopping_patience")
+        stopping.append(EarlyStopping(t.early_stopping_patience))
+    return [*reporters(t.report_to, out), *stopping, *(extra or [])]
 
 
 def _starting_state(run: TrainingRun, config: RunConfig, resume: bool) -> LoopState | None:
