@@ -226,6 +226,17 @@ def read_pairs(path: str | Path, *, require_hard_negatives: bool = False) -> Tra
             dict_rows.append((number, dict(zip(header, fields))))
     else:
         raise PromcseError("unknown training file type: use .txt, .csv, .tsv or .jsonl", path=path)
+    return examples_from_rows(path, header, dict_rows, require_hard_negatives=require_hard_negatives)
+
+
+def examples_from_rows(path: str | Path, header: list[str], dict_rows: list[tuple[int, dict[str, object]]], *,
+                       require_hard_negatives: bool = False, unsupervised_ok: bool = False) -> TrainExamples:
+    """Training examples from named rows (``(line, {column: value})``), checked as :func:`read_pairs` checks a
+    file; with ``unsupervised_ok`` a ``sent0``-only table is unsupervised (dropout views, like a ``.txt``)."""
+    if unsupervised_ok and header == ["sent0"] and not require_hard_negatives:
+        if not dict_rows:
+            raise PromcseError("no training rows", path=path)
+        return TrainExamples([_field(path, n, row, "sent0") for n, row in dict_rows], None, (), source=str(path))
     labelled = LABEL_COLUMN in header
     has_positive = "sent1" in header or not labelled
     _require_columns(path, header, PAIR_COLUMNS if has_positive else PAIR_COLUMNS[:1])

@@ -8,6 +8,7 @@ the model loads and before the first step. The step itself is :mod:`promcse.trai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import shutil
@@ -33,17 +34,28 @@ from promcse.objectives.objective import OBJECTIVES, Objective
 from promcse.encoder.prompt import PromptSpec
 from promcse.training.resume import claim_run_dir, LoopState, latest_state, load_state
 from promcse.io.sources import Mixture, mixture_batch_order
+from promcse.io.tables import examples_from_table
 from promcse.training.teacher import TeacherCache, build_source_caches
 
 logger = logging.getLogger(__name__)
 
 
-def load_examples(data: DataConfig, objective: Objective, batch_size: int) -> TrainExamples | Mixture:
+def load_examples(data: DataConfig, objective: Objective, batch_size: int,
+                  table: object | None = None) -> TrainExamples | Mixture:
     """Read and validate the training data (before any model is loaded) for what ``objective`` needs.
+
+    ``table`` (a ``datasets.Dataset``, pandas ``DataFrame``, dict of columns or list of rows;
+    :func:`promcse.io.tables.examples_from_table`) replaces ``data.train_file`` and ``data.sources``.
 
     With ``data.sources`` every file is read (``data.train_file`` is not used); hard negatives are then
     required of every source only for a hard-negative bonus (EH works over the other positives without them).
     """
+    if table is not None:
+        examples = examples_from_table(table, require_hard_negatives=objective.needs_hard_negatives)
+        if len(examples) < batch_size:
+            raise PromcseError(f"{len(examples)} training rows are fewer than one batch ({batch_size})",
+                               path=examples.source)
+        return _check_labels(examples, objective)
     if not data.sources:
         return _check_labels(_read_source(data.train_file, objective.needs_hard_negatives, batch_size), objective)
     needs = objective.hard_negative_weight != 0.0
@@ -161,7 +173,7 @@ def dev_label(data: DataConfig, custom: bool) -> str:
 def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
           encoder: SentenceEncoder | None = None, resume: bool = False, overwrite: bool = False,
           evaluator: Callable[[SentenceEncoder], float] | None = None,
-          callbacks: list[Callback] | None = None) -> TrainResult:
+          callbacks: list[Callback] | None = None, train_data: object | None = None) -> TrainResult:
     """Train per ``config``; saves the best (or last) checkpoint, ``metrics.jsonl`` and the config.
 
     With ``resume``, continue the run in ``output_dir`` from its newest saved state (``train.save_every``).
@@ -170,7 +182,8 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
     ``evaluator`` replaces the model-selection scorer of ``data.dev``: any function of the encoder whose higher
     value is better (logged and saved as ``dev``). ``callbacks`` (:class:`promcse.training.callbacks.Callback`)
     are called on the main process, after the trackers of ``train.report_to`` and early stopping
-    (``train.early_stopping_patience``).
+    (``train.early_stopping_patience``). ``train_data`` (a ``datasets.Dataset``, a pandas ``DataFrame``, a dict of
+    columns or a list of row dicts, with a training file's columns) replaces ``data.train_file``.
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; rank 0 alone evaluates, logs
     and writes the output directory.
 
@@ -193,7 +206,10 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
             elif dist.is_main:
                 claim_run_dir(out, overwrite)
             objective = build_objective(config.loss)
-            examples = load_examples(config.data, objective, config.train.batch_size)
+            examples = load_examples(config.data, objective, config.train.batch_size, train_data)
+            if train_data is not None:  # the saved run config names the table, not a file it never read
+                config = dataclasses.replace(config, data=dataclasses.replace(
+                    config.data, train_file=f"<{examples.source}: {len(examples)} rows>", sources=[]))
             teacher = load_teacher(config.loss, examples, out, device, show_progress and dist.is_main)
             run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress, evaluator)
             run.callbacks = _callbacks(config.train, out, dist, callbacks) if dist.is_main else []
