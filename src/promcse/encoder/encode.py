@@ -121,8 +121,20 @@ def cosine_matrix(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
     return unit_rows(a) @ unit_rows(b).T
 
 
-def similarity(encoder: TextEncoder, a: list[str], b: list[str], batch_size: int = 64) -> np.ndarray:
-    """Cosine similarity matrix (len(a), len(b)) of two lists of texts, float32."""
+def similarity(encoder: TextEncoder, a: Any, b: Any, batch_size: int = 64) -> np.ndarray:
+    """Cosine similarity matrix (len(a), len(b)), float32, of two lists of texts or of two embedding matrices
+    (what ``encode`` returned; sentence-transformers' ``similarity`` takes embeddings)."""
+    if is_embeddings(a) and is_embeddings(b):
+        return cosine_matrix(np.atleast_2d(_array(a)), np.atleast_2d(_array(b))).astype(np.float32)
     va = encode_texts(encoder, a, batch_size=batch_size, normalize=False)
     vb = encode_texts(encoder, b, batch_size=batch_size, normalize=False)
     return cosine_matrix(va, vb).astype(np.float32)
+
+
+def is_embeddings(value: Any) -> bool:
+    """Whether ``value`` is an array or tensor of vectors (not texts)."""
+    return isinstance(value, (np.ndarray, torch.Tensor))
+
+
+def _array(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value

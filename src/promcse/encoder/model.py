@@ -157,8 +157,11 @@ class SentenceEncoder(nn.Module):
         pooled = self.pool_fn(hidden_states, inputs["attention_mask"])
         return self.head(pooled) if self.use_head() else pooled
 
-    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True, **kwargs: Any) -> Any:
-        """Encode texts to an (N, D) array in input order; see :func:`promcse.encoder.encode.encode_texts`."""
+    def encode(self, texts: list[str] | str, batch_size: int = 64, normalize: bool = True, **kwargs: Any) -> Any:
+        """Encode texts to an (N, D) array in input order (one string: a (D,) vector); see
+        :func:`promcse.encoder.encode.encode_texts`."""
+        if isinstance(texts, str):
+            return encode_texts(self, [texts], batch_size=batch_size, normalize=normalize, **kwargs)[0]
         return encode_texts(self, texts, batch_size=batch_size, normalize=normalize, **kwargs)
 
     def encode_query(self, texts: list[str], **kwargs: Any) -> Any:
@@ -169,8 +172,8 @@ class SentenceEncoder(nn.Module):
         """Encode documents: one prompt encodes both roles alike, so this is :meth:`encode`."""
         return self.encode(texts, **kwargs)
 
-    def similarity(self, a: list[str], b: list[str], batch_size: int = 64) -> Any:
-        """Cosine similarity matrix (len(a), len(b)) between two lists of texts."""
+    def similarity(self, a: Any, b: Any, batch_size: int = 64) -> Any:
+        """Cosine similarity matrix (len(a), len(b)) between two lists of texts or two embedding matrices."""
         return similarity(self, a, b, batch_size=batch_size)
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:

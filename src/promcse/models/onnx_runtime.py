@@ -214,10 +214,10 @@ class OnnxEncoder:
             feed["prompt_id"] = ids[rows]
         return self.session.run([output], feed)[0]
 
-    def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True,
+    def encode(self, texts: list[str] | str, batch_size: int = 64, normalize: bool = True,
                prompt: str | Sequence[str] | None = None, show_progress: bool = False,
                max_length: int | None = None) -> np.ndarray:
-        """Encode texts into an (N, D) float32 array in input order.
+        """Encode texts into an (N, D) float32 array in input order (one string: a (D,) vector).
 
         Args:
             texts: Input texts.
@@ -232,7 +232,7 @@ class OnnxEncoder:
         from promcse.encoder.encode import token_length_order
 
         if isinstance(texts, str):
-            raise PromcseError("encode expects a list of texts, not a single string")
+            return self.encode([texts], batch_size, normalize, prompt, show_progress, max_length)[0]
         ids = self.prompt_ids(prompt, len(texts))
         result = np.empty((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
@@ -246,10 +246,13 @@ class OnnxEncoder:
             result[rows] = self._run(tokens, rows, ids, output)
         return result
 
-    def similarity(self, a: list[str], b: list[str], batch_size: int = 64,
+    def similarity(self, a: Any, b: Any, batch_size: int = 64,
                    prompt: str | Sequence[str] | None = None) -> np.ndarray:
-        """Cosine similarity matrix (len(a), len(b)) of two lists of texts, float32."""
-        from promcse.encoder.encode import cosine_matrix
+        """Cosine similarity matrix (len(a), len(b)), float32, of two lists of texts or two embedding matrices."""
+        from promcse.encoder.encode import cosine_matrix, is_embeddings
+
+        if is_embeddings(a) and is_embeddings(b):
+            return cosine_matrix(np.atleast_2d(np.asarray(a)), np.atleast_2d(np.asarray(b))).astype(np.float32)
 
         va = self.encode(a, batch_size=batch_size, normalize=False, prompt=prompt)
         vb = self.encode(b, batch_size=batch_size, normalize=False, prompt=prompt)
