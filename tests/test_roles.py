@@ -262,3 +262,19 @@ def test_cli_pair_writes_a_query_only_pair(tiny_bert: Path, ckpts: dict[str, Pat
     assert np.array_equal(encoder.encode_document(texts), frozen.encode(texts))
     assert main(["pair", "--output", str(tmp_path / "none")]) == 2  # no role given
     assert "--query" in capsys.readouterr().err
+
+
+def test_similarity_takes_each_sides_input_type(served) -> None:  # noqa: ANN001
+    registry, client, _ = served
+    a, b = TEXTS[:2], TEXTS[2:5]
+    r = client.post("/similarity", json={"a": a, "b": b, "model": "pair", "input_type_a": "query"})
+    assert r.status_code == 200, r.text
+    pair = registry.roles("pair")
+    assert np.abs(np.asarray(r.json()["scores"]) - pair.similarity(a, b)).max() <= 1e-5
+    plain = client.post("/similarity", json={"a": a, "b": b, "model": "pair"}).json()["scores"]
+    docs = pair.encode_document(a + b, normalize=False)
+    from promcse.encoder.encode import cosine_matrix
+
+    assert np.abs(np.asarray(plain) - cosine_matrix(docs[:2], docs[2:])).max() <= 1e-5
+    bad = client.post("/similarity", json={"a": a, "b": b, "model": "pair", "input_type_b": "passage"})
+    assert bad.status_code == 422

@@ -6,7 +6,8 @@ Endpoints (JSON in and out; every error is ``{"error": {"status": int, "message"
 - ``POST /embed`` ``{"texts": [...], "model": NAME, "normalize": true, "input_type": "query" | "document"}`` ->
   ``{"embeddings", "dim", "model"}``; ``input_type`` (default ``document``) picks a role pair's role
   (:mod:`promcse.models.roles`) and is accepted and ignored for any other model;
-- ``POST /similarity`` ``{"a": [...], "b": [...], "model": NAME}`` -> ``{"scores": [[...]], "model"}``
+- ``POST /similarity`` ``{"a": [...], "b": [...], "model": NAME, "input_type_a": "query", "input_type_b":
+  "document"}`` -> ``{"scores": [[...]], "model"}`` (each side's role, default ``document``)
 - ``POST /search`` ``{"query": "...", "index": NAME, "top_k": k, "threshold": t}`` -> ``{"results": [...]}``
 - ``POST /v1/embeddings``, ``GET /v1/models``: the OpenAI embeddings API (:mod:`promcse.serving.openai_api`);
 - ``GET /metrics`` (Prometheus), ``GET /health``, ``GET /models``, ``GET /`` (the page: search an index,
@@ -28,6 +29,7 @@ never yields a 500. ``promcse serve`` stops on SIGTERM or SIGINT after finishing
 # No ``from __future__ import annotations``: FastAPI reads the request models from the endpoint
 # annotations, which live in create_app's scope (fastapi is imported lazily, so ``promcse --help``
 # works without the optional serving dependencies).
+import asyncio
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,6 +66,8 @@ def _schemas() -> tuple[type, type, type]:
         a: list[StrictStr] = Field(min_length=1)
         b: list[StrictStr] = Field(min_length=1)
         model: StrictStr | None = None
+        input_type_a: Literal["query", "document"] | None = None
+        input_type_b: Literal["query", "document"] | None = None
 
     class SearchRequest(Strict):
         query: StrictStr
@@ -139,8 +143,13 @@ def _add_model_routes(app: Any, ctx: ServeContext) -> None:
         check_texts(body.a, ctx.limits, "a")
         check_texts(body.b, ctx.limits, "b")
         name = ctx.model_name(request, body.model)
-        vectors = await ctx.embed(request, body.a + body.b, name)
-        scores = cosine_matrix(vectors[: len(body.a)], vectors[len(body.a):]).astype(np.float32)
+        entry_a, entry_b = (ctx.registry.entry(name, t) for t in (body.input_type_a, body.input_type_b))
+        if entry_a == entry_b:
+            vectors = await ctx.embed(request, body.a + body.b, entry_a)
+            va, vb = vectors[: len(body.a)], vectors[len(body.a):]
+        else:  # two roles of a pair: both requests wait in the engine together and share its batches
+            va, vb = await asyncio.gather(ctx.embed(request, body.a, entry_a), ctx.embed(request, body.b, entry_b))
+        scores = cosine_matrix(va, vb).astype(np.float32)
         return {"scores": scores.tolist(), "model": name}
 
 
