@@ -213,7 +213,8 @@ def _evaluate(run: TrainingRun, state: LoopState, log: IO[str] | None, bar: Any)
     run.encoder.train()
     state.history.append([state.step, dev])
     _log(log, {"step": state.step, run.dev_name: dev})
-    bar.write(f"step {state.step}: {run.dev_name} {dev:.2f}")
+    shown = {"stsb_dev": "STS-B dev", "retrieval_dev_ndcg@10": "retrieval dev nDCG@10"}.get(run.dev_name, run.dev_name)
+    bar.write(f"step {state.step}: {shown} {dev:.2f}")
     run_callbacks(run.callbacks, "on_evaluate", state.step, run.dev_name, dev)
     if dev > state.best:
         state.best, state.best_step = dev, state.step
