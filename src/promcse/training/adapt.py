@@ -146,10 +146,11 @@ def frozen_encoder(setup: AdaptSetup) -> SentenceEncoder:
     return build_encoder(default_spec(setup.backbone, backbone), backbone, tokenizer).eval()
 
 
-def frozen_corpus(data: BeirData, setup: AdaptSetup) -> CorpusVectors:
-    """The frozen backbone's vectors of the corpus (cached as an evaluation with the same limit caches them)."""
-    return encoder_corpus_vectors(frozen_encoder(setup), data, setup.document_max_length, cache=setup.cache,
-                                  show_progress=setup.show_progress)
+def frozen_corpus(data: BeirData, setup: AdaptSetup, encoder: SentenceEncoder | None = None) -> CorpusVectors:
+    """The frozen backbone's vectors of the corpus (cached as an evaluation with the same limit caches them);
+    ``encoder``: the frozen encoder when the caller already holds one."""
+    return encoder_corpus_vectors(encoder or frozen_encoder(setup), data, setup.document_max_length,
+                                  cache=setup.cache, show_progress=setup.show_progress)
 
 
 def mined_negatives(corpus: CorpusVectors, query_vectors: np.ndarray, relevant: list[list[int]],
@@ -174,8 +175,9 @@ def write_labelled_pairs(folder: str | Path, output: str | Path, split: str = "t
     """
     setup = setup or AdaptSetup()
     data = data or read_beir(folder, split)
-    corpus = frozen_corpus(data, setup)
-    vectors = frozen_encoder(setup).encode(data.query_texts, batch_size=128, show_progress=False, max_length=64)
+    frozen = frozen_encoder(setup)  # loaded once: it encodes the corpus (on a cache miss) and the queries
+    corpus = frozen_corpus(data, setup, frozen)
+    vectors = frozen.encode(data.query_texts, batch_size=128, show_progress=False, max_length=64)
     relevant = relevant_rows(data, corpus)
     mined = mined_negatives(corpus, np.asarray(vectors), relevant, negatives)
     names = ["hard_neg"] if negatives == 1 else [f"hard_neg_{i + 1}" for i in range(negatives)]
