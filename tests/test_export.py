@@ -182,3 +182,22 @@ def test_mteb_wrapper_follows_the_v2_protocol(tiny_bert: Path, tmp_path: Path) -
         wrapper.encode("one string", task_metadata=None, hf_split="test", hf_subset="default")
     with pytest.raises(PromcseError, match="'text'"):
         wrapper.encode([{"image": []}], task_metadata=None, hf_split="test", hf_subset="default")
+
+
+def test_a_prompt_over_a_normalizing_backbone_exports_with_normalize(tiny_bert: Path, tmp_path: Path) -> None:
+    """A backbone whose pipeline ends in Normalize: its prompt's export ends in Normalize too, so the two libraries
+    give the same vectors under the same (default) arguments."""
+    import shutil
+
+    backbone = Path(shutil.copytree(tiny_bert, tmp_path / "bert"))
+    (backbone / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    ckpt = make_prompt_checkpoint(backbone, tmp_path / "ckpt", pooler="avg", head="none", length=3,
+                                  shift_positions=False)
+    out = export_sentence_transformers(ckpt, tmp_path / "st")
+    assert json.loads((out / "modules.json").read_text())[-1]["type"] == "sentence_transformers.models.Normalize"
+    ours = promcse.load(str(ckpt), device="cpu").encode(TEXTS)
+    theirs = st.SentenceTransformer(str(out), trust_remote_code=True, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

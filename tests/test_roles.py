@@ -226,8 +226,9 @@ def test_mixed_roles_and_prompts_share_batches_and_get_their_own_vectors(served)
 def test_openai_route_takes_input_type(served) -> None:  # noqa: ANN001
     registry, client, _ = served
     pair = registry.roles("qonly")
-    for input_type, want in (("query", pair.encode_query(TEXTS[:2])), ("document", pair.encode_document(TEXTS[:2])),
-                             (None, pair.encode_document(TEXTS[:2]))):
+    unit = {"normalize_embeddings": True}  # OpenAI-style embeddings are unit vectors
+    for input_type, want in (("query", pair.encode_query(TEXTS[:2], **unit)),
+                             ("document", pair.encode_document(TEXTS[:2], **unit)), (None, pair.encode_document(TEXTS[:2], **unit))):
         body = {"input": TEXTS[:2], "model": "qonly", **({"input_type": input_type} if input_type else {})}
         r = client.post("/v1/embeddings", json=body)
         assert r.status_code == 200, r.text

@@ -7,6 +7,7 @@ unless the user names a hub model and has a hub.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -105,6 +106,36 @@ def minilm_path() -> Path:
 def resolve_backbone(name_or_path: str) -> str:
     """Map ``minilm`` to its bundled directory; leave other names and paths as given."""
     return str(minilm_path()) if name_or_path == MINILM else name_or_path
+
+
+def pipeline_normalizes(name_or_path: str) -> bool:
+    """Whether the backbone's sentence-transformers pipeline (``modules.json``) ends in a ``Normalize`` module.
+
+    Such a model (all-MiniLM-L6-v2, all-mpnet-base-v2) returns unit vectors from sentence-transformers' ``encode``
+    whatever ``normalize_embeddings`` says; promcse's ``encode`` follows it. Read from a local directory or a
+    Hugging Face cache entry already on disk; anything unreadable means no (nothing is fetched).
+    """
+    path = Path(resolve_backbone(name_or_path)) / "modules.json"
+    try:
+        local = path.is_file()
+    except (OSError, ValueError):  # a name no file system takes (too long, NUL): not a local folder
+        local = False
+    if not local:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "modules.json", cache_dir=os.environ.get("HF_HUB_CACHE"))
+        except Exception:  # noqa: BLE001 - not a repo id, no cache: no pipeline to read
+            return False
+        if not isinstance(cached, str):
+            return False
+        path = Path(cached)
+    try:
+        modules = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    kinds = [str(m.get("type", "")) for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    return bool(kinds) and kinds[-1].rsplit(".", 1)[-1] == "Normalize"
 
 
 def shape_of(config: object) -> BackboneShape:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,7 +11,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from promcse.encoder.encode import encode_texts, similarity
-from promcse.encoder.backbone import BackboneShape, check_prompt_support, freeze, load_backbone, position_limit, shape_of
+from promcse.encoder.outputs import Precision, check_batch_size, check_texts, encode_options, finish
+from promcse.encoder.backbone import (BackboneShape, check_prompt_support, freeze, load_backbone, pipeline_normalizes,
+                                      position_limit, shape_of)
 from promcse.errors import PromcseError
 from promcse.encoder.pooling import HEAD_MODES, POOLERS, MLPHead
 from promcse.encoder.prompt import DeepPrompt, PromptSpec, run_encoder, use_gated_attention
@@ -116,6 +119,9 @@ class SentenceEncoder(nn.Module):
         self.prompt = prompt
         self.head = head
         self.pool_fn, self.needs_all_layers = POOLERS[spec.pooler]
+        # Whether the backbone's sentence-transformers pipeline ends in Normalize: ``encode`` then returns unit
+        # vectors as sentence-transformers does (set by build_encoder from the backbone's modules.json).
+        self.unit_output = False
 
     @property
     def device(self) -> torch.device:
@@ -157,12 +163,39 @@ class SentenceEncoder(nn.Module):
         pooled = self.pool_fn(hidden_states, inputs["attention_mask"])
         return self.head(pooled) if self.use_head() else pooled
 
-    def encode(self, texts: list[str] | str, batch_size: int = 64, normalize: bool = True, **kwargs: Any) -> Any:
-        """Encode texts to an (N, D) array in input order (one string: a (D,) vector); see
-        :func:`promcse.encoder.encode.encode_texts`."""
-        if isinstance(texts, str):
-            return encode_texts(self, [texts], batch_size=batch_size, normalize=normalize, **kwargs)[0]
-        return encode_texts(self, texts, batch_size=batch_size, normalize=normalize, **kwargs)
+    def encode(self, sentences: str | Sequence[str], batch_size: int = 64, show_progress_bar: bool | None = None,
+               precision: Precision = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, truncate_dim: int | None = None, max_length: int | None = None,
+               **aliases: Any) -> Any:
+        """Encode texts, with sentence-transformers' ``encode`` arguments, defaults and return shapes.
+
+        Returns an (N, D) float32 numpy array in input order (one string: a (D,) vector); see
+        :mod:`promcse.encoder.outputs` for ``precision``, ``truncate_dim``, ``convert_to_tensor`` and
+        ``convert_to_numpy``. ``normalize_embeddings`` defaults to False as in sentence-transformers (before 0.2
+        promcse normalised by default); a model whose pipeline ends in ``Normalize`` (:attr:`unit_output`, e.g.
+        all-MiniLM-L6-v2) returns unit vectors either way, as sentence-transformers does.
+
+        Args:
+            sentences: A text or a list of texts.
+            batch_size: Texts per forward pass (texts are sorted by token count, so batches pad little).
+            show_progress_bar: Show a tqdm bar (None: no bar).
+            precision: ``float32``, ``int8``, ``uint8``, ``binary`` or ``ubinary``.
+            convert_to_numpy: One numpy array (False: a list of tensors).
+            convert_to_tensor: One torch tensor.
+            normalize_embeddings: L2-normalise the returned vectors.
+            truncate_dim: Keep the first this-many dimensions.
+            max_length: Truncate inputs at this many tokens (default: the model's limit).
+            **aliases: promcse's older names, still accepted: ``normalize`` (= ``normalize_embeddings``),
+                ``show_progress`` (= ``show_progress_bar``), ``output`` (``"torch"`` = ``convert_to_tensor``).
+        """
+        texts, single = check_texts(sentences)
+        check_batch_size(batch_size)
+        options, show = encode_options(aliases, normalize_embeddings=normalize_embeddings, truncate_dim=truncate_dim,
+                                       precision=precision, convert_to_numpy=convert_to_numpy,
+                                       convert_to_tensor=convert_to_tensor, show_progress_bar=show_progress_bar)
+        raw = encode_texts(self, texts, batch_size=batch_size, normalize=False, output="torch", show_progress=show,
+                           max_length=max_length)
+        return finish(raw, self.unit_output, options, single)
 
     def encode_query(self, texts: list[str], **kwargs: Any) -> Any:
         """Encode search queries: one prompt encodes both roles alike, so this is :meth:`encode`."""
@@ -213,7 +246,9 @@ def build_encoder(
         use_gated_attention(backbone)  # before any forward, so that an unusable backbone is refused here
     prompt = DeepPrompt(spec.prompt) if spec.prompt is not None else None
     head = MLPHead(actual.hidden_size) if spec.head != "none" else None
-    return SentenceEncoder(backbone, tokenizer, spec, prompt, head)
+    encoder = SentenceEncoder(backbone, tokenizer, spec, prompt, head)
+    encoder.unit_output = pipeline_normalizes(spec.backbone)
+    return encoder
 
 
 def default_spec(backbone_name: str, backbone: PreTrainedModel) -> EncoderSpec:

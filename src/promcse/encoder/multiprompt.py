@@ -155,7 +155,8 @@ def encode_mixed(encoders: Sequence[SentenceEncoder], texts: Sequence[str], batc
             own backbone.
         texts: The texts.
         batch_size: Rows per forward pass.
-        normalize: L2-normalise the vectors.
+        normalize: L2-normalise the vectors (rows of a model whose pipeline ends in Normalize, see
+            :attr:`SentenceEncoder.unit_output`, are unit length either way).
 
     Returns:
         (N, D) float32 array in input order.
@@ -174,8 +175,9 @@ def encode_mixed(encoders: Sequence[SentenceEncoder], texts: Sequence[str], batc
         bank = build_bank(members)
         local = {id(e): k for k, e in enumerate(members)}
         vectors = encode_bank(bank, [texts[i] for i in rows], [local[id(encoders[i])] for i in rows], batch_size)
-        if normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        unit = torch.tensor([normalize or encoders[i].unit_output for i in rows], dtype=torch.bool)
+        if unit.any():  # asked for, or the row's model ends in Normalize (as its own encode does)
+            vectors[unit] = torch.nn.functional.normalize(vectors[unit], dim=-1)
         result[rows] = vectors.numpy()
     return result
 

@@ -226,7 +226,7 @@ def encoder_corpus_vectors(encoder: Any, data: BeirData, max_length: int | None 
 
 def _encode_with(model: Any, batch_size: int, show_progress: bool, max_length: int | None) -> EncodeFn:
     return lambda texts: model.encode(texts, batch_size=batch_size, show_progress=show_progress,
-                                      max_length=max_length)
+                                      max_length=max_length, normalize=True)
 
 
 def evaluate_encoder(

@@ -130,10 +130,20 @@ def export_sentence_transformers(model: str | Path, output: str | Path, copy_bac
     atomic_write_text(out / MODULE_FILE, module_text)
     safetensors.torch.save_file(prompt_tensors(encoder), str(out / ST_WEIGHTS))
     _write_json(out / ST_CONFIG, st_module_config(encoder, ref))
-    _write_json(out / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": "modeling_promcse.PromCSEModule"}])
+    _write_json(out / "modules.json", st_modules(encoder.unit_output))
     _write_json(out / "config_sentence_transformers.json", _st_config())
     atomic_write_text(out / "README.md", model_card(encoder, source, ref, _checkpoint_meta(source), eval_results))
     return out
+
+
+def st_modules(unit_output: bool) -> list[dict[str, Any]]:
+    """``modules.json``: the promcse module, then sentence-transformers' ``Normalize`` when the model's own pipeline
+    ends in one (:attr:`promcse.encoder.model.SentenceEncoder.unit_output`), so both libraries return the same
+    vectors under the same ``encode`` arguments."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "modeling_promcse.PromCSEModule"}]
+    if unit_output:
+        modules.append({"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.models.Normalize"})
+    return modules
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -123,9 +123,11 @@ def _check_fields(meta: dict[str, Any]) -> None:
         raise PromcseError(f"the graph's outputs are {list(OUTPUTS)}", key="outputs")
     _check_normalization(_need(meta, "normalization", dict))
     backbone = _need(meta, "backbone", dict)
-    _no_unknown(backbone, {"name", "model_type"}, "backbone")
+    _no_unknown(backbone, {"name", "model_type", "unit_output"}, "backbone")
     _need(backbone, "name", str, "backbone")
     _need(backbone, "model_type", str, "backbone")
+    if "unit_output" in backbone:  # written since 0.2 (whether the pipeline ends in Normalize); absent: false
+        _need(backbone, "unit_output", bool, "backbone")
     prompts = _check_prompts(_need(meta, "prompts", list))
     multi = _need(meta, "multi_prompt", bool)
     if multi != (len(prompts) > 1):
@@ -299,6 +301,8 @@ def cache_mismatch(meta: dict[str, Any], model_ref: str, key: str) -> str | None
         return f"it was written under cache key {json.dumps(meta.get('cache_key'))}, not {key}"
     if len(meta["prompts"]) != 1:
         return f"it holds {len(meta['prompts'])} prompts where a cached export holds one"
+    if "unit_output" not in meta["backbone"]:
+        return "it was written before exports recorded whether the model's output is unit length"
     prompt = meta["prompts"][0]
     recorded = {**prompt, "dim": meta["dim"], "model_type": meta["backbone"]["model_type"]}
     facts = reference_facts(model_ref)

@@ -214,33 +214,57 @@ class OnnxEncoder:
             feed["prompt_id"] = ids[rows]
         return self.session.run([output], feed)[0]
 
-    def encode(self, texts: list[str] | str, batch_size: int = 64, normalize: bool = True,
-               prompt: str | Sequence[str] | None = None, show_progress: bool = False,
-               max_length: int | None = None) -> np.ndarray:
-        """Encode texts into an (N, D) float32 array in input order (one string: a (D,) vector).
+    @property
+    def unit_output(self) -> bool:
+        """Whether the exported model's pipeline ends in L2 normalisation (recorded at export; see
+        :attr:`promcse.encoder.model.SentenceEncoder.unit_output`)."""
+        return bool(self.meta["backbone"].get("unit_output", False))
+
+    def encode(self, sentences: str | Sequence[str], batch_size: int = 64, show_progress_bar: bool | None = None,
+               precision: str = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, truncate_dim: int | None = None, max_length: int | None = None,
+               prompt: str | Sequence[str] | None = None, **aliases: Any) -> Any:
+        """Encode texts with the same arguments, defaults and return shapes as
+        :meth:`promcse.encoder.model.SentenceEncoder.encode` (sentence-transformers' ``encode``).
 
         Args:
-            texts: Input texts.
+            sentences: A text or a list of texts.
             batch_size: Texts per graph run.
-            normalize: L2-normalise the vectors (the graph's ``normalized_embedding`` output).
+            show_progress_bar: Show a tqdm bar (None: no bar).
+            precision: ``float32``, ``int8``, ``uint8``, ``binary`` or ``ubinary`` (of the returned vectors; the
+                graph's own weight precision is the export's).
+            convert_to_numpy: One numpy array (False: a list of tensors).
+            convert_to_tensor: One torch tensor.
+            normalize_embeddings: L2-normalise the returned vectors.
+            truncate_dim: Keep the first this-many dimensions.
+            max_length: Truncate inputs at this many tokens (default: each prompt's position limit).
             prompt: A prompt name for all texts, or one per text (default: :attr:`prompt`).
-            show_progress: Show a tqdm bar.
-            max_length: Truncate at this many tokens (default: each prompt's position limit).
+            **aliases: ``normalize``, ``show_progress``, ``output``: promcse's older names (see
+                :func:`promcse.encoder.outputs.encode_options`).
         """
+        from promcse.encoder.outputs import check_batch_size, check_texts, encode_options, finish
+
+        texts, single = check_texts(sentences)
+        check_batch_size(batch_size)
+        options, show = encode_options(aliases, normalize_embeddings=normalize_embeddings, truncate_dim=truncate_dim,
+                                       precision=precision, convert_to_numpy=convert_to_numpy,
+                                       convert_to_tensor=convert_to_tensor, show_progress_bar=show_progress_bar)
+        return finish(self.raw_vectors(texts, batch_size, prompt, show, max_length), self.unit_output, options, single)
+
+    def raw_vectors(self, texts: list[str], batch_size: int = 64, prompt: str | Sequence[str] | None = None,
+                    show_progress: bool = False, max_length: int | None = None) -> np.ndarray:
+        """The graph's un-normalised (N, D) float32 vectors in input order."""
         from tqdm.auto import tqdm
 
         from promcse.encoder.encode import token_length_order
 
-        if isinstance(texts, str):
-            return self.encode([texts], batch_size, normalize, prompt, show_progress, max_length)[0]
         ids = self.prompt_ids(prompt, len(texts))
         result = np.empty((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
             return result
         tokens = self._tokenize(list(texts), ids, max_length)
         order = token_length_order(tokens)
-        norm = self.meta["normalization"]
-        output = norm["output"] if normalize else norm["raw_output"]
+        output = self.meta["normalization"]["raw_output"]
         for start in tqdm(range(0, len(texts), batch_size), disable=not show_progress, desc="encode", unit="batch"):
             rows = order[start : start + batch_size]
             result[rows] = self._run(tokens, rows, ids, output)

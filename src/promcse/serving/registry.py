@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from promcse.encoder.backbone import load_backbone, resolve_device
-from promcse.encoder.encode import similarity
+from promcse.encoder.encode import similarity, unit_rows
 from promcse.errors import PromcseError
 from promcse.models.loading import backbone_key, load, reference_key
 from promcse.encoder.model import SentenceEncoder
@@ -184,7 +184,8 @@ class PromptRegistry:
         """Encode ``texts[i]`` with model ``models[i]``: rows of every model sharing a backbone go through the
         same forward passes (:mod:`promcse.encoder.multiprompt`).
 
-        Returns one raw (not normalised) float32 vector per row, in input order. A list, not one (N, D) array:
+        Returns one float32 vector per row, in input order, as each model's own ``encode`` without
+        ``normalize_embeddings``: raw, except for a model whose pipeline ends in Normalize (unit length). A list, not one (N, D) array:
         models over different backbones may have different dimensions, and one engine batch mixes them.
         """
         if len(texts) != len(models):
@@ -196,7 +197,8 @@ class PromptRegistry:
                 rows = [i for i, (b, _) in enumerate(placed) if b is bank]
                 vectors = encode_bank(bank, [texts[i] for i in rows], [placed[i][1] for i in rows], batch_size).numpy()
                 for k, row in enumerate(rows):
-                    out[row] = vectors[k]
+                    out[row] = unit_rows(vectors[k]).astype(np.float32) if self.get(models[row]).unit_output \
+                        else vectors[k]
         return [v for v in out if v is not None]
 
     def describe(self, name: str) -> dict[str, Any]:

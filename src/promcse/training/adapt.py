@@ -177,7 +177,8 @@ def write_labelled_pairs(folder: str | Path, output: str | Path, split: str = "t
     data = data or read_beir(folder, split)
     frozen = frozen_encoder(setup)  # loaded once: it encodes the corpus (on a cache miss) and the queries
     corpus = frozen_corpus(data, setup, frozen)
-    vectors = frozen.encode(data.query_texts, batch_size=128, show_progress=False, max_length=64)
+    vectors = frozen.encode(data.query_texts, batch_size=128, show_progress=False, max_length=64,
+                           normalize=True)
     relevant = relevant_rows(data, corpus)
     mined = mined_negatives(corpus, np.asarray(vectors), relevant, negatives)
     names = ["hard_neg"] if negatives == 1 else [f"hard_neg_{i + 1}" for i in range(negatives)]

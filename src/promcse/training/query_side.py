@@ -190,7 +190,8 @@ def retrieval_dev_scorer(dev: BeirData, corpus: CorpusVectors, metric: str = "nd
     """Score a query side on a dev split against the fixed corpus vectors (mean ``metric`` x100)."""
 
     def score(encoder: SentenceEncoder) -> float:
-        vectors = encoder.encode(dev.query_texts, batch_size=batch_size, show_progress=False, max_length=max_length)
+        vectors = encoder.encode(dev.query_texts, batch_size=batch_size, show_progress=False, max_length=max_length,
+                                 normalize=True)
         return float(score_vectors(dev, np.asarray(vectors, dtype=np.float32), corpus)["metrics"][metric])
 
     return score
