@@ -59,7 +59,7 @@ def subcommands() -> list[list[str]]:
 def test_every_command_is_listed() -> None:
     names = {" ".join(c) for c in subcommands()}
     assert {"train", "encode", "eval", "compare", "quickstart", "index", "index build", "index search", "serve",
-            "export", "mine", "pair"} <= names
+            "export", "mine", "pair", "push"} <= names
 
 
 @pytest.mark.parametrize("command", [[], *subcommands()], ids=lambda c: " ".join(c) or "promcse")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["__version__", "load", "Index", "PromcseError"]
+__all__ = ["__version__", "load", "save_pretrained", "Index", "PromcseError"]
 
 from promcse.errors import PromcseError
 from promcse.version import __version__
@@ -14,10 +14,18 @@ _moved.install()  # promcse 0.1 module paths named in its docs (promcse.sts, ...
 
 
 def load(model: str, device: str = "auto", **kwargs: Any) -> Any:
-    """Load an encoder (checkpoint dir, HF name or path, or ``minilm``); see :func:`promcse.models.loading.load`."""
+    """Load an encoder (checkpoint dir, a Hugging Face Hub id ``org/name`` (cache first), a local path, or ``minilm``); see :func:`promcse.models.loading.load`."""
     from promcse.models.loading import load as _load
 
     return _load(model, device=device, **kwargs)
+
+
+def save_pretrained(encoder: Any, directory: str, **options: Any) -> Any:
+    """Save an encoder as a checkpoint folder with a Hub model card (README.md), ready for ``promcse push``;
+    see :func:`promcse.models.hub.save_pretrained`."""
+    from promcse.models.hub import save_pretrained as _save
+
+    return _save(encoder, directory, **options)
 
 
 def __getattr__(name: str) -> Any:

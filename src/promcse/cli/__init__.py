@@ -2,7 +2,7 @@
 
 One module per command group (:mod:`~promcse.cli.train` for ``train`` and ``quickstart``,
 :mod:`~promcse.cli.encode`, :mod:`~promcse.cli.eval`, :mod:`~promcse.cli.compare`, :mod:`~promcse.cli.index`,
-:mod:`~promcse.cli.serve`, :mod:`~promcse.cli.export`, :mod:`~promcse.cli.mine`), each with ``register(subparsers)`` and its ``cmd_*`` functions; the shared
+:mod:`~promcse.cli.serve`, :mod:`~promcse.cli.export`, :mod:`~promcse.cli.mine`, :mod:`~promcse.cli.push`), each with ``register(subparsers)`` and its ``cmd_*`` functions; the shared
 options and the error -> exit status mapping are in :mod:`~promcse.cli.common`. Only this package parses
 argv: the library modules take typed arguments.
 
@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from promcse.cli import adapt, compare, encode, export, index, mine, pair, serve, train
+from promcse.cli import adapt, compare, encode, export, index, mine, pair, push, serve, train
 from promcse.cli import eval as eval_
 from promcse.cli.common import _quiet_libraries, run_command
 
@@ -25,7 +25,7 @@ __all__ = ["build_parser", "main"]
 # Each command group adds its subcommands to the ``promcse`` subparsers, in this order.
 COMMANDS: tuple[Callable[[Any], None], ...] = (
     train.register, encode.register, eval_.register, compare.register, index.register, serve.register,
-    export.register, mine.register, pair.register, adapt.register,
+    export.register, mine.register, pair.register, adapt.register, push.register,
 )
 
 

@@ -23,8 +23,11 @@ from promcse.errors import PromcseError
 
 
 def _quiet_libraries() -> None:
-    """Silence transformers' load-time progress bars and warnings; ours are the ones a user needs."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Silence transformers' load-time progress bars and warnings; ours are the ones a user needs.
+
+    Hub offline mode is left as the environment sets it (``HF_HUB_OFFLINE``): a model named ``org/name`` comes from
+    the cache first and is downloaded only when online (:mod:`promcse.models.hub_resolve`).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

@@ -14,6 +14,11 @@ A reference is, in this order of precedence:
    its prefix over the base model it names (``base_model_name_or_path``, loaded through ``backbones``), mean pooling;
 5. ``minilm`` (the bundled all-MiniLM-L6-v2), a Hugging Face name or a local model directory: the bare
    encoder, frozen, with mean pooling (sentence-transformers' setting for MiniLM).
+
+A Hub id (``org/name``, not an existing local path) is first resolved to its local snapshot folder by
+:func:`promcse.models.hub_resolve.resolve_reference` (the cache first, then the Hub unless offline mode is set),
+which is then read as above; a bare backbone keeps the Hub id as its recorded name. A backbone that a checkpoint or
+adapter names by Hub id is loaded by transformers as before; failing that, the error names the offline setting.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from promcse.encoder.backbone import MINILM, load_backbone, resolve_backbone, resolve_device
 from promcse.models.checkpoint import is_checkpoint, load_checkpoint, read_spec
+from promcse.models.hub_resolve import explain_hub_backbones, resolve_reference
 from promcse.errors import PromcseError
 from promcse.encoder.model import SentenceEncoder, build_encoder, default_spec
 from promcse.models.onnx_runtime import BACKENDS, OnnxEncoder, is_onnx_export, load_onnx
@@ -83,7 +89,7 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pro
     """Load an encoder from any model reference (see the module docstring), in eval mode on ``device``.
 
     Args:
-        model: The reference.
+        model: The reference; a Hub id ``org/name`` resolves through the Hub cache (see the module docstring).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         pooler: For released-format directories without a recorded pooler, and PEFT adapters (default ``avg``).
         prompt_length: Prompt length of a released checkpoint or PEFT adapter (checked against its weights).
@@ -96,9 +102,11 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pro
         pre_seq_len: The reference code's name for ``prompt_length`` (a documented alias).
 
     Raises:
-        PromcseError: If the model cannot be found or loaded, or does not fit its backbone.
+        PromcseError: If the model cannot be found or loaded, or does not fit its backbone; a Hub id that is
+            neither cached nor downloadable is named with the offline setting (``HF_HUB_OFFLINE``).
     """
-    ref, source = str(model), backbones or load_backbone
+    name, source = str(model), explain_hub_backbones(backbones or load_backbone)
+    ref = resolve_reference(name)
     prompt_length = alias_prompt_length(prompt_length, pre_seq_len)
     if is_role_pair(ref):
         if backend != "torch":
@@ -122,7 +130,7 @@ def load(model: str | Path, device: str = "auto", pooler: str | None = None, pro
         encoder = load_released(ref, pooler=pooler, prompt_length=prompt_length)
     else:
         backbone, tokenizer = source(ref)
-        encoder = build_encoder(default_spec(ref, backbone), backbone, tokenizer)
+        encoder = build_encoder(default_spec(name, backbone), backbone, tokenizer)  # a Hub id stays its name
     return encoder.eval().to(target)
 
 
