@@ -100,7 +100,7 @@ class TrainConfig:
     save_every: int = _f(0, "write a resumable training state every N steps (0 = off); resume with --resume DIR")
     keep_states: int = _f(2, "how many saved training states to keep")
     grad_cache_chunk: int = _f(0, "GradCache chunk size in rows of all views together (0 = plain full-batch step); see docs/SCALING.md")
-    report_to: str = _f("", "experiment trackers, comma-separated: tensorboard (event files under <output>/tensorboard; offline) or none")
+    report_to: str = _f("", "experiment trackers, comma-separated: tensorboard (event files under <output>/tensorboard; offline), mlflow (params and metrics; MLFLOW_TRACKING_URI, else a local store <output>/mlruns; experiment MLFLOW_EXPERIMENT_NAME, else promcse) or none; e.g. tensorboard,mlflow")
     early_stopping_patience: int = _f(0, "stop after this many evaluations in a row without a better dev score (0 = off; the best checkpoint is kept; single process only)")
     precision: str = _f("fp32", "fp32 | bf16: bf16 autocast for the forward passes (CUDA; on CPU bf16 matmuls are far slower than fp32)")
 

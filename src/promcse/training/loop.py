@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from promcse.models.checkpoint import save_checkpoint
-from promcse.training.callbacks import Callback, run_callbacks
+from promcse.training.callbacks import Callback, report_error, run_callbacks
 from promcse.training.config import TrainConfig
 from promcse.io.data import TrainExamples
 from promcse.training.distributed import DistContext, shard_rows
@@ -161,8 +161,21 @@ def check_finite_parameters(encoder: SentenceEncoder, step: int) -> None:
 
 
 def run_loop(run: TrainingRun, state: LoopState | None = None) -> TrainResult:
-    """Run the remaining steps (from ``state.step``); the main process evaluates, keeps the best, saves states."""
+    """Run the remaining steps (from ``state.step``); the main process evaluates, keeps the best, saves states.
+
+    A run that stops on an exception (an interrupt too) calls the callbacks' ``on_error``, then raises it.
+    """
     state = state or LoopState()
+    try:
+        return _run_steps(run, state)
+    except BaseException as err:
+        if run.dist.is_main:
+            report_error(run.callbacks, state.step, err)
+        raise
+
+
+def _run_steps(run: TrainingRun, state: LoopState) -> TrainResult:
+    """The body of :func:`run_loop`."""
     start, total, main = time.time(), len(run.batches), run.dist.is_main
     run.encoder.train()
     bar = tqdm(total=total, initial=state.step, disable=not (main and run.show_progress), desc="train", unit="step",

@@ -212,7 +212,7 @@ def train(config: RunConfig, output_dir: str | Path, show_progress: bool = True,
                     config.data, train_file=f"<{examples.source}: {len(examples)} rows>", sources=[]))
             teacher = load_teacher(config.loss, examples, out, device, show_progress and dist.is_main)
             run = _build_run(config, objective, examples, encoder, device, dist, out, show_progress, evaluator)
-            run.callbacks = _callbacks(config.train, out, dist, callbacks) if dist.is_main else []
+            run.callbacks = _callbacks(config, out, dist, callbacks) if dist.is_main else []
             check_teacher(objective, teacher, run.encoder)
             run.teacher = teacher
             return run_loop(run, _starting_state(run, config, resume))
@@ -249,15 +249,16 @@ def _build_run(config: RunConfig, objective: Objective, examples: TrainExamples 
                        dev_name=dev_label(config.data, evaluator is not None))
 
 
-def _callbacks(t: TrainConfig, out: Path, dist: DistContext, extra: list[Callback] | None) -> list[Callback]:
-    """The trackers of ``train.report_to``, early stopping, then the caller's callbacks."""
+def _callbacks(config: RunConfig, out: Path, dist: DistContext, extra: list[Callback] | None) -> list[Callback]:
+    """The trackers of ``train.report_to`` (given the run config), early stopping, then the caller's callbacks."""
+    t = config.train
     stopping: list[Callback] = []
     if t.early_stopping_patience:
         if dist.world_size > 1:
             raise PromcseError("early stopping runs on one process (the others could not learn of the stop)",
                                key="train.early_stopping_patience")
         stopping.append(EarlyStopping(t.early_stopping_patience))
-    return [*reporters(t.report_to, out), *stopping, *(extra or [])]
+    return [*reporters(t.report_to, out, config.to_dict()), *stopping, *(extra or [])]
 
 
 def _starting_state(run: TrainingRun, config: RunConfig, resume: bool) -> LoopState | None:
