@@ -33,3 +33,18 @@ for name, header, data in [("snli_contra_mined.csv", ("sent0", "sent1", "hard_ne
         writer.writerows(data)
     print(f"{name}: {len(data)} rows")
 PY
+
+# Issue "general prompt" (rows 15-17): a seeded sub-sample of train/extra/'s 324k unlabeled sentences, 6,000 from
+# each file (24,000 in all: a full pass over 324k would take ~5 hours on the 2-core box), shuffled together.
+[ -f "$OUT/extra_unlabeled_24k.txt" ] || python - "$TRAIN_DIR/extra" "$OUT/extra_unlabeled_24k.txt" <<'PY'
+import random, sys
+from pathlib import Path
+extra, out = Path(sys.argv[1]), Path(sys.argv[2])
+rng = random.Random(42)
+lines = []
+for name in sorted(extra.glob("unlabeled_*.txt")):
+    pool = [l.strip() for l in name.read_text(encoding="utf-8").splitlines() if len(l.split()) >= 4]
+    lines += rng.sample(pool, 6000)
+rng.shuffle(lines)
+out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+PY
