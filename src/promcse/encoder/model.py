@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from promcse.encoder.encode import encode_texts, similarity
-from promcse.encoder.outputs import Precision, check_batch_size, check_texts, encode_options, finish
+from promcse.encoder.outputs import Embeddings, Precision, check_batch_size, check_texts, encode_options, finish
 from promcse.encoder.backbone import (BackboneShape, check_prompt_support, freeze, load_backbone, pipeline_normalizes,
                                       position_limit, shape_of)
 from promcse.errors import PromcseError
@@ -166,7 +166,7 @@ class SentenceEncoder(nn.Module):
     def encode(self, sentences: str | Sequence[str], batch_size: int = 64, show_progress_bar: bool | None = None,
                precision: Precision = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
                normalize_embeddings: bool = False, truncate_dim: int | None = None, max_length: int | None = None,
-               **aliases: Any) -> Any:
+               **aliases: Any) -> Embeddings:
         """Encode texts, with sentence-transformers' ``encode`` arguments, defaults and return shapes.
 
         Returns an (N, D) float32 numpy array in input order (one string: a (D,) vector); see

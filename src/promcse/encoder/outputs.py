@@ -31,6 +31,8 @@ from promcse.errors import PromcseError
 
 Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
 PRECISIONS: tuple[str, ...] = ("float32", "int8", "uint8", "binary", "ubinary")
+# What ``encode`` returns: an (N, D) array (the default) or tensor, a list of N tensors, or one (D,) vector.
+Embeddings = np.ndarray | torch.Tensor | list[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def quantize(vectors: np.ndarray, precision: str) -> np.ndarray:
 
 
 def finish(vectors: torch.Tensor | np.ndarray, unit_output: bool, options: EncodeOptions,
-           single: bool) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
+           single: bool) -> Embeddings:
     """Raw (N, D) float vectors in input order -> what ``encode`` returns (see the module docstring)."""
     x = torch.as_tensor(np.asarray(vectors) if isinstance(vectors, np.ndarray) else vectors).float()
     if unit_output:

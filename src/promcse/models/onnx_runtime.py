@@ -27,13 +27,17 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from promcse.errors import PromcseError
 from promcse.models.onnx_meta import (FORMAT, FORMAT_VERSION, META_FILE, cache_mismatch, read_meta, verify_digest,
                                       verify_files)
+
+if TYPE_CHECKING:  # torch is imported only when encode shapes its output
+    from promcse.encoder.outputs import Embeddings
+
 
 __all__ = ["BACKENDS", "FORMAT", "FORMAT_VERSION", "META_FILE", "OnnxEncoder", "cache_key", "cache_root",
            "check_device", "is_onnx_export", "load_onnx", "make_session", "read_meta"]
@@ -223,7 +227,7 @@ class OnnxEncoder:
     def encode(self, sentences: str | Sequence[str], batch_size: int = 64, show_progress_bar: bool | None = None,
                precision: str = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
                normalize_embeddings: bool = False, truncate_dim: int | None = None, max_length: int | None = None,
-               prompt: str | Sequence[str] | None = None, **aliases: Any) -> Any:
+               prompt: str | Sequence[str] | None = None, **aliases: Any) -> Embeddings:
         """Encode texts with the same arguments, defaults and return shapes as
         :meth:`promcse.encoder.model.SentenceEncoder.encode` (sentence-transformers' ``encode``).
 
