@@ -240,7 +240,8 @@ def test_push_through_the_stand_in_then_load(tiny_bert: Path, tmp_path: Path, hu
     assert upload["ignore_patterns"] == UPLOAD_IGNORE and ModelCard.load(ckpt / "README.md").data.license == "mit"
     repo = hub.cache / "models--org--pushed"
     snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text()
-    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "config.json", "prompt.safetensors"]
+    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "canary.json", "config.json",
+                                                          "prompt.safetensors"]
     assert promcse.cli.main(["push", str(ckpt), "org/pushed", "--revision", "exp", "--commit-message", "again"]) == 0
     assert [name for name, _ in hub.calls[2:]] == ["create_repo", "create_branch", "upload_folder"]
     assert hub.calls[4][1]["commit_message"] == "again" and (repo / "refs" / "exp").is_file()

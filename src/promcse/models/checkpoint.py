@@ -1,6 +1,8 @@
-"""Checkpoints: ``config.json`` + ``prompt.safetensors`` (+ the backbone only in ``full`` mode).
+"""Checkpoints: ``config.json`` + ``prompt.safetensors`` (+ the backbone only in ``full`` mode) + ``canary.json``.
 
-The frozen backbone is referenced by name or path, never copied. Every file is written to a
+The frozen backbone is referenced by name or path, never copied. ``canary.json`` holds the encoder's vectors of a
+few fixed sentences (:mod:`promcse.models.canary`); loading recomputes them and refuses a checkpoint that no longer
+gives them (another backbone of the same shape, damaged weights, changed code). Every file is written to a
 temporary name in the same directory, fsynced and renamed, so an interrupted save leaves the
 previous checkpoint intact. Loading reads only JSON and safetensors: nothing is unpickled.
 """
@@ -19,6 +21,7 @@ from promcse.errors import PromcseError
 from promcse.io.files import atomic_write, atomic_write_text
 from promcse.io.schema import MAX_CONFIG_BYTES, read_json_object, read_regular_file, safetensors_header
 from promcse.encoder.model import EncoderSpec, SentenceEncoder, build_encoder
+from promcse.models.canary import check_canaries, write_canaries
 
 FORMAT = "promcse-checkpoint"
 FORMAT_VERSION = 1
@@ -48,7 +51,9 @@ def trainable_state(encoder: SentenceEncoder) -> dict[str, torch.Tensor]:
 def save_checkpoint(encoder: SentenceEncoder, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Save an encoder to ``directory`` (created if needed); returns the directory.
 
-    ``config.json`` is written last, so a directory with a config always has complete weights.
+    ``config.json`` is written last, so a directory with a config always has complete weights and canary vectors
+    (computed from ``encoder`` in eval mode; its train/eval flags are left as they were, so the loop can save
+    mid-training).
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +64,7 @@ def save_checkpoint(encoder: SentenceEncoder, directory: str | Path, extra: dict
         backbone_dir = out / BACKBONE_DIR
         encoder.backbone.save_pretrained(str(backbone_dir), safe_serialization=True)
         encoder.tokenizer.save_pretrained(str(backbone_dir))
+    write_canaries(encoder, out)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": encoder.spec.to_dict(), "versions": versions()}
     meta.update(extra or {})
     atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, default=str))
@@ -136,9 +142,13 @@ def load_weights(encoder: SentenceEncoder, directory: str | Path) -> None:
 def load_checkpoint(directory: str | Path, backbone: Any = None, tokenizer: Any = None) -> SentenceEncoder:
     """Rebuild an encoder from a checkpoint directory, optionally onto an already loaded backbone.
 
+    The encoder comes back in eval mode, its prompt and head on the backbone's device, once its canary vectors
+    (``canary.json``) are checked: one forward pass of a few short sentences.
+
     Raises:
-        PromcseError: Unreadable config, a backbone whose shape differs from the recorded one, or
-            weights that do not match the config.
+        PromcseError: Unreadable config, a backbone whose shape differs from the recorded one, weights that do
+            not match the config, or canary vectors that differ from the recorded ones (or a malformed
+            ``canary.json``).
     """
     spec = read_spec(directory)
     if spec.mode == "full":
@@ -152,5 +162,13 @@ def load_checkpoint(directory: str | Path, backbone: Any = None, tokenizer: Any 
             raise
         raise PromcseError(err.message, path=Path(directory) / CONFIG_FILE, key=err.key) from None
     load_weights(encoder, directory)
-    encoder.eval()
+    encoder.eval().to(encoder.device)  # a shared backbone may already sit on another device
+    check_canaries(encoder, directory, _stored_files(encoder))
     return encoder
+
+
+def _stored_files(encoder: SentenceEncoder) -> str:
+    """The files of a checkpoint that a canary mismatch may point at (``backbone/ or prompt.safetensors or ...``)."""
+    files = [f"{BACKBONE_DIR}/"] if encoder.spec.mode == "full" else []
+    files += [WEIGHTS_FILE] if encoder.prompt is not None or encoder.head is not None else []
+    return " or ".join([*files, CONFIG_FILE])

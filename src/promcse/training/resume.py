@@ -105,7 +105,7 @@ def list_states(run_dir: str | Path) -> list[Path]:
 
 # What a training run writes into its directory (besides state-* folders); a teacher cache is shared data, not a run.
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "config.json", "prompt.safetensors", "head.safetensors",
-             "model.safetensors")
+             "model.safetensors", "canary.json")
 
 
 def previous_run(run_dir: str | Path) -> list[str]:
