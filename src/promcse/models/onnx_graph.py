@@ -283,7 +283,7 @@ def export_encoders(encoders: Sequence[SentenceEncoder], names: Sequence[str], o
     def fill(tmp: Path) -> None:
         inputs = write_graph(encoders, tmp / GRAPH_FILES["none"])
         if quantize == "int8":
-            _quantized(tmp / GRAPH_FILES["none"], tmp / GRAPH_FILES["int8"])
+            quantize_file(tmp / GRAPH_FILES["none"], tmp / GRAPH_FILES["int8"])
         encoders[0].tokenizer.save_pretrained(str(tmp))
         meta = graph_meta(encoders, names, list(sources or names), inputs, quantize)
         if cache_key is not None:
@@ -302,7 +302,7 @@ def _check_installed(quantize: str) -> None:
             raise PromcseError(f"ONNX export needs the '{package}' package: pip install 'promcse[onnx]'")
 
 
-def _quantized(fp32: Path, int8: Path) -> None:
+def quantize_file(fp32: Path, int8: Path) -> None:
     """Quantise ``fp32`` into ``int8`` and remove the fp32 graph (scratch files go to a temporary directory)."""
     scratch = Path(tempfile.mkdtemp(prefix="promcse-quant-"))
     try:
