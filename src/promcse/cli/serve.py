@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from promcse.serving.launch import (API_KEY_ENV, api_key_from, check_server_opti
 from promcse.serving.app import Limits, ServeOptions
 
 # ServeOptions' and RayServeConfig's names that are not an option's dest: the option they come from
+METRICS_KEY_ENV = "PROMCSE_METRICS_KEY"
 KEY_DESTS = {"header_timeout_s": "header_timeout", "body_timeout_s": "body_timeout",
              "keep_alive_s": "keep_alive_timeout", "graceful_timeout_s": "graceful_timeout"}
 
@@ -41,13 +43,25 @@ def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
-    """Batching, timeout and authentication options from the command line."""
+    """Batching, timeout, authentication and prompt-store options from the command line."""
+    from promcse.serving.tenants import check_key_text, read_keys
+
     engine = None if args.batching == "off" else EngineConfig(
         max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue_tokens=args.max_queue_tokens,
         idle_trim=args.idle_trim == "on")
+    metrics_key = args.metrics_key or os.environ.get(METRICS_KEY_ENV) or None
+    if metrics_key is not None:
+        check_key_text(metrics_key, "the metrics key", option="metrics_key")
+    if args.prompts is not None and not Path(args.prompts).is_dir():
+        raise PromcseError(f"--prompts {args.prompts}: not a folder (create it; it may start empty)")
     return ServeOptions(engine=engine, request_timeout_s=args.request_timeout, api_key=api_key_from(args.api_key),
                         insecure=args.insecure, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                        keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections)
+                        keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections,
+                        prompts_dir=args.prompts, prompt_cache_mb=args.prompt_cache_mb,
+                        keys=read_keys(args.keys) if args.keys else None,
+                        allow_admin_without_keys=args.allow_admin_without_keys,
+                        metrics_key=metrics_key,
+                        metrics_top_models=args.metrics_top_models)
 
 
 def require_serving_extra() -> None:
@@ -68,12 +82,14 @@ def require_serving_extra() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """``promcse serve``: load models and indexes, then serve until interrupted."""
     require_serving_extra()  # before any option checks or model loads
+    if not args.model and args.prompts is None:
+        raise PromcseError("give --model NAME=MODEL (repeatable), --prompts DIR, or both")
     options = serve_options(args)
-    if not is_loopback(args.host) and not options.api_key and not options.insecure:
+    if not is_loopback(args.host) and not options.api_key and not options.keys and not options.insecure:
         raise PromcseError(f"--host {args.host} is reachable from other machines: set --api-key (or ${API_KEY_ENV}) "
-                           "so that requests need 'Authorization: Bearer KEY', or pass --insecure")
+                           "or --keys so that requests need 'Authorization: Bearer KEY', or pass --insecure")
     check_server_options(args.port, args.graceful_timeout, args.host, options.api_key, options.insecure,
-                         options.engine)  # before the slow model load
+                         options.engine, keys=options.keys)  # before the slow model load
     models, index_dirs = parse_named(args.model, "model"), parse_named(args.index, "index")
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
     if args.engine == "ray":
@@ -107,8 +123,8 @@ def _serve_on_ray(args: argparse.Namespace, models: dict[str, str], index_dirs: 
 def register(subparsers: Any) -> None:
     """Add ``serve`` to the ``promcse`` command line."""
     p = subparsers.add_parser("serve", help="HTTP API and web page: embed, similarity, search")
-    p.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
-                   help="model to serve (repeatable; checkpoints on one backbone share it in memory)")
+    p.add_argument("--model", action="append", metavar="NAME=MODEL",
+                   help="model to serve, loaded at start (repeatable; checkpoints on one backbone share it in memory)")
     p.add_argument("--index", action="append", metavar="NAME=DIR", help="index directory to serve (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port (default: 8000)")
@@ -119,6 +135,7 @@ def register(subparsers: Any) -> None:
                    help="on SIGTERM/SIGINT, wait this long for requests in flight before cancelling them "
                         "(default: %(default)s)")
     _add_engine_options(p)
+    _add_store_options(p)
     _add_connection_options(p)
     _add_scale_options(p)
     p.set_defaults(func=cmd_serve, _key_dests=KEY_DESTS)
@@ -136,6 +153,29 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
                         "gives each replica one GPU (default: %(default)s)")
     p.add_argument("--address", help="with --engine ray: a running Ray cluster (auto, or HEAD:6379; default: start "
                                      "Ray on this machine)")
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    """The prompt store, API keys and their namespaces (docs/SERVING.md "Prompt store")."""
+    p.add_argument("--prompts", metavar="DIR",
+                   help="prompt store: every sub-folder of DIR holding a prompt checkpoint, role pair or PEFT prefix "
+                        "adapter is a prompt named after its folder, loaded on first request over the shared backbone; "
+                        "added, replaced and removed while serving with PUT/DELETE /v1/prompts/NAME")
+    p.add_argument("--prompt-cache-mb", type=bounded(float, 0, 1_000_000), default=ServeOptions.prompt_cache_mb,
+                   metavar="MB", help="most MiB of store prompts' own tensors (prompt + head; not the backbone) kept "
+                   "loaded; least recently used ones are dropped beyond it (default: %(default)s)")
+    p.add_argument("--keys", metavar="FILE",
+                   help="YAML or JSON file mapping API keys to {prompts: [glob, ...], admin: bool}: each key sees and "
+                        "uses only the model names matching its globs; admin keys may PUT/DELETE those prompts")
+    p.add_argument("--allow-admin-without-keys", action="store_true",
+                   help="with no --api-key and no --keys, allow every caller to PUT/DELETE prompts (refused by "
+                        "default; for a trusted loopback server)")
+    p.add_argument("--metrics-key", metavar="KEY",
+                   help="a bearer key that reads GET /metrics and nothing else; once set, /metrics needs it (or a key "
+                        "with metrics: true; --api-key has it) (default: $PROMCSE_METRICS_KEY; none)")
+    p.add_argument("--metrics-top-models", type=bounded(int, 0, 100_000), default=ServeOptions.metrics_top_models,
+                   metavar="N", help="model names with their own 'model' label in /metrics (the most requested); "
+                   "the rest are counted as 'other' (default: %(default)s)")
 
 
 def _add_connection_options(p: argparse.ArgumentParser) -> None:

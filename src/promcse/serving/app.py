@@ -10,6 +10,8 @@ Endpoints (JSON in and out; every error is ``{"error": {"status": int, "message"
   "document"}`` -> ``{"scores": [[...]], "model"}`` (each side's role, default ``document``)
 - ``POST /search`` ``{"query": "...", "index": NAME, "top_k": k, "threshold": t}`` -> ``{"results": [...]}``
 - ``POST /v1/embeddings``, ``GET /v1/models``: the OpenAI embeddings API (:mod:`promcse.serving.openai_api`);
+- ``GET /v1/prompts``, ``GET``/``PUT``/``DELETE /v1/prompts/NAME``: the prompt store (:mod:`promcse.serving.store`)
+  and its admin API (:mod:`promcse.serving.prompts_api`);
 - ``GET /metrics`` (Prometheus), ``GET /health``, ``GET /models``, ``GET /`` (the page: search an index,
   the same query against two indexes side by side, compare two sentences).
 
@@ -19,8 +21,11 @@ prompt into token-bounded forward passes (:mod:`promcse.serving.batching`); a fu
 leaves no work behind. With an API key every route but ``/`` and ``/health`` needs ``Authorization: Bearer
 KEY``; with ``allowed_hosts`` other ``Host`` headers are refused (DNS rebinding of a loopback server).
 
-``model``/``index`` default to the first one loaded. Names are looked up in the loaded dictionaries only:
-nothing in a request reaches the filesystem. Too many texts, too long a text or too large a body -> 413;
+``model``/``index`` default to the first one loaded. A ``model`` is a model loaded at start-up, else a prompt of
+the prompt store (loaded on first use; a name must match ``NAME_RE`` before the store folder is looked at, so no
+request names a path). Every embeddings, similarity and search response names the model's version (field
+``model_version``, header ``X-Promcse-Model-Version``). With API keys (:mod:`promcse.serving.tenants`) a key sees
+only the model names of its namespace: any other is answered 404, as a name that does not exist. Too many texts, too long a text or too large a body -> 413;
 malformed JSON, wrong types or text that is not valid Unicode -> 422; unknown model or index -> 404; bad input
 never yields a 500. ``promcse serve`` stops on SIGTERM or SIGINT after finishing the requests in flight (up to
 ``--graceful-timeout`` seconds) and exits with status 0.
@@ -38,15 +43,16 @@ import numpy as np
 from promcse.corpus.search import Index
 from promcse.encoder.encode import cosine_matrix, unit_rows
 from promcse.errors import PromcseError
-from promcse.serving.context import NAME_RE, Limits, ServeContext, ServeOptions, check_texts, fast_json
+from promcse.serving.context import NAME_RE, Limits, ServeContext, ServeOptions, Served, check_texts, fast_json
 from promcse.serving.guards import ApiError, BodyLimit, GuardMiddleware, error_body
 from promcse.serving.metrics import MetricsMiddleware
 from promcse.serving.openai_api import add_openai_routes
+from promcse.serving.prompts_api import add_prompt_routes
 
 if TYPE_CHECKING:  # the registry pulls in torch and transformers: not at `promcse --help` time
     from promcse.serving.registry import PromptRegistry
 
-__all__ = ["NAME_RE", "Limits", "ServeOptions", "create_app"]
+__all__ = ["NAME_RE", "Limits", "ServeOptions", "Served", "create_app"]
 
 
 def _schemas() -> tuple[type, type, type]:
@@ -85,13 +91,15 @@ def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
 
     ``app.state.close()`` drains the batching engine; :func:`promcse.serving.launch.run_server` calls it on exit.
     """
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, Response
 
     ctx = ServeContext(registry, indexes or {}, limits or Limits(), options or ServeOptions())
     app = FastAPI(title="promcse", version=_version(), docs_url="/docs", redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=ctx.limits.max_body_bytes, timeout_s=ctx.options.body_timeout_s)
-    app.add_middleware(GuardMiddleware, api_key=ctx.options.api_key, allowed_hosts=ctx.options.allowed_hosts)
+    app.add_middleware(BodyLimit, max_bytes=ctx.limits.max_body_bytes, timeout_s=ctx.options.body_timeout_s,
+                       upload_bytes=ctx.limits.max_upload_bytes)
+    app.add_middleware(GuardMiddleware, keys=ctx.keys, allowed_hosts=ctx.options.allowed_hosts,
+                       open_tenant=ctx.open_tenant, metrics_key=ctx.options.metrics_key)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.state.context, app.state.close = ctx, ctx.close
     _install_error_handlers(app)
@@ -111,15 +119,20 @@ def create_app(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
         return Response(body, media_type=content_type)
 
     @app.get("/models")
-    def models() -> dict[str, Any]:
-        listed = [registry.describe(n) for n in registry.names]
-        idx = [{"name": n, "size": len(i), "dim": i.dim, "backend": i.kind, "model": m} for n, (i, m) in ctx.indexes.items()]
-        return {"models": listed, "indexes": idx, "default_model": registry.names[0] if registry.names else None,
-                "limits": ctx.limits.__dict__, "batching": ctx.engine is not None}
+    def models(request: Request) -> dict[str, Any]:
+        tenant = ctx.tenant(request)
+        names = [n for n in registry.names if tenant.sees(n)]
+        idx = [{"name": n, "size": len(i), "dim": i.dim, "backend": i.kind, "model": m}
+               for n, (i, m) in ctx.indexes.items() if tenant.sees(m)]
+        stored = [n for n in ctx.visible_models(tenant) if n not in registry]
+        return {"models": [registry.describe(n) for n in names], "prompts": stored, "indexes": idx,
+                "default_model": names[0] if names else None, "limits": ctx.limits.__dict__,
+                "batching": ctx.engine is not None}
 
     _add_model_routes(app, ctx)
     _add_search_route(app, ctx)
     add_openai_routes(app, ctx)
+    add_prompt_routes(app, ctx)
     return app
 
 
@@ -132,25 +145,26 @@ def _add_model_routes(app: Any, ctx: ServeContext) -> None:
     @app.post("/embed")
     async def embed(body: EmbedRequest, request: Request) -> Any:  # type: ignore[valid-type]
         check_texts(body.texts, ctx.limits, "texts")
-        name = ctx.model_name(request, body.model)
-        vectors = await ctx.embed(request, body.texts, ctx.registry.entry(name, body.input_type))
+        served = await ctx.served(request, body.model)
+        vectors = await ctx.embed(request, body.texts, ctx.entry(served, body.input_type))
         vectors = unit_rows(vectors) if body.normalize else vectors
         return fast_json({"embeddings": np.asarray(vectors, dtype=np.float32).tolist(), "dim": int(vectors.shape[1]),
-                          "model": name})
+                          "model": served.name, "model_version": served.version}, served.headers)
 
     @app.post("/similarity")
-    async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def similarity(body: SimilarityRequest, request: Request) -> Any:  # type: ignore[valid-type]
         check_texts(body.a, ctx.limits, "a")
         check_texts(body.b, ctx.limits, "b")
-        name = ctx.model_name(request, body.model)
-        entry_a, entry_b = (ctx.registry.entry(name, t) for t in (body.input_type_a, body.input_type_b))
+        served = await ctx.served(request, body.model)
+        entry_a, entry_b = (ctx.entry(served, t) for t in (body.input_type_a, body.input_type_b))
         if entry_a == entry_b:
             vectors = await ctx.embed(request, body.a + body.b, entry_a)
             va, vb = vectors[: len(body.a)], vectors[len(body.a):]
         else:  # two roles of a pair: both requests wait in the engine together and share its batches
             va, vb = await asyncio.gather(ctx.embed(request, body.a, entry_a), ctx.embed(request, body.b, entry_b))
         scores = cosine_matrix(va, vb).astype(np.float32)
-        return {"scores": scores.tolist(), "model": name}
+        return fast_json({"scores": scores.tolist(), "model": served.name, "model_version": served.version},
+                         served.headers)
 
 
 def _add_search_route(app: Any, ctx: ServeContext) -> None:
@@ -160,19 +174,22 @@ def _add_search_route(app: Any, ctx: ServeContext) -> None:
     _, _, SearchRequest = _schemas()
 
     @app.post("/search")
-    async def search(body: SearchRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def search(body: SearchRequest, request: Request) -> Any:  # type: ignore[valid-type]
         check_texts([body.query], ctx.limits, "query")
         if body.top_k > ctx.limits.max_top_k:
             raise ApiError(422, f"top_k is {body.top_k}; the limit is {ctx.limits.max_top_k}")
-        name = body.index if body.index is not None else next(iter(ctx.indexes), "")
-        if name not in ctx.indexes:
-            raise ApiError(404, f"unknown index {name!r}; available: {', '.join(ctx.indexes) or 'none'}")
+        tenant = ctx.tenant(request)
+        visible = [n for n, (_, model) in ctx.indexes.items() if tenant.sees(model)]  # an index is its model's
+        name = body.index if body.index is not None else next(iter(visible), "")
+        if name not in visible:
+            raise ApiError(404, f"unknown index {name!r}; available: {', '.join(visible) or 'none'}")
         index, encoder_name = ctx.indexes[name]
-        request.state.model = encoder_name
-        query = unit_rows(await ctx.embed(request, [body.query], ctx.registry.entry(encoder_name, "query")))
+        served = await ctx.served(request, encoder_name)
+        query = unit_rows(await ctx.embed(request, [body.query], ctx.entry(served, "query")))
         query = query.astype(np.float32)
         hits = index.search_vectors(query, top_k=body.top_k, threshold=body.threshold)[0]
-        return {"results": [h._asdict() for h in hits], "index": name, "model": encoder_name}
+        return fast_json({"results": [h._asdict() for h in hits], "index": name, "model": encoder_name,
+                          "model_version": served.version}, served.headers)
 
 
 def _install_error_handlers(app: Any) -> None:

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -76,10 +76,11 @@ class EngineConfig:
 
 @dataclass
 class Job:
-    """One request: texts of one model, their token counts, the future of its (N, D) raw vectors."""
+    """One request: texts of one model (a registry name, or an encoder it holds: a store prompt), their token
+    counts, the future of its (N, D) raw vectors."""
 
     texts: list[str]
-    model: str
+    model: Any
     lengths: list[int]
     future: Future = field(default_factory=Future)
     next_row: int = 0
@@ -131,8 +132,9 @@ class BatchEngine:
         """Requests waiting or in progress."""
         return len(self._jobs)
 
-    def submit(self, texts: list[str], model: str) -> Job:
-        """Queue ``texts`` for ``model``; the job's future gets their raw float32 vectors (N, D).
+    def submit(self, texts: list[str], model: Any) -> Job:
+        """Queue ``texts`` for ``model`` (a registry name, or an encoder the job keeps alive until it is done: a
+        store prompt evicted or replaced meanwhile still encodes it); the future gets raw float32 vectors (N, D).
 
         Raises:
             QueueFull: The queue is at ``max_queue_tokens``.

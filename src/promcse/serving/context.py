@@ -1,12 +1,13 @@
-"""What the server's routes share, below both the app (:mod:`promcse.serving.app`) and the OpenAI routes
-(:mod:`promcse.serving.openai_api`): request limits and options, the text checks, the :class:`ServeContext`
-(models, indexes, the batching engine or the model thread, metrics) and the fast JSON response.
+"""What the server's routes share, below both the app (:mod:`promcse.serving.app`) and the OpenAI and prompt
+routes (:mod:`promcse.serving.openai_api`, :mod:`promcse.serving.prompts_api`): request limits and options, the
+text checks, the :class:`ServeContext` (models, the prompt store, keys, indexes, the batching engine or the
+model thread, metrics), the model a request uses (:class:`Served`: name, version, encoder) and the fast JSON
+response.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,25 +16,32 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from promcse.corpus.search import Index
+from promcse.errors import PromcseError
 from promcse.serving.batching import BatchEngine, EngineConfig, Job, QueueFull
 from promcse.serving.guards import ApiError
 from promcse.serving.metrics import ServerMetrics
+from promcse.serving.store import NAME_RE, PromptStore, StoredPrompt, reference_version
+from promcse.serving.tenants import KeyRing, Tenant, key_ring
 
 if TYPE_CHECKING:  # the registry pulls in torch and transformers: not at `promcse --help` time
     from promcse.serving.registry import PromptRegistry
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+__all__ = ["NAME_RE", "VERSION_HEADER", "Limits", "ServeContext", "ServeOptions", "Served", "check_texts", "fast_json"]
+
+VERSION_HEADER = "X-Promcse-Model-Version"  # on every embeddings, similarity and search response
 
 
 @dataclass(frozen=True)
 class Limits:
     """Request limits: texts per request (each of ``a`` and ``b`` for /similarity), characters per text or
-    query, request body bytes, largest ``top_k`` for /search."""
+    query, request body bytes, largest ``top_k`` for /search, and body bytes of a prompt upload
+    (``PUT /v1/prompts/NAME``: base64 files)."""
 
     max_texts: int = 256
     max_chars: int = 2000
     max_body_bytes: int = 2_000_000
     max_top_k: int = 100
+    max_upload_bytes: int = 32_000_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,16 @@ class ServeOptions:
         body_timeout_s: Longest a request may take to send its whole body once its headers are in (408).
         keep_alive_s: How long an idle keep-alive connection stays open between requests.
         max_connections: Open connections (or requests in progress) beyond which requests get 503.
+        prompts_dir: The prompt store folder (:mod:`promcse.serving.store`); None: no store.
+        prompt_cache_mb: Most MiB of prompt + head tensors the store keeps loaded (LRU).
+        keys: API keys and their namespaces (:mod:`promcse.serving.tenants`); ``api_key`` is added to them as an
+            every-prompt, non-admin key.
+        allow_admin_without_keys: With no key configured at all, allow the admin routes to every caller
+            (refused by default).
+        metrics_key: A bearer key that reads ``GET /metrics`` and nothing else; once set, ``/metrics`` needs it
+            or a key with ``metrics: true`` (the single ``api_key`` has it) even on a server without keys.
+        metrics_top_models: Model names with their own ``model`` label value in the metrics (the most requested
+            ones); the others are counted as ``other``.
     """
 
     engine: EngineConfig | None = field(default_factory=EngineConfig)
@@ -62,6 +80,12 @@ class ServeOptions:
     body_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
     max_connections: int = 1000
+    prompts_dir: str | None = None
+    prompt_cache_mb: float = 256.0
+    keys: KeyRing | None = field(default=None, repr=False)
+    allow_admin_without_keys: bool = False
+    metrics_key: str | None = field(default=None, repr=False)
+    metrics_top_models: int = 50
 
 
 def check_texts(texts: list[str], limits: Limits, field: str) -> None:
@@ -83,40 +107,132 @@ def check_texts(texts: list[str], limits: Limits, field: str) -> None:
             raise ApiError(422, message, param=field, code="invalid_unicode") from None
 
 
+@dataclass(frozen=True)
+class Served:
+    """The model a request uses: its name, its version, and what encodes it (``model``: the registry name of a
+    model loaded at start-up, or a store prompt's loaded encoder or role pair, held for the whole request)."""
+
+    name: str
+    version: str
+    model: Any
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response header naming the version."""
+        return {VERSION_HEADER: self.version}
+
+
 class ServeContext:
-    """What the routes share: models, indexes, limits, the batching engine (or the model thread), metrics."""
+    """What the routes share: models, the prompt store, keys, indexes, limits, the batching engine (or the model
+    thread), metrics."""
 
     def __init__(self, registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]], limits: Limits,
                  options: ServeOptions) -> None:
         self.registry, self.indexes, self.limits, self.options = registry, indexes, limits, options
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(top_models=options.metrics_top_models)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promcse-model")
+        self.store_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promcse-store")
+        self.keys = key_ring(options.keys, options.api_key)
+        self.open_tenant = Tenant(("*",), admin=options.allow_admin_without_keys,  # with no keys configured
+                                  metrics=not options.metrics_key)
+        self.store = None if options.prompts_dir is None else PromptStore(
+            options.prompts_dir, registry, int(options.prompt_cache_mb * 2 ** 20))
+        self._versions: dict[str, str] = {}
         self.engine = None if options.engine is None else BatchEngine(registry, options.engine, self.metrics.on_batch)
         if self.engine is not None:
             engine = self.engine
             self.metrics.watch_queue(lambda: engine.queued_tokens, lambda: engine.queued_jobs)
 
+    def tenant(self, request: Any) -> Tenant:
+        """Who is asking (set by :class:`promcse.serving.guards.GuardMiddleware` from the bearer key)."""
+        return getattr(request.state, "tenant", None) or self.open_tenant
+
+    def visible_models(self, tenant: Tenant) -> list[str]:
+        """Model names ``tenant`` sees: start-up models first, then the store's prompts (a start-up name wins)."""
+        names = [n for n in self.registry.names if tenant.sees(n)]
+        stored = self.store.names() if self.store is not None else []
+        return names + [n for n in stored if tenant.sees(n) and n not in self.registry]
+
     def model_name(self, request: Any, name: str | None, field_name: str = "model") -> str:
-        """The requested (or default) model name; 404 when it is not loaded. Recorded for the metrics."""
-        names = self.registry.names
+        """The requested (or default) start-up model name the caller may use; 404 otherwise. Recorded for the
+        metrics. (Store prompts: :meth:`served`.)"""
+        tenant = self.tenant(request)
+        names = [n for n in self.registry.names if tenant.sees(n)]
         chosen = name if name is not None else (names[0] if names else "")
-        if chosen not in self.registry:
-            raise ApiError(404, f"unknown model {chosen!r}; available: {', '.join(names)}", param=field_name,
-                           code="model_not_found")
+        if chosen not in self.registry or not tenant.sees(chosen):
+            raise self.not_found(chosen, names, field_name)
         request.state.model = chosen
         return chosen
 
-    async def embed(self, request: Any, texts: list[str], model: str) -> np.ndarray:
+    def not_found(self, name: str, names: list[str], field_name: str = "model") -> ApiError:
+        """The 404 of a model name that is not there (or not the caller's: the same answer)."""
+        more = " and the prompts GET /v1/prompts lists" if self.store is not None else ""
+        return ApiError(404, f"unknown model {name!r}; available: {', '.join(names) or 'none'}{more}",
+                        param=field_name, code="model_not_found")
+
+    async def served(self, request: Any, name: str | None, field_name: str = "model") -> Served:
+        """The model a request names (or the default): a start-up model, else a store prompt (loaded now if
+        needed); 404 for a name that is neither, or outside the caller's namespace."""
+        tenant = self.tenant(request)
+        if name is None or name in self.registry or self.store is None:
+            chosen = self.model_name(request, name, field_name)
+            return Served(chosen, await self.model_version(chosen), chosen)
+        stored = await self.stored(name) if tenant.sees(name) else None
+        if stored is None:
+            raise self.not_found(name, [n for n in self.registry.names if tenant.sees(n)], field_name)
+        request.state.model = name
+        return Served(name, stored.version, stored.model)
+
+    async def stored(self, name: str) -> StoredPrompt | None:
+        """A store prompt, loaded off the event loop when it is not loaded or its folder changed; 503 when its
+        folder does not load."""
+        assert self.store is not None
+        store = self.store
+        hit = store.peek(name) if NAME_RE.match(name) else None
+        if hit is not None:
+            return hit
+        try:
+            return await on_thread(self.store_worker, lambda: store.acquire(name))
+        except PromcseError as err:
+            raise ApiError(503, f"prompt {name!r} is in the store but does not load: {err.message}",
+                           code="model_unavailable") from None
+
+    async def model_version(self, name: str) -> str:
+        """The version of a start-up model (hashed once, off the event loop; see
+        :func:`promcse.serving.store.reference_version`)."""
+        if name not in self._versions:
+            ref = self.registry.reference(name)
+            self._versions[name] = await asyncio.get_running_loop().run_in_executor(None, reference_version, ref)
+        return self._versions[name]
+
+    def warm_versions(self) -> None:
+        """Hash every start-up model's version now (blocking; ``promcse serve`` does it before listening, so no
+        first request waits for a large model folder to be read)."""
+        for name in self.registry.names:
+            self._versions.setdefault(name, reference_version(self.registry.reference(name)))
+
+    def entry(self, served: Served, input_type: str | None) -> Any:
+        """What encodes ``input_type`` (``query``/``document``, None: document) for ``served``: a registry entry
+        name, or a store prompt's encoder (a role pair's side)."""
+        if isinstance(served.model, str):
+            return self.registry.entry(served.model, input_type)
+        if hasattr(served.model, "roles"):
+            from promcse.serving.registry import DEFAULT_ROLE
+
+            return served.model.side(input_type or DEFAULT_ROLE)
+        return served.model
+
+    async def embed(self, request: Any, texts: list[str], model: Any) -> np.ndarray:
         """Raw (N, D) float32 vectors of ``texts`` under ``model``, through the engine or the model thread."""
         return (await self.embed_counted(request, texts, model))[0]
 
-    async def embed_counted(self, request: Any, texts: list[str], model: str) -> tuple[np.ndarray, int]:
+    async def embed_counted(self, request: Any, texts: list[str], model: Any) -> tuple[np.ndarray, int]:
         """:meth:`embed` and the number of tokens the texts took (the engine counts them once, on submit)."""
         if self.engine is None:
             def work() -> tuple[np.ndarray, int]:
                 vectors = np.asarray(self.registry.encode(texts, model, normalize=False))
                 return vectors, sum(self.registry.token_counts(texts, model))
-            return await _on(self.worker, work)
+            return await on_thread(self.worker, work)
         try:
             job = self.engine.submit(texts, model)
         except QueueFull as full:
@@ -125,10 +241,11 @@ class ServeContext:
         return await _wait(job, request, self.options.request_timeout_s), job.tokens
 
     def close(self) -> None:
-        """Drain the engine and stop the model threads."""
+        """Drain the engine and stop the model and store threads."""
         if self.engine is not None:
             self.engine.close()
         self.worker.shutdown(wait=True)
+        self.store_worker.shutdown(wait=True)
 
 
 async def _wait(job: Job, request: Any, timeout: float) -> np.ndarray:
@@ -151,14 +268,15 @@ async def _wait(job: Job, request: Any, timeout: float) -> np.ndarray:
         raise
 
 
-def fast_json(content: dict[str, Any]) -> Any:
+def fast_json(content: dict[str, Any], headers: dict[str, str] | None = None, status: int = 200) -> Any:
     """A JSON response built with ``json.dumps`` directly: FastAPI's ``jsonable_encoder`` walks every float of
     an embedding list in Python, a cost per request that grows with the number of texts."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(content)
+    return JSONResponse(content, status_code=status, headers=headers)
 
 
-async def _on(worker: Executor, work: Callable[[], Any]) -> Any:
-    """Run model work on the app's model thread: serialised anyway, and one thread keeps one malloc arena."""
+async def on_thread(worker: Executor, work: Callable[[], Any]) -> Any:
+    """Run blocking work on one of the app's threads (model work on the model thread: serialised anyway, and one
+    thread keeps one malloc arena; store loads and writes on the store thread)."""
     return await asyncio.get_running_loop().run_in_executor(worker, work)

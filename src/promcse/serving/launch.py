@@ -208,12 +208,13 @@ class BackgroundServer:
 
 def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.0.1", api_key: str | None = None,
                          insecure: bool = False, engine: EngineConfig | None = None,
-                         limits: Limits | None = None) -> None:
+                         limits: Limits | None = None, keys: Any = None) -> None:
     """Check :func:`run_server`'s options (cheap: call it before loading models).
 
     Raises:
         PromcseError: A port outside 1..65535, a negative graceful timeout, batching limits that admit
-            nothing, or a non-loopback ``host`` without an API key (unless ``insecure``).
+            nothing, or a non-loopback ``host`` without an API key or ``keys`` (a
+            :class:`promcse.serving.tenants.KeyRing`) unless ``insecure``.
     """
     if not 0 < port < 65536:
         raise PromcseError(f"must be in 1..65535, got {port}", key="port")
@@ -227,7 +228,7 @@ def check_server_options(port: int, graceful_timeout: float, host: str = "127.0.
         engine.check()
     if limits is not None and min(limits.max_texts, limits.max_chars, limits.max_body_bytes, limits.max_top_k) < 1:
         raise PromcseError(f"request limits must all be at least 1, got {limits}")
-    if not is_loopback(host) and not api_key and not insecure:
+    if not is_loopback(host) and not api_key and not keys and not insecure:
         raise PromcseError(f"{host} is reachable from other machines: set api_key (or ${API_KEY_ENV}) so that "
                            "requests need 'Authorization: Bearer KEY', or pass insecure=True", key="host")
 
@@ -276,15 +277,18 @@ def run_server(registry: "PromptRegistry", indexes: dict[str, tuple[Index, str]]
     import uvicorn
 
     options = options or ServeOptions()
-    check_server_options(port, graceful_timeout, host, options.api_key, options.insecure, options.engine, limits)
+    check_server_options(port, graceful_timeout, host, options.api_key, options.insecure, options.engine, limits,
+                         options.keys)
     check_connection_options(options)
     indexes = indexes or {}
     options = host_guarded(host, options)
     app = create_app(registry, indexes, limits, options)
-    if not is_loopback(host) and not options.api_key:
+    app.state.context.warm_versions()
+    if not is_loopback(host) and not options.api_key and not options.keys:
         print(f"warning: listening on {host} without an API key (insecure); put it behind a proxy")
     mode = "batching across requests" if options.engine is not None else "one request per forward pass"
-    print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}] and {len(indexes)} index(es) "
+    store = f", the prompt store {options.prompts_dir} (loaded on first use)" if options.prompts_dir else ""
+    print(f"serving {len(registry)} model(s) [{', '.join(registry.names)}]{store} and {len(indexes)} index(es) "
           f"on {len(registry.backbones)} shared backbone(s), {mode}: http://{host}:{port}/")
     server = uvicorn.Server(uvicorn_config(app, options, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=graceful_timeout))

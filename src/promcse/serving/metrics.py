@@ -1,6 +1,9 @@
 """Prometheus metrics of the server (``GET /metrics``, text exposition format, via ``prometheus-client``).
 
 - ``promcse_requests_total{endpoint, model, status}`` and ``promcse_request_seconds{endpoint}`` (histogram);
+  ``model`` is bounded: only the ``top_models`` names with the most requests so far have their own label value,
+  every other model's requests count as ``other`` (a name that overtakes the least-used labelled one takes its
+  place, and the displaced name's series are removed), and a request that named no model is ``-``;
 - ``promcse_queue_tokens`` / ``promcse_queue_requests``: what waits in the batching engine;
 - ``promcse_batch_rows``, ``promcse_batch_tokens`` (padded rows x longest row) and ``promcse_batch_seconds``
   per forward pass of the engine.
@@ -10,22 +13,30 @@ Each app has its own collector registry, so several apps in one process (tests) 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 ENDPOINTS: tuple[str, ...] = ("/embed", "/similarity", "/search", "/v1/embeddings", "/v1/models", "/models",
-                              "/health", "/metrics", "/")
+                              "/health", "/metrics", "/", "/v1/prompts")
+
+
+OTHER = "other"  # the label value of the models beyond the top ones
 
 
 class ServerMetrics:
-    """The server's counters, gauges and histograms."""
+    """The server's counters, gauges and histograms; ``top_models`` bounds the ``model`` label's values."""
 
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    def __init__(self, top_models: int = 50) -> None:
+        from prometheus_client import CollectorRegistry, Gauge, Histogram
+        from prometheus_client import Counter as PromCounter
 
         self.collectors = CollectorRegistry()
+        self.top_models = top_models
+        self.traffic: Counter[str] = Counter()  # requests per model name (only names that resolved to a model)
+        self.series: dict[str, set[tuple[str, str]]] = {}  # labelled name -> its (endpoint, status) series
         r = self.collectors
-        self.requests = Counter("promcse_requests", "HTTP requests by endpoint, model and status",
+        self.requests = PromCounter("promcse_requests", "HTTP requests by endpoint, model and status",
                                 ["endpoint", "model", "status"], registry=r)
         self.latency = Histogram("promcse_request_seconds", "request latency", ["endpoint"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -51,9 +62,29 @@ class ServerMetrics:
 
     def observe(self, path: str, model: str | None, status: int, seconds: float) -> None:
         """Record one finished request (unknown paths are counted as ``other``: bounded label values)."""
-        endpoint = path if path in ENDPOINTS else "other"
-        self.requests.labels(endpoint, model or "-", str(status)).inc()
+        endpoint = path if path in ENDPOINTS else "/v1/prompts/{name}" if path.startswith("/v1/prompts/") else "other"
+        label = self.model_label(model)
+        if label in self.series:
+            self.series[label].add((endpoint, str(status)))
+        self.requests.labels(endpoint, label, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
+
+    def model_label(self, model: str | None) -> str:
+        """The ``model`` label value of one more request for ``model``: itself while among the top names by
+        requests, else ``other`` (``-`` for none)."""
+        if not model:
+            return "-"
+        self.traffic[model] += 1
+        if model in self.series:
+            return model
+        if len(self.series) >= self.top_models:
+            coldest = min(self.series, key=lambda name: self.traffic[name], default=None)
+            if coldest is None or self.traffic[model] <= self.traffic[coldest]:
+                return OTHER
+            for endpoint, status in self.series.pop(coldest):  # displaced: its series go, its requests are "other"
+                self.requests.remove(endpoint, coldest, status)
+        self.series[model] = set()
+        return model
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -2,12 +2,14 @@
 
 Request ``{"input": str | [str], "model": NAME, "encoding_format": "float" | "base64", "dimensions": int,
 "user": str, "input_type": "query" | "document"}``; response ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}],
-"model": NAME, "usage": {"prompt_tokens": n, "total_tokens": n}}``. Embeddings are L2-normalised (as
+"model": NAME, "model_version": "sha256:...", "usage": {"prompt_tokens": n, "total_tokens": n}}`` (and the
+``X-Promcse-Model-Version`` header). Embeddings are L2-normalised (as
 OpenAI's are); ``dimensions`` keeps the first d components and renormalises them (OpenAI's shortening; our
 models were not trained for it, so expect lower quality than the full vector); ``base64`` is the
 little-endian float32 bytes, what the official client requests by default. Errors use OpenAI's body
 (``{"error": {"message", "type", "param", "code"}}``, see :func:`promcse.serving.guards.error_body`). ``model`` is
-any served model or prompt name, so an OpenAI client picks a domain prompt by name. ``input_type`` (an extension,
+any served model or prompt-store name the key may see, so an OpenAI client picks a domain prompt by name;
+``GET /v1/models`` lists those names. ``input_type`` (an extension,
 as in other OpenAI-compatible servers; default ``document``) picks a role pair's role (:mod:`promcse.models.roles`):
 queries through the query role, passages through the document role; other models ignore it.
 """
@@ -67,15 +69,15 @@ def add_openai_routes(app: Any, ctx: ServeContext) -> None:
         if not texts:
             raise ApiError(400, "input must not be empty", param="input", code="invalid_value")
         check_texts(texts, ctx.limits, "input")
-        name = ctx.model_name(request, body.model)
-        raw, tokens = await ctx.embed_counted(request, texts, ctx.registry.entry(name, body.input_type))
+        served = await ctx.served(request, body.model)
+        raw, tokens = await ctx.embed_counted(request, texts, ctx.entry(served, body.input_type))
         vectors = shorten(raw, body.dimensions)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
-        return fast_json({"object": "list", "data": data, "model": name,
-                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return fast_json({"object": "list", "data": data, "model": served.name, "model_version": served.version,
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, served.headers)
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    def models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "promcse"}
-                                           for n in ctx.registry.names]}
+                                           for n in ctx.visible_models(ctx.tenant(request))]}

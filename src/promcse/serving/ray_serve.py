@@ -146,7 +146,7 @@ def check_deployment(spec: ReplicaSpec, config: RayServeConfig, host: str, port:
     """
     config.check()
     check_server_options(port, config.graceful_timeout_s, host, spec.options.api_key, spec.options.insecure,
-                         spec.options.engine, spec.limits)
+                         spec.options.engine, spec.limits, spec.options.keys)
     check_connection_options(spec.options)
 
 

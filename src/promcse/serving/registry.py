@@ -150,10 +150,12 @@ class PromptRegistry:
         self.get(name)
         return self._roles.get(name)
 
-    def encode(self, texts: list[str], model: str | None = None, batch_size: int = 64, normalize: bool = True,
-               output: Literal["numpy", "torch"] = "numpy", show_progress: bool = False) -> np.ndarray | torch.Tensor:
-        """Encode with the prompt of model ``model``; see :func:`promcse.encoder.encode.encode_texts`."""
-        encoder = self.get(model)
+    def encode(self, texts: list[str], model: str | SentenceEncoder | None = None, batch_size: int = 64,
+               normalize: bool = True, output: Literal["numpy", "torch"] = "numpy",
+               show_progress: bool = False) -> np.ndarray | torch.Tensor:
+        """Encode with the prompt of model ``model`` (a name, or an unlisted encoder, see :meth:`load_unlisted`);
+        see :func:`promcse.encoder.encode.encode_texts`."""
+        encoder = self.resolve(model)
         with self.lock:
             return encoder.encode(texts, batch_size=batch_size, normalize=normalize, output=output,
                                   show_progress=show_progress)
@@ -164,9 +166,9 @@ class PromptRegistry:
         with self.lock:
             return similarity(encoder, a, b, batch_size=batch_size)
 
-    def token_counts(self, texts: Sequence[str], name: str) -> list[int]:
+    def token_counts(self, texts: Sequence[str], name: str | SentenceEncoder) -> list[int]:
         """Tokens of each text under model ``name`` (its tokenizer, truncated at its position limit)."""
-        encoder = self.get(name)
+        encoder = self.resolve(name)
         return [len(ids) for ids in encoder.tokenizer(list(texts), truncation=True,
                                                       max_length=encoder.max_length)["input_ids"]]
 
@@ -180,9 +182,11 @@ class PromptRegistry:
         bank, ids = self._banks[key]
         return bank, ids[name]
 
-    def encode_rows(self, texts: Sequence[str], models: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
-        """Encode ``texts[i]`` with model ``models[i]``: rows of every model sharing a backbone go through the
-        same forward passes (:mod:`promcse.encoder.multiprompt`).
+    def encode_rows(self, texts: Sequence[str], models: Sequence[str | SentenceEncoder],
+                    batch_size: int = 64) -> list[np.ndarray]:
+        """Encode ``texts[i]`` with model ``models[i]`` (a name, or an unlisted encoder such as a prompt-store
+        entry): rows of every model sharing a backbone go through the same forward passes
+        (:mod:`promcse.encoder.multiprompt`).
 
         Returns one float32 vector per row, in input order, as each model's own ``encode`` without
         ``normalize_embeddings``: raw, except for a model whose pipeline ends in Normalize (unit length). A list, not one (N, D) array:
@@ -192,14 +196,45 @@ class PromptRegistry:
             raise PromcseError(f"{len(texts)} texts but {len(models)} model names")
         out: list[np.ndarray | None] = [None] * len(texts)
         with self.lock:
-            placed = [self.bank_of(m) for m in models]
+            encoders = [self.resolve(m) for m in models]
+            placed = self._placements(models, encoders)
             for bank in {id(b): b for b, _ in placed}.values():
                 rows = [i for i, (b, _) in enumerate(placed) if b is bank]
                 vectors = encode_bank(bank, [texts[i] for i in rows], [placed[i][1] for i in rows], batch_size).numpy()
                 for k, row in enumerate(rows):
-                    out[row] = unit_rows(vectors[k]).astype(np.float32) if self.get(models[row]).unit_output \
-                        else vectors[k]
+                    out[row] = unit_rows(vectors[k]).astype(np.float32) if encoders[row].unit_output else vectors[k]
         return [v for v in out if v is not None]
+
+    def _placements(self, models: Sequence[str | SentenceEncoder],
+                    encoders: Sequence[SentenceEncoder]) -> list[tuple[PromptBank, int]]:
+        """(bank, prompt id) of every row: the cached bank when a backbone's rows all name listed models, else
+        a bank of this batch's encoders of that backbone (unlisted ones change with the store: never cached)."""
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, encoder in enumerate(encoders):
+            groups.setdefault((id(encoder.backbone), encoder.gated), []).append(i)
+        placed: list[tuple[PromptBank, int] | None] = [None] * len(encoders)
+        for rows in groups.values():
+            if all(isinstance(models[i], str) for i in rows):
+                for i in rows:
+                    placed[i] = self.bank_of(str(models[i]))
+                continue
+            members = list({id(encoders[i]): encoders[i] for i in rows}.values())
+            bank, ids = build_bank(members), {id(e): k for k, e in enumerate(members)}
+            for i in rows:
+                placed[i] = (bank, ids[id(encoders[i])])
+        return [p for p in placed if p is not None]
+
+    def resolve(self, model: str | SentenceEncoder | None) -> SentenceEncoder:
+        """The encoder itself when given one (an unlisted model), else :meth:`get` of the name."""
+        return model if isinstance(model, SentenceEncoder) else self.get(model)
+
+    def load_unlisted(self, model: str | Path) -> SentenceEncoder | RoleEncoder:
+        """Load ``model`` over this registry's shared backbones without listing it (the prompt store's loads).
+
+        Loaded under the registry's lock: building an encoder may set flags on the shared backbone module.
+        """
+        with self.lock:
+            return load(model, device=str(self.device), backbones=self._backbone)
 
     def describe(self, name: str) -> dict[str, Any]:
         """JSON-able facts about one registered model (for ``GET /models``)."""
