@@ -93,13 +93,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models, index_dirs = parse_named(args.model, "model"), parse_named(args.index, "index")
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
     if args.engine == "ray":
+        if args.backend != "torch":
+            raise PromcseError("--backend onnx runs with --engine uvicorn (Ray replicas run the torch backend)")
         stopped_by = _serve_on_ray(args, models, index_dirs, limits, options)
     else:
         if args.replicas != 1 or args.address or args.cpus_per_replica != 1:
             raise PromcseError("--replicas, --cpus-per-replica and --address need --engine ray")
         if args.malloc_arenas:
             limit_malloc_arenas(args.malloc_arenas)  # before the model load and the server's threads allocate
-        registry, indexes = load_server(models, index_dirs, device=args.device)
+        registry, indexes = load_server(models, index_dirs, device=args.device, backend=args.backend,
+                                        quantize=args.quantize, threads=args.onnx_threads)
         stopped_by = run_server(registry, indexes, host=args.host, port=args.port, limits=limits,
                                 graceful_timeout=args.graceful_timeout, options=options)
     if stopped_by is not None:
@@ -157,6 +160,13 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     """The prompt store, API keys and their namespaces (docs/SERVING.md "Prompt store")."""
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="run embeddings on PyTorch, or on ONNX Runtime (CPU) through one graph per backbone whose "
+                        "prompt tables are inputs, so hot-added prompts need no re-export (default: torch)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="with --backend onnx: int8 dynamic quantisation of the backbone (default: none)")
+    p.add_argument("--onnx-threads", type=bounded(int, 0, 1024), default=0, metavar="N",
+                   help="with --backend onnx: ONNX Runtime threads per graph (default: 0, one per core)")
     p.add_argument("--prompts", metavar="DIR",
                    help="prompt store: every sub-folder of DIR holding a prompt checkpoint, role pair or PEFT prefix "
                         "adapter is a prompt named after its folder, loaded on first request over the shared backbone; "

@@ -30,15 +30,26 @@ if TYPE_CHECKING:
 API_KEY_ENV = "PROMCSE_API_KEY"
 
 
-def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None,
-                device: str = "auto") -> tuple["PromptRegistry", dict[str, tuple[Index, str]]]:
+def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None, device: str = "auto",
+                backend: str = "torch", quantize: str = "none",
+                threads: int = 0) -> tuple["PromptRegistry", dict[str, tuple[Index, str]]]:
     """Load the models (backbones shared) and indexes; each index reuses a served model of the same reference.
 
-    An index whose model is not among ``models`` gets it loaded as ``<index name>-encoder``.
+    An index whose model is not among ``models`` gets it loaded as ``<index name>-encoder``. ``backend="onnx"``
+    runs embedding rows through open-bank ONNX graphs (:mod:`promcse.serving.onnx_rows`; ``quantize`` ``none`` or
+    ``int8``, ``threads`` ONNX Runtime threads per graph) on the CPU.
     """
+    from promcse.serving.onnx_rows import OnnxRows
     from promcse.serving.registry import load_many
 
-    registry = load_many(models, device=device)
+    if backend not in ("torch", "onnx"):
+        raise PromcseError(f"unknown backend '{backend}'; choose torch or onnx", key="backend")
+    if backend == "torch" and quantize != "none":
+        raise PromcseError("int8 quantisation applies to the onnx backend only", key="quantize")
+    if backend == "onnx" and device not in ("auto", "cpu"):
+        raise PromcseError(f"the onnx backend runs on the CPU, not device '{device}'", key="device")
+    registry = load_many(models, device="cpu" if backend == "onnx" else device)
+    registry.onnx = OnnxRows(quantize, threads) if backend == "onnx" else None
     indexes: dict[str, tuple[Index, str]] = {}
     for name, directory in (index_dirs or {}).items():
         ref = read_meta(Path(directory)).get("model")

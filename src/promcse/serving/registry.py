@@ -35,6 +35,7 @@ from promcse.models.loading import backbone_key, load, reference_key
 from promcse.encoder.model import SentenceEncoder
 from promcse.encoder.multiprompt import PromptBank, build_bank, encode_bank
 from promcse.models.roles import ROLES, RoleEncoder
+from promcse.serving.onnx_rows import OnnxRows
 
 DEFAULT_ROLE = "document"  # what a role pair's name alone, and a request without input_type, means
 
@@ -59,6 +60,8 @@ class PromptRegistry:
         self._backbones: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         # (backbone module id, gated) -> bank, name -> row
         self._banks: dict[tuple[int, bool], tuple[PromptBank, dict[str, int]]] = {}
+        # the server's ONNX backend (serving.onnx_rows.OnnxRows), None: every row on torch
+        self.onnx: OnnxRows | None = None
 
     def __contains__(self, name: object) -> bool:
         return name in self._refs
@@ -156,6 +159,11 @@ class PromptRegistry:
         """Encode with the prompt of model ``model`` (a name, or an unlisted encoder, see :meth:`load_unlisted`);
         see :func:`promcse.encoder.encode.encode_texts`."""
         encoder = self.resolve(model)
+        if self.onnx is not None and self.onnx.row_of(encoder) is not None:  # the server's ONNX backend
+            vectors = np.stack(self.encode_rows(texts, [model or encoder] * len(texts), batch_size)) if len(texts) \
+                else np.zeros((0, encoder.dim), dtype=np.float32)
+            vectors = unit_rows(vectors).astype(np.float32) if normalize else vectors
+            return torch.from_numpy(vectors) if output == "torch" else vectors
         with self.lock:
             return encoder.encode(texts, batch_size=batch_size, normalize=normalize, output=output,
                                   show_progress=show_progress)
@@ -197,12 +205,16 @@ class PromptRegistry:
         out: list[np.ndarray | None] = [None] * len(texts)
         with self.lock:
             encoders = [self.resolve(m) for m in models]
-            placed = self._placements(models, encoders)
+            done = self.onnx.encode(texts, encoders, batch_size) if self.onnx is not None else {}
+            rest = [i for i in range(len(texts)) if i not in done]  # all rows on torch; the rest on onnx
+            placed = self._placements([models[i] for i in rest], [encoders[i] for i in rest])
             for bank in {id(b): b for b, _ in placed}.values():
-                rows = [i for i, (b, _) in enumerate(placed) if b is bank]
-                vectors = encode_bank(bank, [texts[i] for i in rows], [placed[i][1] for i in rows], batch_size).numpy()
-                for k, row in enumerate(rows):
-                    out[row] = unit_rows(vectors[k]).astype(np.float32) if encoders[row].unit_output else vectors[k]
+                rows = [k for k, (b, _) in enumerate(placed) if b is bank]
+                vectors = encode_bank(bank, [texts[rest[k]] for k in rows], [placed[k][1] for k in rows],
+                                      batch_size).numpy()
+                done.update((rest[k], vectors[j]) for j, k in enumerate(rows))
+            for row, vector in done.items():
+                out[row] = unit_rows(vector).astype(np.float32) if encoders[row].unit_output else vector
         return [v for v in out if v is not None]
 
     def _placements(self, models: Sequence[str | SentenceEncoder],
