@@ -72,3 +72,27 @@ def test_the_onnx_backend_refuses_what_it_cannot_do(setup: dict) -> None:
     with pytest.raises(PromcseError) as err:
         load_server({"a": str(setup["a"])}, device="cuda", backend="onnx")
     assert err.value.key == "device"
+
+
+def test_texts_over_the_token_limit_get_413_unless_truncate(setup: dict) -> None:
+    """TEI's ``truncate``: refused by default (never a silently shortened vector), cut when asked, on both routes."""
+    registry, _ = load_server({"a": str(setup["a"])}, device="cpu")
+    long_text = " ".join(make_sentences(40, seed=2))[:1900]  # under the character limit, far over 64 positions
+    app = create_app(registry, {}, Limits(), ServeOptions(engine=EngineConfig(max_wait_ms=1)))
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        for route, body in (("/v1/embeddings", {"input": ["short text", long_text], "model": "a"}),
+                            ("/embed", {"texts": ["short text", long_text], "model": "a"})):
+            r = client.post(route, json=body)
+            assert r.status_code == 413 and "[1]' is" in r.text and "truncate" in r.text, r.text
+            r = client.post(route, json={**body, "truncate": True})
+            assert r.status_code == 200, r.text
+        r = client.post("/v1/embeddings", json={"input": ["x" * 5000], "model": "a"})
+        assert r.status_code == 413
+        r = client.post("/v1/embeddings", json={"input": ["word " * 1000], "model": "a", "truncate": True})
+        assert r.status_code == 200
+    with pytest.warns(UserWarning):  # the cut vector is the model's own encode, cut at its token limit
+        want = promcse.load(str(setup["a"]), device="cpu").encode([long_text], normalize_embeddings=True)
+    with BackgroundServer(create_app(registry, {}, Limits(), ServeOptions())) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        r = client.post("/v1/embeddings", json={"input": [long_text], "model": "a", "truncate": True})
+    assert np.abs(np.asarray(r.json()["data"][0]["embedding"]) - want[0]).max() <= 1e-5

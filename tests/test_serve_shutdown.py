@@ -33,7 +33,7 @@ from promcse.serving.app import Limits, create_app  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-LONG_TEXT = " ".join(make_sentences(12, seed=3))  # past the tiny BERT's 64 positions: truncated, full-size batches
+LONG_TEXT = " ".join(make_sentences(12, seed=3))  # past the tiny BERT's 64 positions: cut (truncate), full-size batches
 
 
 def free_port() -> int:
@@ -69,7 +69,7 @@ def held_back_body(texts: list[str], sent_first: threading.Event, release: threa
     """A JSON body streamed in two chunks; the second only after ``release`` is set."""
     import json
 
-    body = json.dumps({"texts": texts}).encode()
+    body = json.dumps({"texts": texts, "truncate": True}).encode()
     yield body[: len(body) // 2]
     sent_first.set()
     if not release.wait(timeout=60):

@@ -67,6 +67,7 @@ def _schemas() -> tuple[type, type, type]:
         model: StrictStr | None = None
         normalize: StrictBool = True
         input_type: Literal["query", "document"] | None = None
+        truncate: StrictBool = False
 
     class SimilarityRequest(Strict):
         a: list[StrictStr] = Field(min_length=1)
@@ -144,9 +145,11 @@ def _add_model_routes(app: Any, ctx: ServeContext) -> None:
 
     @app.post("/embed")
     async def embed(body: EmbedRequest, request: Request) -> Any:  # type: ignore[valid-type]
-        check_texts(body.texts, ctx.limits, "texts")
+        texts = check_texts(body.texts, ctx.limits, "texts", body.truncate)
         served = await ctx.served(request, body.model)
-        vectors = await ctx.embed(request, body.texts, ctx.entry(served, body.input_type))
+        entry = ctx.entry(served, body.input_type)
+        ctx.fit(texts, entry, "texts", body.truncate)
+        vectors = await ctx.embed(request, texts, entry)
         vectors = unit_rows(vectors) if body.normalize else vectors
         return fast_json({"embeddings": np.asarray(vectors, dtype=np.float32).tolist(), "dim": int(vectors.shape[1]),
                           "model": served.name, "model_version": served.version}, served.headers)

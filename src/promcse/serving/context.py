@@ -26,7 +26,7 @@ from promcse.serving.tenants import KeyRing, Tenant, key_ring
 if TYPE_CHECKING:  # the registry pulls in torch and transformers: not at `promcse --help` time
     from promcse.serving.registry import PromptRegistry
 
-__all__ = ["NAME_RE", "VERSION_HEADER", "Limits", "ServeContext", "ServeOptions", "Served", "check_texts", "fast_json"]
+__all__ = ["NAME_RE", "VERSION_HEADER", "Limits", "ServeContext", "ServeOptions", "Served", "check_texts", "check_tokens", "fast_json"]
 
 VERSION_HEADER = "X-Promcse-Model-Version"  # on every embeddings, similarity and search response
 
@@ -88,8 +88,11 @@ class ServeOptions:
     metrics_top_models: int = 50
 
 
-def check_texts(texts: list[str], limits: Limits, field: str) -> None:
-    """413 for more texts than allowed or a text longer than allowed; 422 for a text that is not valid Unicode."""
+def check_texts(texts: list[str], limits: Limits, field: str, truncate: bool = False) -> list[str]:
+    """413 for more texts than allowed or a text longer than allowed (with ``truncate``: cut to the limit instead);
+    422 for a text that is not valid Unicode. Returns the texts to embed."""
+    if truncate:
+        texts = [text[: limits.max_chars] for text in texts]
     if len(texts) > limits.max_texts:
         raise ApiError(413, f"'{field}' has {len(texts)} texts; the limit is {limits.max_texts} per request",
                        param=field, code="too_many_texts")
@@ -105,6 +108,18 @@ def check_texts(texts: list[str], limits: Limits, field: str) -> None:
         except UnicodeEncodeError as err:
             message = f"'{field}[{i}]' is not valid Unicode: lone surrogate at character {err.start}"
             raise ApiError(422, message, param=field, code="invalid_unicode") from None
+    return texts
+
+
+def check_tokens(texts: list[str], encoder: Any, field: str) -> None:
+    """413 for a text longer than the model takes in tokens (its position limit less its prompt's shift), naming it
+    and saying how to have it cut (``truncate``); TEI and OpenAI refuse such input too, rather than embed a part."""
+    limit = encoder.max_length
+    counts = [len(ids) for ids in encoder.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    for i, count in enumerate(counts):
+        if count > limit:
+            raise ApiError(413, f"'{field}[{i}]' is {count} tokens; this model takes at most {limit}: shorten it, or "
+                           "send \"truncate\": true to embed its first tokens", param=field, code="text_too_long")
 
 
 @dataclass(frozen=True)
@@ -210,6 +225,11 @@ class ServeContext:
         first request waits for a large model folder to be read)."""
         for name in self.registry.names:
             self._versions.setdefault(name, reference_version(self.registry.reference(name)))
+
+    def fit(self, texts: list[str], entry: Any, field: str, truncate: bool) -> None:
+        """Refuse texts over the model's token limit unless ``truncate`` (see :func:`check_tokens`)."""
+        if not truncate:
+            check_tokens(texts, self.registry.resolve(entry), field)
 
     def entry(self, served: Served, input_type: str | None) -> Any:
         """What encodes ``input_type`` (``query``/``document``, None: document) for ``served``: a registry entry

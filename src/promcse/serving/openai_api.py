@@ -1,7 +1,7 @@
 """The OpenAI embeddings API on the promcse server: ``POST /v1/embeddings`` and ``GET /v1/models``.
 
 Request ``{"input": str | [str], "model": NAME, "encoding_format": "float" | "base64", "dimensions": int,
-"user": str, "input_type": "query" | "document"}``; response ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}],
+"user": str, "input_type": "query" | "document", "truncate": bool}``; response ``{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": ...}],
 "model": NAME, "model_version": "sha256:...", "usage": {"prompt_tokens": n, "total_tokens": n}}`` (and the
 ``X-Promcse-Model-Version`` header). Embeddings are L2-normalised (as
 OpenAI's are); ``dimensions`` keeps the first d components and renormalises them (OpenAI's shortening; our
@@ -11,7 +11,9 @@ little-endian float32 bytes, what the official client requests by default. Error
 any served model or prompt-store name the key may see, so an OpenAI client picks a domain prompt by name;
 ``GET /v1/models`` lists those names. ``input_type`` (an extension,
 as in other OpenAI-compatible servers; default ``document``) picks a role pair's role (:mod:`promcse.models.roles`):
-queries through the query role, passages through the document role; other models ignore it.
+queries through the query role, passages through the document role; other models ignore it. A text over the
+character limit or the model's token limit is refused with 413 unless ``truncate`` (an extension, TEI's name)
+is true: then it is cut to the limits and embedded.
 """
 
 import base64
@@ -25,7 +27,7 @@ from promcse.serving.context import ServeContext, check_texts, fast_json
 
 
 def _schema() -> type:
-    from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
     class EmbeddingsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -36,6 +38,7 @@ def _schema() -> type:
         dimensions: StrictInt | None = Field(None, ge=1)
         user: StrictStr | None = None
         input_type: Literal["query", "document"] | None = None
+        truncate: StrictBool = False
 
     return EmbeddingsRequest
 
@@ -68,9 +71,11 @@ def add_openai_routes(app: Any, ctx: ServeContext) -> None:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         if not texts:
             raise ApiError(400, "input must not be empty", param="input", code="invalid_value")
-        check_texts(texts, ctx.limits, "input")
+        texts = check_texts(texts, ctx.limits, "input", body.truncate)
         served = await ctx.served(request, body.model)
-        raw, tokens = await ctx.embed_counted(request, texts, ctx.entry(served, body.input_type))
+        entry = ctx.entry(served, body.input_type)
+        ctx.fit(texts, entry, "input", body.truncate)
+        raw, tokens = await ctx.embed_counted(request, texts, entry)
         vectors = shorten(raw, body.dimensions)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
