@@ -105,3 +105,15 @@ def test_a_changed_file_is_refused_naming_it(fleet: dict, tmp_path: Path) -> Non
     with pytest.raises(PromcseError) as err:
         OnnxBankEncoder(copy)
     assert err.value.key == "format"
+
+
+def test_a_reused_bank_buffer_leaves_nothing_of_the_last_batch(fleet: dict, tiny_bert: Path) -> None:
+    """The padded slots of a reused bank hold the previous batch's values: they must stay masked."""
+    graph = OnnxBankEncoder(fleet["export"])
+    big = load(str(make_prompt_checkpoint(tiny_bert, fleet["root"] / "big", length=15, shift_positions=False,
+                                          seed=11)), device="cpu", backbones=fleet["share"])
+    texts = make_sentences(6, seed=5)
+    run_mixed(graph, [big, fleet["long"]], texts, [0, 1] * 3)  # fills the buffer with 15-slot tables
+    for encoder in (fleet["short"], fleet["frozen"]):  # then shorter banks in the same buffer
+        got = run_mixed(graph, [encoder], texts, [0] * len(texts))
+        assert np.abs(got - encoder.encode(texts)).max() <= FP32_TOL

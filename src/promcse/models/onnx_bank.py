@@ -19,6 +19,7 @@ backbone's MatMuls and embedding tables as in :func:`promcse.models.onnx_graph.q
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,11 +70,22 @@ def bank_arrays(encoder: Any) -> BankRow:
     return BankRow(np.ascontiguousarray(table), spec.length if spec.shift_positions else 0)
 
 
-def stack_bank(rows: Sequence[BankRow], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(bank (K, P, W), lengths (K,), shifts (K,))`` of K distinct prompts, each table zero-padded to the longest
-    (at least one slot, masked for rows without a prompt, so the graph always has a prefix)."""
+def stack_bank(rows: Sequence[BankRow], width: int,
+               scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(bank (K, P, W), lengths (K,), shifts (K,))`` of K distinct prompts, each table padded to the longest (at
+    least one slot, masked for rows without a prompt, so the graph always has a prefix).
+
+    With ``scratch`` (a flat float32 buffer of at least K*P*W finite values) the bank is a view of it and the padded
+    slots keep whatever finite values a previous batch left there: the graph masks every slot past a prompt's
+    length, so they never reach a vector, and the 100s of MB of zero-filling and fresh pages that a batch of
+    1,000 distinct prompts would otherwise cost each time are saved (benchmarks/bench_fleet.py).
+    """
     longest = max([1] + [row.table.shape[0] for row in rows])
-    bank = np.zeros((len(rows), longest, width), dtype=np.float32)
+    shape = (len(rows), longest, width)
+    if scratch is not None and scratch.size >= len(rows) * longest * width:
+        bank = scratch[: len(rows) * longest * width].reshape(shape)
+    else:
+        bank = np.zeros(shape, dtype=np.float32)
     for k, row in enumerate(rows):
         bank[k, : row.table.shape[0]] = row.table
     lengths = np.asarray([row.table.shape[0] for row in rows], dtype=np.int64)
@@ -184,6 +196,8 @@ class OnnxBankEncoder:
         self.session = make_session(self.directory / self.meta["file"], threads)
         self.tokenizer = load_tokenizer(self.directory)
         self.token_names = [n for n in self.meta["inputs"] if n not in BANK_INPUTS]
+        self._scratch = np.zeros(0, dtype=np.float32)
+        self._lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -204,10 +218,15 @@ class OnnxBankEncoder:
         batch = self._tokens(texts, [rows[k].shift for k in prompt_of], max_length)
         feed = {n: np.asarray(batch[n] if n in batch else np.zeros_like(batch["input_ids"]), dtype=np.int64)
                 for n in self.token_names}
-        bank, lengths, shifts = stack_bank(rows, int(self.meta["width"]))
-        feed.update({"prompt_id": np.asarray(prompt_of, dtype=np.int64), "bank": bank, "lengths": lengths,
-                     "shifts": shifts})
-        return self.session.run([OUTPUT], feed)[0]
+        width = int(self.meta["width"])
+        with self._lock:  # one scratch buffer: runs of this encoder take turns (the server's are serialised anyway)
+            need = len(rows) * max([1] + [r.table.shape[0] for r in rows]) * width
+            if self._scratch.size < need:
+                self._scratch = np.zeros(need, dtype=np.float32)
+            bank, lengths, shifts = stack_bank(rows, width, self._scratch)
+            feed.update({"prompt_id": np.asarray(prompt_of, dtype=np.int64), "bank": bank, "lengths": lengths,
+                         "shifts": shifts})
+            return self.session.run([OUTPUT], feed)[0]
 
     def _tokens(self, texts: Sequence[str], shifts: Sequence[int], max_length: int | None) -> dict[str, Any]:
         """Tokenize each text at its own limit (position limit less its prompt's shift), then pad together."""
