@@ -225,6 +225,7 @@ def main() -> int:
                 "requests": ledger.requests, "failures": len(ledger.failures), "intended_404": ledger.intended_404,
                 "wrong_version_vectors": ledger.wrong, "puts": ledger.puts, "deletes": ledger.deletes,
                 "rss_mib_first_last_max": [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)],
+                "rss_mib_every_10s": [round(x) for x in rss],
                 "cache_mb": args.cache_mb, "server_exit": exit_code}
     for failure in ledger.failures[:10]:
         print("failure:", failure)
