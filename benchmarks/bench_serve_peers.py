@@ -351,14 +351,9 @@ def versions(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
-    args = parse_args()
-    began = time.monotonic()
-    texts = sts_texts()
-    load0 = os.getloadavg()
-    print(f"{len(texts)} STS texts; servers {args.server_list}; cells T in {args.t_values} x C in {args.c_values}, "
-          f"{args.seconds:g} s each; {args.rounds} round(s); each server pinned to CPUs {args.cpus} with "
-          f"{args.server_threads} thread(s); load average {load0[0]:.2f}", flush=True)
+def run_rounds(args: argparse.Namespace, texts: list[str]) -> tuple[dict[str, list[dict[str, Any]]],
+                                                                   dict[str, np.ndarray]]:
+    """Every server measured once per round, the order rotated each round; the first vectors each server gave."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.server_list}
     vectors: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="bench_serve_peers_") as tmp:
@@ -371,9 +366,11 @@ def main() -> int:
                 if "vectors" in measured:
                     vectors.setdefault(name, measured.pop("vectors"))
                 results[name].append(measured)
-    table = {name: median_cells(rounds) for name, rounds in results.items()}
-    cells = sorted({cell for per in table.values() for cell in per}, key=lambda c: (int(c[1:].split("_")[0]),
-                                                                                  -int(c.split("_C")[1])))
+    return results, vectors
+
+
+def ratio_table(table: dict[str, dict[str, Any]], cells: list[str]) -> dict[str, dict[str, float | None]]:
+    """texts/s of each RATIOS pair, per cell."""
     ratios: dict[str, dict[str, float | None]] = {}
     for top, bottom in RATIOS:
         if top in table and bottom in table:
@@ -381,11 +378,11 @@ def main() -> int:
                 cell: (round(table[top][cell]["texts_s"] / table[bottom][cell]["texts_s"], 2)
                        if cell in table[top] and cell in table[bottom] and table[bottom][cell]["texts_s"] else None)
                 for cell in cells}
-    agree = agreement(vectors, args.server_list)
-    errors = sum(len(r["errors"]) for rounds in results.values() for r in rounds)
-    failed = [name for name, rounds in results.items() if any("startup_s" not in r for r in rounds)]
-    exits = {name: [r["exit_code"] for r in rounds] for name, rounds in results.items()}
+    return ratios
 
+
+def print_report(args: argparse.Namespace, table: dict, cells: list[str], ratios: dict, agree: dict,
+                 results: dict) -> None:
     print("\nmedian over rounds, texts/s (req/s; p50/p99 ms; server CPU ms/text):")
     print(f"{'server':26s}" + "".join(f"{cell:>36s}" for cell in cells))
     for name in args.server_list:
@@ -402,20 +399,45 @@ def main() -> int:
         for r in rounds:
             for line in r["errors"][:3]:
                 print(f"error {name}: {line[:300]}")
-    headline = {
+
+
+def headline_of(args: argparse.Namespace, table: dict, ratios: dict, agree: dict, results: dict,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    return {
         "servers": args.server_list, "cells": {name: table[name] for name in args.server_list}, "ratios": ratios,
-        "agreement": agree, "errors": errors, "failed_to_start": failed, "server_exit": exits,
+        "agreement": agree, "errors": sum(len(r["errors"]) for rounds in results.values() for r in rounds),
+        "failed_to_start": [name for name, rounds in results.items() if any("startup_s" not in r for r in rounds)],
+        "server_exit": {name: [r["exit_code"] for r in rounds] for name, rounds in results.items()},
         "startup_s": {name: [r.get("startup_s") for r in rounds] for name, rounds in results.items()},
         "rss_mib": {name: [r.get("rss_mib") for r in rounds] for name, rounds in results.items()},
         "seconds": args.seconds, "rounds": args.rounds, "warmup_s": args.warmup,
         "server_threads": args.server_threads, "cpus": args.cpus, "encoding_format": args.encoding_format,
-        "infinity_batch_size": args.infinity_batch_size, "texts_pool": len(texts),
-        "load_average_start": [round(v, 2) for v in load0],
+        "infinity_batch_size": args.infinity_batch_size, **extra,
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
-        "versions": versions(args, args.server_list), "wall_s": round(time.monotonic() - began, 1),
+        "versions": versions(args, args.server_list),
     }
+
+
+def main() -> int:
+    args = parse_args()
+    began = time.monotonic()
+    texts = sts_texts()
+    load0 = os.getloadavg()
+    print(f"{len(texts)} STS texts; servers {args.server_list}; cells T in {args.t_values} x C in {args.c_values}, "
+          f"{args.seconds:g} s each; {args.rounds} round(s); each server pinned to CPUs {args.cpus} with "
+          f"{args.server_threads} thread(s); load average {load0[0]:.2f}", flush=True)
+    results, vectors = run_rounds(args, texts)
+    table = {name: median_cells(rounds) for name, rounds in results.items()}
+    cells = sorted({cell for per in table.values() for cell in per}, key=lambda c: (int(c[1:].split("_")[0]),
+                                                                                  -int(c.split("_C")[1])))
+    ratios, agree = ratio_table(table, cells), agreement(vectors, args.server_list)
+    print_report(args, table, cells, ratios, agree, results)
+    headline = headline_of(args, table, ratios, agree, results, {
+        "texts_pool": len(texts), "load_average_start": [round(v, 2) for v in load0],
+        "wall_s": round(time.monotonic() - began, 1)})
     print(json.dumps(headline))
-    ok = not errors and not failed and all(info["ok"] for info in agree.get("servers", {}).values())
+    ok = not headline["errors"] and not headline["failed_to_start"] and all(
+        info["ok"] for info in agree.get("servers", {}).values())
     return 0 if ok else 1
 
 
