@@ -13,7 +13,8 @@ OpenAI-style request, ``{"input": [T texts], "model": "minilm", "encoding_format
 - ``infinity-optimum-int8``: the same on optimum's dynamic int8 quantisation for this CPU;
 
 the Infinity ones start through ``peer_infinity.py`` (beside this file) from the side environment
-``/work/venv-infinity`` (see that file for its set-up and what each variant is).
+``/work/venv-infinity`` (see that file for its set-up and what each variant is). The client load itself (closed-loop
+threads, latencies, server CPU) is ``peer_load.py``.
 
 The same CPU budget for each: every server process is pinned (``sched_setaffinity``) to the same
 ``--server-threads`` N CPUs (default: all this process may use) and gets ``OMP_NUM_THREADS=MKL_NUM_THREADS=N``
@@ -47,16 +48,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +66,7 @@ import psutil
 
 import peer_infinity
 from bench_serve import HOST, free_port, stop_server, wait_healthy
+from peer_load import cell_stats, run_cell, vectors_of
 
 CHECK_TEXTS = 16
 FP32_TOLERANCE = 0.9999
@@ -174,96 +174,6 @@ def body_of(spec: ServerSpec, texts: list[str], encoding_format: str) -> dict[st
     return {"input": texts, "model": "minilm", "encoding_format": encoding_format}
 
 
-def vectors_of(payload: dict[str, Any]) -> np.ndarray:
-    """The embeddings of an OpenAI-style response (float lists or base64 float32), in input order."""
-    rows = sorted(payload["data"], key=lambda item: item.get("index", 0))
-    out = []
-    for item in rows:
-        value = item["embedding"]
-        out.append(np.frombuffer(base64.b64decode(value), dtype="<f4") if isinstance(value, str)
-                   else np.asarray(value, dtype=np.float32))
-    return np.stack(out)
-
-
-@dataclass
-class CellResult:
-    latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    texts: int = 0
-    seconds: float = 0.0
-    cpu_s: float = 0.0
-
-
-def server_cpu(process: psutil.Process) -> float:
-    """CPU seconds of the server process and its children so far."""
-    total = 0.0
-    for proc in [process, *process.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def run_cell(url: str, spec: ServerSpec, texts: list[str], t: int, c: int, seconds: float, encoding_format: str,
-             server: psutil.Process | None = None) -> CellResult:
-    """C closed-loop clients sending T texts a request for ``seconds``; latencies, errors, texts done, CPU."""
-    result = CellResult()
-    lock = threading.Lock()
-    barrier = threading.Barrier(c + 1)
-    window: dict[str, float] = {}
-
-    def client(number: int) -> None:
-        latencies, errors, done = [], [], 0
-        position = (number * 997 * t) % len(texts)
-        with httpx.Client(base_url=url, timeout=120.0) as http:
-            barrier.wait()
-            end = window["end"]
-            while time.perf_counter() < end:
-                batch = [texts[(position + k) % len(texts)] for k in range(t)]
-                position = (position + t) % len(texts)
-                began = time.perf_counter()
-                try:
-                    response = http.post(spec.route, json=body_of(spec, batch, encoding_format))
-                    if response.status_code != 200:
-                        errors.append(f"{response.status_code}: {response.text[:200]}")
-                    elif len(response.json()["data"]) != t:
-                        errors.append(f"200 with {len(response.json()['data'])} embeddings for {t} texts")
-                    else:
-                        latencies.append(time.perf_counter() - began)
-                        done += t
-                except (httpx.HTTPError, ValueError, KeyError) as error:
-                    errors.append(f"{type(error).__name__}: {error}")
-        with lock:
-            result.latencies += latencies
-            result.errors += errors
-            result.texts += done
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(c)]
-    for thread in threads:
-        thread.start()
-    cpu0 = server_cpu(server) if server else 0.0
-    started = time.perf_counter()
-    window["end"] = started + seconds
-    barrier.wait()
-    for thread in threads:
-        thread.join()
-    result.seconds = time.perf_counter() - started  # includes the requests still in flight at the window's end
-    result.cpu_s = (server_cpu(server) - cpu0) if server else 0.0
-    return result
-
-
-def cell_stats(result: CellResult, t: int) -> dict[str, Any]:
-    seconds = max(result.seconds, 1e-9)
-    lat = np.array(result.latencies) * 1000.0
-    p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (float("nan"), float("nan")))
-    return {"texts_s": round(result.texts / seconds, 1), "rps": round(len(result.latencies) / seconds, 1),
-            "p50_ms": round(float(p50), 1), "p99_ms": round(float(p99), 1), "requests": len(result.latencies),
-            "errors": len(result.errors),
-            "cpu_ms_per_text": round(1000.0 * result.cpu_s / result.texts, 2) if result.texts else None}
-
-
 def measure_server(spec: ServerSpec, args: argparse.Namespace, texts: list[str], tmp: Path,
                    round_number: int) -> dict[str, Any]:
     """Start ``spec``, warm up, check vectors, run every cell, stop; what it measured."""
@@ -277,16 +187,16 @@ def measure_server(spec: ServerSpec, args: argparse.Namespace, texts: list[str],
         wait_healthy(process, url, time.monotonic() + args.start_timeout, log)
         out["startup_s"] = round(time.monotonic() - began, 1)
         server = psutil.Process(process.pid)
+        body = lambda batch: body_of(spec, batch, args.encoding_format)  # noqa: E731
         if args.warmup > 0:
-            warm = run_cell(url, spec, texts, max(args.t_values), min(args.c_values), args.warmup,
-                            args.encoding_format)
+            warm = run_cell(url, spec.route, body, texts, max(args.t_values), min(args.c_values), args.warmup)
             out["errors"] += warm.errors
         check = httpx.post(url + spec.route, json=body_of(spec, texts[:CHECK_TEXTS], "float"), timeout=120)
         check.raise_for_status()
         out["vectors"] = vectors_of(check.json())
         for t in args.t_values:
             for c in args.c_values:
-                result = run_cell(url, spec, texts, t, c, args.seconds, args.encoding_format, server)
+                result = run_cell(url, spec.route, body, texts, t, c, args.seconds, server)
                 stats = cell_stats(result, t)
                 out["cells"][f"T{t}_C{c}"] = stats
                 out["errors"] += result.errors

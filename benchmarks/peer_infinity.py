@@ -61,7 +61,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -146,25 +145,6 @@ def model_key(model: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def detect_isa() -> str:
-    """optimum's dynamic-quantisation preset for this CPU (from /proc/cpuinfo flags)."""
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "arm64"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    if "avx512_vnni" in flags and "avx512f" in flags:
-        return "avx512_vnni"
-    if "avx512f" in flags and "avx512bw" in flags:
-        return "avx512"
-    return "avx2"
-
-
 def export(model: Path, out: Path, precision: str) -> None:
     """(In the side environment.) ONNX export of ``model`` into ``out`` for Infinity's optimum engine: fp32
     ``model.onnx``, or (int8) only ``model_quantized.onnx``, beside the config and tokenizer files."""
@@ -178,6 +158,8 @@ def export(model: Path, out: Path, precision: str) -> None:
     if precision == "int8":
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+        from peer_st_onnx import detect_isa  # beside this file; stdlib only, so it imports in the side venv
 
         isa = detect_isa()
         qconfig = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=True)
