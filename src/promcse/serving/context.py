@@ -115,8 +115,15 @@ def check_tokens(texts: list[str], encoder: Any, field: str) -> None:
     """413 for a text longer than the model takes in tokens (its position limit less its prompt's shift), naming it
     and saying how to have it cut (``truncate``); TEI and OpenAI refuse such input too, rather than embed a part."""
     limit = encoder.max_length
-    counts = [len(ids) for ids in encoder.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
-    for i, count in enumerate(counts):
+    # Only texts that could be too long are tokenized here (the engine tokenizes every text again): no tokenizer
+    # makes more than two tokens of one UTF-8 byte (a SentencePiece word marker and a byte fallback), plus a few
+    # special tokens, so shorter texts — nearly all of them — skip this pass.
+    suspects = [i for i, text in enumerate(texts) if 2 * len(text.encode("utf-8")) + 4 > limit]
+    if not suspects:
+        return
+    tokens = encoder.tokenizer([texts[i] for i in suspects], truncation=False, verbose=False)["input_ids"]
+    for i, ids in zip(suspects, tokens):
+        count = len(ids)
         if count > limit:
             raise ApiError(413, f"'{field}[{i}]' is {count} tokens; this model takes at most {limit}: shorten it, or "
                            "send \"truncate\": true to embed its first tokens", param=field, code="text_too_long")
