@@ -117,3 +117,16 @@ def test_a_reused_bank_buffer_leaves_nothing_of_the_last_batch(fleet: dict, tiny
     for encoder in (fleet["short"], fleet["frozen"]):  # then shorter banks in the same buffer
         got = run_mixed(graph, [encoder], texts, [0] * len(texts))
         assert np.abs(got - encoder.encode(texts)).max() <= FP32_TOL
+
+
+@pytest.mark.parametrize("key", ["width", "position_limit", "file"])
+def test_metadata_missing_a_field_is_refused_naming_it(fleet: dict, tmp_path: Path, key: str) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(fleet["export"], tmp_path / "copy"))
+    meta = json.loads((copy / BANK_META).read_text())
+    del meta[key]
+    (copy / BANK_META).write_text(json.dumps(meta))
+    with pytest.raises(PromcseError) as err:
+        OnnxBankEncoder(copy)
+    assert err.value.key == key

@@ -34,6 +34,8 @@ BANK_META = "promcse_onnx_bank.json"
 BANK_FORMAT = "promcse-onnx-bank"
 BANK_INPUTS = ("prompt_id", "bank", "lengths", "shifts")
 OUTPUT = "embedding"
+BANK_KEYS: dict[str, type] = {"file": str, "inputs": list, "dim": int, "width": int, "position_limit": int,
+                              "files": dict}  # what OnnxBankEncoder reads from the metadata
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,10 @@ class OnnxBankEncoder:
         self.meta = read_json_object(self.directory / BANK_META)
         if self.meta.get("format") != BANK_FORMAT:
             raise PromcseError(f"not a {BANK_FORMAT} export", path=self.directory / BANK_META, key="format")
+        for key, kind in BANK_KEYS.items():
+            if not isinstance(self.meta.get(key), kind) or isinstance(self.meta.get(key), bool):
+                raise PromcseError(f"missing or not {kind.__name__}: export the bank graph again",
+                                   path=self.directory / BANK_META, key=key)
         verify_manifest(self.directory, self.meta.get("files"), [self.meta["file"]], self.directory / BANK_META)
         self.session = make_session(self.directory / self.meta["file"], threads)
         self.tokenizer = load_tokenizer(self.directory)
