@@ -143,6 +143,18 @@ def test_lru_eviction_under_a_tiny_budget(ckpts: dict[str, Path], tmp_path: Path
         assert ctx.store.loads == loads + 1 and ctx.store.loaded() == ["alpha"]
         assert close(vectors(embed(client, "beta")), want(ckpts["b"]))  # head: over the budget alone
         assert ctx.store.cached_bytes <= one * 2
+        scraped = metric_values(client.get("/metrics").text)
+        assert scraped["promcse_prompt_loads_total"] == ctx.store.loads == loads + 2
+        assert scraped["promcse_prompt_evictions_total"] == ctx.store.evictions >= 3
+        assert scraped["promcse_prompt_cache_bytes"] == ctx.store.cached_bytes
+        assert scraped["promcse_prompt_cache_prompts"] == len(ctx.store.loaded())
+        assert scraped["promcse_prompt_cache_budget_bytes"] == int(one * 2)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus exposition text, by name."""
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#") and "{" not in line}
 
 
 def test_unknown_prompt_is_404_naming_it(ckpts: dict[str, Path], tmp_path: Path) -> None:

@@ -63,6 +63,9 @@ def test_every_kind_of_prompt_runs_on_the_onnx_backend(setup: dict, monkeypatch:
                 assert (got * want).sum(1).min() >= 0.98, name  # int8: cosine to the fp32 torch vectors
                 assert np.abs(got - want).max() > 1e-6, name  # and it did run the int8 graph
     assert any(p.name.startswith("bank-") for p in (setup["cache"] / "onnx").iterdir())
+    sessions = [graph.session for graph in registry.onnx._graphs.values()]
+    assert sessions and all(s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+                            == "0" for s in sessions)  # the server's graph threads leave the cores when idle
 
 
 def test_the_onnx_backend_refuses_what_it_cannot_do(setup: dict) -> None:

@@ -180,12 +180,14 @@ class OnnxBankEncoder:
     Args:
         directory: The export directory (:func:`export_bank_graph`).
         threads: ONNX Runtime intra-op threads (0: its default).
+        spinning: Let those threads busy-wait for work (see :func:`promcse.models.onnx_runtime.make_session`;
+            the server turns it off).
 
     Raises:
         PromcseError: Not a bank export, or a file that changed since the export (naming it).
     """
 
-    def __init__(self, directory: str | Path, threads: int = 0) -> None:
+    def __init__(self, directory: str | Path, threads: int = 0, spinning: bool = True) -> None:
         from promcse.io.files import verify_manifest
         from promcse.io.schema import read_json_object
         from promcse.models.onnx_runtime import load_tokenizer, make_session
@@ -199,7 +201,7 @@ class OnnxBankEncoder:
                 raise PromcseError(f"missing or not {kind.__name__}: export the bank graph again",
                                    path=self.directory / BANK_META, key=key)
         verify_manifest(self.directory, self.meta.get("files"), [self.meta["file"]], self.directory / BANK_META)
-        self.session = make_session(self.directory / self.meta["file"], threads)
+        self.session = make_session(self.directory / self.meta["file"], threads, spinning=spinning)
         self.tokenizer = load_tokenizer(self.directory)
         self.token_names = [n for n in self.meta["inputs"] if n not in BANK_INPUTS]
         self._scratch = np.zeros(0, dtype=np.float32)

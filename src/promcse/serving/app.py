@@ -151,7 +151,7 @@ def _add_model_routes(app: Any, ctx: ServeContext) -> None:
         ctx.fit(texts, entry, "texts", body.truncate)
         vectors = await ctx.embed(request, texts, entry)
         vectors = unit_rows(vectors) if body.normalize else vectors
-        return fast_json({"embeddings": np.asarray(vectors, dtype=np.float32).tolist(), "dim": int(vectors.shape[1]),
+        return fast_json({"embeddings": np.ascontiguousarray(vectors, dtype=np.float32), "dim": int(vectors.shape[1]),
                           "model": served.name, "model_version": served.version}, served.headers)
 
     @app.post("/similarity")
@@ -166,7 +166,7 @@ def _add_model_routes(app: Any, ctx: ServeContext) -> None:
         else:  # two roles of a pair: both requests wait in the engine together and share its batches
             va, vb = await asyncio.gather(ctx.embed(request, body.a, entry_a), ctx.embed(request, body.b, entry_b))
         scores = cosine_matrix(va, vb).astype(np.float32)
-        return fast_json({"scores": scores.tolist(), "model": served.name, "model_version": served.version},
+        return fast_json({"scores": np.ascontiguousarray(scores), "model": served.name, "model_version": served.version},
                          served.headers)
 
 

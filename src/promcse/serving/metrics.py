@@ -6,7 +6,10 @@
   place, and the displaced name's series are removed), and a request that named no model is ``-``;
 - ``promcse_queue_tokens`` / ``promcse_queue_requests``: what waits in the batching engine;
 - ``promcse_batch_rows``, ``promcse_batch_tokens`` (padded rows x longest row) and ``promcse_batch_seconds``
-  per forward pass of the engine.
+  per forward pass of the engine;
+- with a prompt store: ``promcse_prompt_cache_bytes`` / ``promcse_prompt_cache_prompts`` (loaded now),
+  ``promcse_prompt_cache_budget_bytes`` (``--prompt-cache-mb``), ``promcse_prompt_loads_total`` and
+  ``promcse_prompt_evictions_total`` (since start), read from the store at scrape time.
 
 Each app has its own collector registry, so several apps in one process (tests) do not collide.
 """
@@ -54,6 +57,10 @@ class ServerMetrics:
         self.queue_tokens.set_function(tokens)
         self.queue_requests.set_function(requests)
 
+    def watch_store(self, store: Any) -> None:
+        """Expose a :class:`promcse.serving.store.PromptStore`'s cache at scrape time."""
+        self.collectors.register(StoreCollector(store))
+
     def on_batch(self, rows: int, tokens: int, seconds: float) -> None:
         """Record one forward pass of the batching engine."""
         self.batch_rows.observe(rows)
@@ -91,6 +98,28 @@ class ServerMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.collectors), CONTENT_TYPE_LATEST
+
+
+class StoreCollector:
+    """The prompt store's cache as Prometheus metrics, read when scraped (a custom collector: the loads and
+    evictions are the store's own counts, exposed as counters without a second tally here)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        store = self.store
+        yield GaugeMetricFamily("promcse_prompt_cache_bytes", "bytes of store prompts loaded now (prompt + head "
+                                "tensors)", value=store.cached_bytes)
+        yield GaugeMetricFamily("promcse_prompt_cache_prompts", "store prompts loaded now",
+                                value=len(store.loaded()))
+        yield GaugeMetricFamily("promcse_prompt_cache_budget_bytes", "the prompt cache's budget",
+                                value=store.budget_bytes)
+        yield CounterMetricFamily("promcse_prompt_loads", "store prompts loaded since start", value=store.loads)
+        yield CounterMetricFamily("promcse_prompt_evictions", "store prompts evicted from the cache since start",
+                                  value=store.evictions)
 
 
 class MetricsMiddleware:

@@ -30,7 +30,8 @@ class OnnxRows:
 
     Args:
         quantize: ``none`` (fp32) or ``int8``.
-        threads: ONNX Runtime intra-op threads per graph (0: its default).
+        threads: ONNX Runtime intra-op threads per graph (0: its default), which do not busy-wait between runs
+            (the event loop and the engine's tokenisation need those cores).
     """
 
     def __init__(self, quantize: str = "none", threads: int = 0) -> None:
@@ -65,12 +66,12 @@ class OnnxRows:
                                                     {"pooler": encoder.spec.pooler, "graph": "open-bank"}))
         if (entry / BANK_META).is_file():
             try:
-                return OnnxBankEncoder(entry, threads=self.threads)
+                return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
             except PromcseError:  # a damaged entry is exported again
                 pass
         entry.parent.mkdir(parents=True, exist_ok=True)
         export_bank_graph(encoder, Path(entry), quantize=self.quantize)
-        return OnnxBankEncoder(entry, threads=self.threads)
+        return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
 
     def encode(self, texts: Sequence[str], encoders: Sequence[SentenceEncoder],
                batch_size: int = 64) -> dict[int, np.ndarray]:

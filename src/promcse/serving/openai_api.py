@@ -43,11 +43,12 @@ def _schema() -> type:
     return EmbeddingsRequest
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    """One embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."""
+def encode_vector(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+    """One embedding as OpenAI sends it: float32 numbers (written as a JSON list by
+    :func:`promcse.serving.context.json_bytes`), or base64 of little-endian float32."""
     if encoding_format == "base64":
         return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return np.asarray(vector, dtype=np.float32).tolist()
+    return np.ascontiguousarray(vector, dtype=np.float32)
 
 
 def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
