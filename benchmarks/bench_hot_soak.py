@@ -8,10 +8,11 @@ prompt name among those ever added. Every 200 names the version it used (``model
 vector against the version's own (computed locally with ``promcse.load`` when the admin thread wrote it), so a
 vector from the wrong version, or from no prompt at all, is counted. A 404 is *intended* when its name was
 deleted (or not yet added) at some time during the request; any other non-200 is a failure. The server's RSS is
-read every 10 s.
+read every 10 s, with the prompt cache's size (its metric ``promcse_prompt_cache_bytes``): RSS minus the cache is
+what the server holds besides the prompts it is allowed to keep (``--cache-mb``).
 
 The last line printed is JSON: requests, failures, intended 404s, wrong-version vectors, PUTs and DELETEs done,
-RSS first/last/max (MiB). Exit status 1 on any failure or wrong vector.
+RSS first/last/max (MiB), RSS, cache and RSS minus cache every 10 s. Exit status 1 on any failure or wrong vector.
 
 Usage: python benchmarks/bench_hot_soak.py [--seconds 300] [--clients 16] [--initial 20] [--backend torch]
 """
@@ -173,6 +174,15 @@ def check(ledger: Ledger, name: str, sent: float, r) -> None:  # noqa: ANN001
                 ledger.wrong += 1
 
 
+def cache_mib(url: str) -> float:
+    """The server's prompt cache (MiB of prompt tensors loaded now), from its metrics."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    line = next(line for line in text.splitlines() if line.startswith("promcse_prompt_cache_bytes "))
+    return float(line.split()[1]) / 2**20
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=300)
@@ -211,7 +221,7 @@ def main() -> int:
     ledger = Ledger()
     with tempfile.TemporaryDirectory() as tmp:
         process, url = start(args, Path(tmp), ledger, encoder)
-        server, rss = psutil.Process(process.pid), []
+        server, rss, cache = psutil.Process(process.pid), [], []
         stop = time.time() + args.seconds
         threads = [threading.Thread(target=admin, args=(url, stop, ledger, Path(tmp) / "scratch", encoder))]
         threads += [threading.Thread(target=client_loop, args=(url, stop, ledger, k)) for k in range(args.clients)]
@@ -219,13 +229,15 @@ def main() -> int:
             thread.start()
         while any(t.is_alive() for t in threads):
             rss.append(server.memory_info().rss / 2**20)
+            cache.append(cache_mib(url))
             time.sleep(10)
         exit_code = stop_server(process)
     headline = {"seconds": args.seconds, "clients": args.clients, "backend": args.backend,
                 "requests": ledger.requests, "failures": len(ledger.failures), "intended_404": ledger.intended_404,
                 "wrong_version_vectors": ledger.wrong, "puts": ledger.puts, "deletes": ledger.deletes,
                 "rss_mib_first_last_max": [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)],
-                "rss_mib_every_10s": [round(x) for x in rss],
+                "rss_mib_every_10s": [round(x) for x in rss], "cache_mib_every_10s": [round(x) for x in cache],
+                "rss_minus_cache_mib_every_10s": [round(x - y) for x, y in zip(rss, cache)],
                 "cache_mb": args.cache_mb, "server_exit": exit_code}
     for failure in ledger.failures[:10]:
         print("failure:", failure)
