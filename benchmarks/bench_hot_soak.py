@@ -178,8 +178,9 @@ def cache_mib(url: str) -> float:
     """The server's prompt cache (MiB of prompt tensors loaded now), from its metrics."""
     import httpx
 
-    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
-    line = next(line for line in text.splitlines() if line.startswith("promcse_prompt_cache_bytes "))
+    r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    r.raise_for_status()
+    line = next(line for line in r.text.splitlines() if line.startswith("promcse_prompt_cache_bytes "))
     return float(line.split()[1]) / 2**20
 
 
@@ -200,7 +201,7 @@ def start(args: argparse.Namespace, root: Path, ledger: Ledger, encoder) -> tupl
         version, vector = version_and_vector(folder, encoder)
         ledger.expected[version] = vector
         ledger.names.append(f"p{k}")
-    (root / "keys.json").write_text(json.dumps({KEY: {"prompts": ["*"], "admin": True}}))
+    (root / "keys.json").write_text(json.dumps({KEY: {"prompts": ["*"], "admin": True, "metrics": True}}))
     port = free_port()
     argv = [sys.executable, "-m", "promcse", "serve", "--prompts", str(store), "--keys", str(root / "keys.json"),
             "--port", str(port), "--backend", args.backend, "--prompt-cache-mb", str(args.cache_mb)]
