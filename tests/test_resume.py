@@ -69,6 +69,30 @@ def test_sigterm_saves_state_and_exits_cleanly(tiny_bert: Path, tiny_data: dict[
     assert list(out.glob("state-*"))
 
 
+def test_a_signal_during_a_steps_bookkeeping_still_saves_a_state(tiny_bert: Path, tiny_data: dict[str, Path],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM arriving after a step's save decision (while it logs or evaluates) must not stop the run without a
+    state: the run stops after the next step, with that step's state saved (a race CI once hit)."""
+    import promcse.cli
+    import promcse.training.loop as loop
+
+    bookkeeping = loop._after_step
+
+    def after_step(run, state, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        bookkeeping(run, state, *args, **kwargs)
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs now, mid-bookkeeping
+
+    monkeypatch.setattr(loop, "_after_step", after_step)
+    monkeypatch.setenv("PROMCSE_DATA_DIR", "")
+    out = tmp_path / "run"
+    argv = train_cmd(tiny_bert, tiny_data, out)[3:]  # without "python -m promcse"
+    argv[argv.index("--save-every") + 1] = "0"
+    assert promcse.cli.main(argv) == 128 + signal.SIGTERM
+    assert [p.name for p in sorted(out.glob("state-*"))] == ["state-00000003"]
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_model import make
 

@@ -186,9 +186,10 @@ def _run_steps(run: TrainingRun, state: LoopState) -> TrainResult:
             state.step = step
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
             bar.update(1)
+            stop = bool(caught)  # read once: a signal arriving during the bookkeeping below is the next step's
             if main:
-                _after_step(run, state, terms, log, bar, stop=bool(caught), started=start)
-            if caught:
+                _after_step(run, state, terms, log, bar, stop=stop, started=start)
+            if stop:
                 bar.write(f"signal {caught[0]}: state saved at step {step}")
                 raise TrainingInterrupted(step, run.out, caught[0])
             if main and any(c.should_stop() for c in run.callbacks):
