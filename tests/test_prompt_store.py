@@ -125,6 +125,28 @@ def test_prompts_load_on_first_request_over_one_shared_backbone(ckpts: dict[str,
         assert sorted(prompts) == ["alpha", "beta", "broken", "pair"] and prompts["broken"]["bytes"] is None
 
 
+def test_listing_pages_hash_only_their_own_prompts(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    names = ["alpha", "beta", "delta", "gamma", "pair"]
+    store = make_store(tmp_path / "store", {n: ckpts["pair" if n == "pair" else "a"] for n in names})
+    with serving(store) as (client, ctx):
+        first = client.get("/v1/prompts", params={"limit": 2}).json()
+        assert [p["name"] for p in first["data"]] == ["alpha", "beta"] and first["has_more"]
+        assert first["last_id"] == "beta" and sorted(ctx.store._versions) == ["alpha", "beta"]  # nothing else hashed
+        second = client.get("/v1/prompts", params={"limit": 2, "after": first["last_id"]}).json()
+        assert [p["name"] for p in second["data"]] == ["delta", "gamma"] and second["has_more"]
+        last = client.get("/v1/prompts", params={"limit": 2, "after": second["last_id"]}).json()
+        assert [p["name"] for p in last["data"]] == ["pair"] and not last["has_more"] and last["last_id"] == "pair"
+        assert client.get("/v1/prompts", params={"after": "pair"}).json() == {
+            "object": "list", "data": [], "has_more": False, "last_id": None}
+        assert client.get("/v1/prompts", params={"after": "c"}).json()["last_id"] == "pair"  # any string, all after
+        everything = client.get("/v1/prompts").json()
+        assert [p["name"] for p in everything["data"]] == names and not everything["has_more"]
+        assert everything["data"][0]["version"] == folder_version(store / "alpha")
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"limit": "ten"}):
+            r = client.get("/v1/prompts", params=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "limit", (bad, r.text)
+
+
 def test_lru_eviction_under_a_tiny_budget(ckpts: dict[str, Path], tmp_path: Path) -> None:
     store = make_store(tmp_path / "store", {"alpha": ckpts["a"], "gamma": ckpts["c"], "beta": ckpts["b"]})
     one = 3 * 2 * 2 * 32 * 4  # alpha's prompt: P x layers x (key, value) x hidden float32; gamma is 5/3 of it

@@ -216,7 +216,7 @@ def _install_error_handlers(app: Any) -> None:
                    "type": str(e.get("type", ""))} for e in exc.errors()]
         if request.url.path.startswith("/v1/"):  # OpenAI answers 400 naming the parameter
             first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
-            param = ".".join(p for p in first["loc"] if p != "body") or None
+            param = ".".join(p for p in first["loc"] if p not in ("body", "query")) or None
             return answer(request, 400, f"invalid request: {first['msg']}", param=param, code="invalid_value")
         return answer(request, 422, "invalid request body", detail=detail)
 

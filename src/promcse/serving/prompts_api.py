@@ -1,7 +1,9 @@
 """The prompt store over HTTP: list prompts, and add, replace or remove one while the server runs.
 
-- ``GET /v1/prompts`` -> ``{"object": "list", "data": [{"name", "version", "loaded", "bytes"}]}``: the store's
-  prompts the key may see (``bytes``: its own tensors when loaded, else null);
+- ``GET /v1/prompts[?limit=N&after=NAME]`` -> ``{"object": "list", "data": [{"name", "version", "loaded",
+  "bytes"}], "has_more", "last_id"}``: the store's prompts the key may see, by name (``bytes``: its own tensors
+  when loaded, else null); pages of ``limit`` (1..10,000; default all) after ``after``, so a client walks a large
+  store by passing each page's ``last_id`` as the next ``after``;
 - ``GET /v1/prompts/NAME`` -> one of those (404 when absent or outside the key's namespace);
 - ``PUT /v1/prompts/NAME`` ``{"files": {"config.json": BASE64, "prompt.safetensors": BASE64, ...}}`` (admin) ->
   201 (added) or 200 (replaced) ``{"object": "prompt", "name", "version", "loaded": true, "bytes", "replaced"}``
@@ -81,20 +83,35 @@ def write_error(err: PromcseError) -> ApiError:
     return ApiError(422, f"the prompt does not load: {err.message}", param="files", code="invalid_model")
 
 
+MAX_PAGE = 10_000  # prompts a GET /v1/prompts page may ask for
+
+
+def page_of(names: list[str], limit: int | None, after: str | None) -> tuple[list[str], bool]:
+    """The sorted ``names`` after ``after`` (exclusive; it need not exist), at most ``limit`` of them (all when
+    None), and whether more follow. Each listed prompt's version is hashed (once per folder change), so a page
+    of a large store costs only its own prompts' hashing."""
+    rest = [n for n in names if after is None or n > after]
+    page = rest if limit is None else rest[:limit]
+    return page, len(rest) > len(page)
+
+
 def add_prompt_routes(app: Any, ctx: ServeContext) -> None:
     """Add ``GET /v1/prompts``, ``GET``/``PUT``/``DELETE /v1/prompts/{name}`` to the app."""
-    from fastapi import Request
+    from fastapi import Query, Request
 
     PutPrompt = _schema()
 
     @app.get("/v1/prompts")
-    async def list_prompts(request: Request) -> dict[str, Any]:
+    async def list_prompts(request: Request, limit: int | None = Query(None, ge=1, le=MAX_PAGE),
+                           after: str | None = None) -> dict[str, Any]:
         tenant, store = ctx.tenant(request), ctx.store
-        if store is None:
-            return {"object": "list", "data": []}
-        names = [n for n in store.names() if tenant.sees(n)]
-        described = await on_thread(ctx.store_worker, lambda: [store.describe(n) for n in names])  # hashing
-        return {"object": "list", "data": [d for d in described if d is not None]}
+        names = [n for n in store.names() if tenant.sees(n)] if store is not None else []
+        page, more = page_of(names, limit, after)
+        if store is None or not page:
+            return {"object": "list", "data": [], "has_more": more, "last_id": None}
+        described = await on_thread(ctx.store_worker, lambda: [store.describe(n) for n in page])  # hashing
+        data = [d for d in described if d is not None]
+        return {"object": "list", "data": data, "has_more": more, "last_id": page[-1]}
 
     @app.get("/v1/prompts/{name}")
     async def get_prompt(name: str, request: Request) -> dict[str, Any]:
