@@ -204,7 +204,8 @@ def start(args: argparse.Namespace, root: Path, ledger: Ledger, encoder) -> tupl
     (root / "keys.json").write_text(json.dumps({KEY: {"prompts": ["*"], "admin": True, "metrics": True}}))
     port = free_port()
     argv = [sys.executable, "-m", "promcse", "serve", "--prompts", str(store), "--keys", str(root / "keys.json"),
-            "--port", str(port), "--backend", args.backend, "--prompt-cache-mb", str(args.cache_mb)]
+            "--port", str(port), "--backend", args.backend, "--prompt-cache-mb", str(args.cache_mb),
+            "--store-backbone", "minilm"]  # uploads may use only a backbone the server holds
     log = root / "server.log"
     process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -27,6 +27,7 @@ from promcse.models.roles import save_roles  # noqa: E402
 from promcse.serving.app import Limits, ServeOptions, create_app  # noqa: E402
 from promcse.serving.batching import EngineConfig  # noqa: E402
 from promcse.serving.launch import BackgroundServer  # noqa: E402
+from promcse.errors import PromcseError  # noqa: E402
 from promcse.serving.prompt_files import folder_version  # noqa: E402
 from promcse.serving.registry import PromptRegistry  # noqa: E402
 from promcse.serving.store import PromptStore  # noqa: E402
@@ -193,9 +194,28 @@ def test_unknown_prompt_is_404_naming_it(ckpts: dict[str, Path], tmp_path: Path)
         assert ctx.store.loaded() == []
 
 
-def test_put_adds_replaces_and_delete_removes(ckpts: dict[str, Path], tmp_path: Path) -> None:
+def test_an_upload_may_not_make_the_server_load_a_backbone(ckpts: dict[str, Path], tmp_path: Path,
+                                                           tiny_bert: Path) -> None:
+    store = make_store(tmp_path / "store", {"alpha": ckpts["a"]})
+    registry = PromptRegistry(device="cpu")
+    with serving(store, registry, allow_admin_without_keys=True) as (client, ctx):
+        refused = client.put("/v1/prompts/gamma", json={"files": files_of(ckpts["c"])})
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "files"
+        assert f"backbone '{tiny_bert}' is not loaded on this server" in refused.json()["error"]["message"]
+        assert registry.backbones == {} and not (store / "gamma").exists()
+        assert embed(client, "alpha").status_code == 200  # an operator's folder may load its backbone...
+        assert client.put("/v1/prompts/gamma", json={"files": files_of(ckpts["c"])}).status_code == 201  # ...then
+    registry = PromptRegistry(device="cpu")
+    with serving(store, registry, allow_admin_without_keys=True, store_backbones=(str(tiny_bert),)) as (client, _):
+        assert len(registry.backbones) == 1  # loaded at start
+        assert client.put("/v1/prompts/delta", json={"files": files_of(ckpts["c"])}).status_code == 201
+    with pytest.raises(PromcseError, match="does-not-exist"):  # a bad --store-backbone fails at start, naming it
+        PromptRegistry(device="cpu").hold_backbone(str(tmp_path / "does-not-exist"))
+
+
+def test_put_adds_replaces_and_delete_removes(ckpts: dict[str, Path], tmp_path: Path, tiny_bert: Path) -> None:
     store = make_store(tmp_path / "store", {})
-    with serving(store, allow_admin_without_keys=True) as (client, ctx):
+    with serving(store, allow_admin_without_keys=True, store_backbones=(str(tiny_bert),)) as (client, ctx):
         added = client.put("/v1/prompts/gamma", json={"files": files_of(ckpts["c"])})
         assert added.status_code == 201, added.text
         v1 = folder_version(ckpts["c"])  # the same files: the same version
@@ -276,9 +296,11 @@ def test_admin_routes_are_refused_without_keys_by_default(ckpts: dict[str, Path]
     assert sorted(p.name for p in store.iterdir()) == [".promcse.lock", "alpha"]
 
 
-def test_a_second_replica_over_the_same_folder_sees_every_write(ckpts: dict[str, Path], tmp_path: Path) -> None:
+def test_a_second_replica_over_the_same_folder_sees_every_write(ckpts: dict[str, Path], tmp_path: Path,
+                                                                tiny_bert: Path) -> None:
     store = make_store(tmp_path / "store", {})
-    with serving(store, allow_admin_without_keys=True) as (writer, _), serving(store) as (replica, _):
+    with serving(store, allow_admin_without_keys=True, store_backbones=(str(tiny_bert),)) as (writer, _), \
+            serving(store) as (replica, _):
         assert embed(replica, "delta").status_code == 404
         assert writer.put("/v1/prompts/delta", json={"files": files_of(ckpts["c"])}).status_code == 201
         r = embed(replica, "delta")
@@ -519,7 +541,8 @@ def test_start_up_models_are_versioned_like_store_prompts(tenants: tuple[Any, Pa
     assert reference_version("not-a-folder-or-hub-id") == "name:not-a-folder-or-hub-id"
 
 
-def test_cli_serves_a_store_and_takes_a_prompt_while_running(ckpts: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_serves_a_store_and_takes_a_prompt_while_running(ckpts: dict[str, Path], tmp_path: Path,
+                                                             tiny_bert: Path) -> None:
     import os
     import subprocess
     import sys
@@ -531,7 +554,7 @@ def test_cli_serves_a_store_and_takes_a_prompt_while_running(ckpts: dict[str, Pa
     (tmp_path / "keys.yaml").write_text('"admin-key": {prompts: ["*"], admin: true}\n')
     port = free_port()
     argv = [sys.executable, "-m", "promcse", "serve", "--prompts", str(store), "--keys", str(tmp_path / "keys.yaml"),
-            "--port", str(port), "--device", "cpu"]
+            "--port", str(port), "--device", "cpu", "--store-backbone", str(tiny_bert)]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer admin-key"}

@@ -61,7 +61,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
                         keys=read_keys(args.keys) if args.keys else None,
                         allow_admin_without_keys=args.allow_admin_without_keys,
                         metrics_key=metrics_key,
-                        metrics_top_models=args.metrics_top_models)
+                        metrics_top_models=args.metrics_top_models,
+                        store_backbones=tuple(args.store_backbone or ()))
 
 
 def require_serving_extra() -> None:
@@ -174,6 +175,10 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-cache-mb", type=bounded(float, 0, 1_000_000), default=ServeOptions.prompt_cache_mb,
                    metavar="MB", help="most MiB of store prompts' own tensors (prompt + head; not the backbone) kept "
                    "loaded; least recently used ones are dropped beyond it (default: %(default)s)")
+    p.add_argument("--store-backbone", action="append", metavar="MODEL",
+                   help="load this backbone (a name like minilm, a path or a Hub id) at start so that prompts "
+                        "uploaded with PUT /v1/prompts/NAME may use it; an upload may use only a backbone the server "
+                        "holds: these, the --model entries', or one a store prompt has loaded (repeatable)")
     p.add_argument("--keys", metavar="FILE",
                    help="YAML or JSON file mapping API keys to {prompts: [glob, ...], admin: bool}: each key sees and "
                         "uses only the model names matching its globs; admin keys may PUT/DELETE those prompts")

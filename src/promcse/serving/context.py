@@ -69,6 +69,9 @@ class ServeOptions:
             or a key with ``metrics: true`` (the single ``api_key`` has it) even on a server without keys.
         metrics_top_models: Model names with their own ``model`` label value in the metrics (the most requested
             ones); the others are counted as ``other``.
+        store_backbones: Backbones loaded at start so that prompts uploaded through the admin API may use them
+            (an upload may use only a backbone the server holds: these, the start-up models', or one a store
+            prompt has loaded).
     """
 
     engine: EngineConfig | None = field(default_factory=EngineConfig)
@@ -86,6 +89,7 @@ class ServeOptions:
     allow_admin_without_keys: bool = False
     metrics_key: str | None = field(default=None, repr=False)
     metrics_top_models: int = 50
+    store_backbones: tuple[str, ...] = ()
 
 
 def check_texts(texts: list[str], limits: Limits, field: str, truncate: bool = False) -> list[str]:
@@ -161,6 +165,8 @@ class ServeContext:
             options.prompts_dir, registry, int(options.prompt_cache_mb * 2 ** 20))
         if self.store is not None:
             self.metrics.watch_store(self.store)
+        for backbone in options.store_backbones:
+            registry.hold_backbone(backbone)
         self._versions: dict[str, str] = {}
         self.engine = None if options.engine is None else BatchEngine(registry, options.engine, self.metrics.on_batch)
         if self.engine is not None:

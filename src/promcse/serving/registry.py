@@ -240,13 +240,33 @@ class PromptRegistry:
         """The encoder itself when given one (an unlisted model), else :meth:`get` of the name."""
         return model if isinstance(model, SentenceEncoder) else self.get(model)
 
-    def load_unlisted(self, model: str | Path) -> SentenceEncoder | RoleEncoder:
+    def load_unlisted(self, model: str | Path, new_backbones: bool = True) -> SentenceEncoder | RoleEncoder:
         """Load ``model`` over this registry's shared backbones without listing it (the prompt store's loads).
 
         Loaded under the registry's lock: building an encoder may set flags on the shared backbone module.
+        ``new_backbones=False`` (an uploaded prompt) refuses a backbone the registry does not hold yet, so a
+        request can never make the server read or download another model.
+
+        Raises:
+            PromcseError: The model does not load; or, without ``new_backbones``, its backbone is not held
+                (``key="backbone"``).
         """
         with self.lock:
-            return load(model, device=str(self.device), backbones=self._backbone)
+            return load(model, device=str(self.device), backbones=self._backbone if new_backbones else self._held)
+
+    def hold_backbone(self, name_or_path: str) -> None:
+        """Load a backbone now (once), so that uploaded prompts may use it (``promcse serve --store-backbone``)."""
+        with self.lock:
+            self._backbone(name_or_path)
+
+    def _held(self, name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """A backbone this registry holds already; PromcseError naming it otherwise."""
+        held = self._backbones.get(backbone_key(name_or_path))
+        if held is None:
+            raise PromcseError(f"backbone {name_or_path!r} is not loaded on this server: an uploaded prompt may use "
+                               "only a backbone the server holds (a start-up model's, one a store prompt has "
+                               "loaded, or one named as a store backbone at start)", key="backbone")
+        return held
 
     def describe(self, name: str) -> dict[str, Any]:
         """JSON-able facts about one registered model (for ``GET /models``)."""

@@ -248,16 +248,20 @@ class PromptStore:
             finally:
                 lock.release()
 
-    def validate(self, folder: Path) -> Any:
+    def validate(self, folder: Path, new_backbones: bool = True) -> Any:
         """Load ``folder`` as the store would and probe it (finite vectors for two texts); the loaded model.
 
+        ``new_backbones=False`` for uploads: a backbone the registry does not hold yet is refused (a folder an
+        operator put in the store may load any backbone; an admin key may not make the server load one).
+
         Raises:
-            PromcseError: Not storable, does not load (bad JSON, shapes, dtypes...), or non-finite vectors.
+            PromcseError: Not storable, does not load (bad JSON, shapes, dtypes...), non-finite vectors, or (uploads)
+                a backbone not held.
         """
         import numpy as np
 
         check_storable(folder)
-        model = self.registry.load_unlisted(str(folder))
+        model = self.registry.load_unlisted(str(folder), new_backbones=new_backbones)
         for encoder in (model.roles.values() if hasattr(model, "roles") else [model]):
             vectors = np.asarray(self.registry.encode(PROBE_TEXTS, encoder, normalize=False))
             if not np.isfinite(vectors).all():
@@ -284,7 +288,7 @@ class PromptStore:
             for rel, data in files.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(data)
-            built["model"] = self.validate(tmp)
+            built["model"] = self.validate(tmp, new_backbones=False)  # an upload: only backbones held already
 
         with self._write_lock():
             replaced = (self.root / name).exists()
