@@ -152,3 +152,20 @@ def test_serve_engine_ray_hands_the_arena_cap_to_the_replicas(monkeypatch: pytes
     monkeypatch.setattr("promcse.cli.serve.limit_malloc_arenas", lambda n: pytest.fail("capped in the launcher"))
     assert main(["serve", "--model", "m=minilm", "--engine", "ray", "--malloc-arenas", "4"]) == 0
     assert [spec.malloc_arenas for spec in seen] == [4]
+
+
+def test_replicas_run_the_onnx_backend_they_are_given(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    loads: list[dict[str, object]] = []
+    monkeypatch.setattr(ray_serve_module, "load_server", lambda *a, **k: loads.append(k) or ({}, {}))
+    monkeypatch.setattr(ray_serve_module, "create_app", lambda *a: "app")
+    Replica(ReplicaSpec(models={"m": "minilm"}, backend="onnx", quantize="int8"), threads=3)
+    Replica(ReplicaSpec(models={"m": "minilm"}, backend="onnx", onnx_threads=2), threads=3)
+    assert [(k["backend"], k["quantize"], k["threads"]) for k in loads] == [("onnx", "int8", 3), ("onnx", "none", 2)]
+    seen: list[ReplicaSpec] = []
+    monkeypatch.setattr(ray_serve_module, "serve_on_ray", lambda spec, config, **kw: seen.append(spec))
+    argv = ["serve", "--model", "m=minilm", "--engine", "ray", "--backend", "onnx", "--quantize", "int8"]
+    assert main(argv + ["--onnx-threads", "4"]) == 0
+    assert [(s.backend, s.quantize, s.onnx_threads) for s in seen] == [("onnx", "int8", 4)]
+    assert main(["serve", "--model", "m=minilm", "--engine", "ray", "--quantize", "int8"]) == 2  # torch + int8
+    assert "onnx backend only" in capsys.readouterr().err and len(seen) == 1  # refused before deploying

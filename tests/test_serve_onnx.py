@@ -99,3 +99,35 @@ def test_texts_over_the_token_limit_get_413_unless_truncate(setup: dict) -> None
             httpx.Client(base_url=server.url, timeout=60) as client:
         r = client.post("/v1/embeddings", json={"input": [long_text], "model": "a", "truncate": True})
     assert np.abs(np.asarray(r.json()["data"][0]["embedding"]) - want[0]).max() <= 1e-5
+
+
+def test_processes_starting_together_export_a_graph_once(setup: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two servers (here: two OnnxRows, as Ray replicas or uvicorn workers would hold) opening the same graph at once:
+    one exports under the lock file, the other waits and opens that export."""
+    import threading
+
+    import promcse.serving.onnx_rows as onnx_rows
+
+    monkeypatch.setenv("PROMCSE_CACHE_DIR", str(tmp_path / "cache"))
+    exports: list[int] = []
+    real_export = onnx_rows.export_bank_graph
+
+    def slow_export(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        exports.append(threading.get_ident())
+        threading.Event().wait(0.5)  # long enough for the other thread to arrive meanwhile
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_rows, "export_bank_graph", slow_export)
+    encoder = promcse.load(str(setup["a"]), device="cpu")
+    graphs: list[object] = []
+    threads = [threading.Thread(target=lambda: graphs.append(onnx_rows.OnnxRows().graph_for(encoder)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(graphs) == 2 and len(exports) == 1
+    rows = onnx_rows.OnnxRows().encode(TEXTS, [encoder] * len(TEXTS))
+    assert len(exports) == 1 and np.abs(np.stack([rows[i] for i in range(len(TEXTS))])
+                                        - encoder.encode(TEXTS)).max() <= 1e-5

@@ -13,8 +13,8 @@ from promcse.serving.batching import EngineConfig
 from promcse.cli.common import POSITIVE_INT, add_common, bounded
 from promcse.errors import PromcseError
 from promcse.serving.context import NAME_RE
-from promcse.serving.launch import (API_KEY_ENV, api_key_from, check_server_options, is_loopback, load_server,
-                                    run_server)
+from promcse.serving.launch import (API_KEY_ENV, api_key_from, check_backend, check_server_options, is_loopback,
+                                    load_server, run_server)
 from promcse.serving.app import Limits, ServeOptions
 
 # ServeOptions' and RayServeConfig's names that are not an option's dest: the option they come from
@@ -94,8 +94,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models, index_dirs = parse_named(args.model, "model"), parse_named(args.index, "index")
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
     if args.engine == "ray":
-        if args.backend != "torch":
-            raise PromcseError("--backend onnx runs with --engine uvicorn (Ray replicas run the torch backend)")
         stopped_by = _serve_on_ray(args, models, index_dirs, limits, options)
     else:
         if args.replicas != 1 or args.address or args.cpus_per_replica != 1:
@@ -116,8 +114,11 @@ def _serve_on_ray(args: argparse.Namespace, models: dict[str, str], index_dirs: 
     """``--engine ray``: ``--replicas`` replicas of the same app on Ray Serve, until SIGTERM/SIGINT."""
     from promcse.serving.ray_serve import RayServeConfig, ReplicaSpec, serve_on_ray
 
+    check_backend(args.backend, args.quantize, args.device)  # here, not in each replica
+
     spec = ReplicaSpec(models=models, indexes=index_dirs, device=args.device, limits=limits, options=options,
-                       malloc_arenas=args.malloc_arenas)
+                       malloc_arenas=args.malloc_arenas, backend=args.backend, quantize=args.quantize,
+                       onnx_threads=args.onnx_threads)
     config = RayServeConfig(replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
                             gpus_per_replica=1.0 if args.device == "cuda" else 0.0, address=args.address,
                             graceful_timeout_s=args.graceful_timeout)

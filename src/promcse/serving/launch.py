@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 API_KEY_ENV = "PROMCSE_API_KEY"
 
 
+def check_backend(backend: str, quantize: str, device: str) -> None:
+    """Raises PromcseError for a backend, quantisation and device that do not go together (before any load)."""
+    if backend not in ("torch", "onnx"):
+        raise PromcseError(f"unknown backend '{backend}'; choose torch or onnx", key="backend")
+    if backend == "torch" and quantize != "none":
+        raise PromcseError("int8 quantisation applies to the onnx backend only", key="quantize")
+    if backend == "onnx" and device not in ("auto", "cpu"):
+        raise PromcseError(f"the onnx backend runs on the CPU, not device '{device}'", key="device")
+
+
 def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None, device: str = "auto",
                 backend: str = "torch", quantize: str = "none",
                 threads: int = 0) -> tuple["PromptRegistry", dict[str, tuple[Index, str]]]:
@@ -42,12 +52,7 @@ def load_server(models: dict[str, str], index_dirs: dict[str, str] | None = None
     from promcse.serving.onnx_rows import OnnxRows
     from promcse.serving.registry import load_many
 
-    if backend not in ("torch", "onnx"):
-        raise PromcseError(f"unknown backend '{backend}'; choose torch or onnx", key="backend")
-    if backend == "torch" and quantize != "none":
-        raise PromcseError("int8 quantisation applies to the onnx backend only", key="quantize")
-    if backend == "onnx" and device not in ("auto", "cpu"):
-        raise PromcseError(f"the onnx backend runs on the CPU, not device '{device}'", key="device")
+    check_backend(backend, quantize, device)
     registry = load_many(models, device="cpu" if backend == "onnx" else device)
     registry.onnx = OnnxRows(quantize, threads) if backend == "onnx" else None
     indexes: dict[str, tuple[Index, str]] = {}

@@ -23,6 +23,7 @@ from promcse.models.onnx_bank import BANK_META, BankRow, OnnxBankEncoder, bank_a
 from promcse.models.onnx_runtime import cache_key, cache_root
 
 ROW_ATTRIBUTE = "_promcse_bank_row"
+EXPORT_WAIT_S = 900.0  # how long a process waits for another's export of the same graph
 
 
 class OnnxRows:
@@ -62,16 +63,25 @@ class OnnxRows:
             return self._graphs[key]
 
     def _open(self, encoder: SentenceEncoder) -> OnnxBankEncoder:
+        """Open the cached export, exporting it first when missing or damaged. Under a lock file beside the entry:
+        server processes starting together (Ray replicas, uvicorn workers) export once, the others wait and open."""
+        from filelock import FileLock, Timeout
+
         entry = cache_root() / ("bank-" + cache_key(encoder.spec.backbone, self.quantize,
                                                     {"pooler": encoder.spec.pooler, "graph": "open-bank"}))
-        if (entry / BANK_META).is_file():
-            try:
-                return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
-            except PromcseError:  # a damaged entry is exported again
-                pass
         entry.parent.mkdir(parents=True, exist_ok=True)
-        export_bank_graph(encoder, Path(entry), quantize=self.quantize)
-        return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
+        try:
+            with FileLock(str(entry.parent / f"{entry.name}.lock"), timeout=EXPORT_WAIT_S):
+                if (entry / BANK_META).is_file():
+                    try:
+                        return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
+                    except PromcseError:  # a damaged entry is exported again
+                        pass
+                export_bank_graph(encoder, Path(entry), quantize=self.quantize)
+                return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
+        except Timeout:
+            raise PromcseError(f"another process has been exporting this graph for {EXPORT_WAIT_S:g} s",
+                               path=entry) from None
 
     def encode(self, texts: Sequence[str], encoders: Sequence[SentenceEncoder],
                batch_size: int = 64) -> dict[int, np.ndarray]:

@@ -43,6 +43,10 @@ class ReplicaSpec:
         options: Batching, timeout and authentication options.
         malloc_arenas: Cap on glibc's malloc arenas in each replica's process (0: glibc's default). Applied by
             the replica itself: a cap set in the launching process does not reach Ray's worker processes.
+        backend: ``torch`` or ``onnx`` (open-bank ONNX graphs, :mod:`promcse.serving.onnx_rows`; the replicas of a
+            machine share the export in the ONNX cache, exported once).
+        quantize: With ``onnx``: ``none`` or ``int8``.
+        onnx_threads: ONNX Runtime threads per graph (0: the replica's CPUs).
     """
 
     models: dict[str, str]
@@ -51,6 +55,9 @@ class ReplicaSpec:
     limits: Limits = field(default_factory=Limits)
     options: ServeOptions = field(default_factory=ServeOptions)
     malloc_arenas: int = 0
+    backend: str = "torch"
+    quantize: str = "none"
+    onnx_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,8 @@ class Replica:
         torch.set_num_threads(max(1, threads))
         if spec.malloc_arenas:
             limit_malloc_arenas(spec.malloc_arenas)  # before the model load allocates
-        registry, indexes = load_server(spec.models, spec.indexes, device=spec.device)
+        registry, indexes = load_server(spec.models, spec.indexes, device=spec.device, backend=spec.backend,
+                                        quantize=spec.quantize, threads=spec.onnx_threads or max(1, threads))
         self.asgi = create_app(registry, indexes, spec.limits, spec.options)  # ("app" is Ray's wrapper's)
 
     def __serve_build_asgi_app__(self) -> Any:
