@@ -23,7 +23,7 @@ serve = pytest.importorskip("ray.serve")
 from conftest import make_prompt_checkpoint, make_sentences  # noqa: E402
 from promcse.cli import main  # noqa: E402
 import promcse.serving.ray_serve as ray_serve_module  # noqa: E402
-from promcse.serving.ray_serve import APP_NAME, RayServeConfig, Replica, ReplicaSpec  # noqa: E402
+from promcse.serving.ray_serve import APP_NAME, RayServeConfig, Replica, ReplicaSpec, serve_on_ray  # noqa: E402
 from promcse.serving.registry import load_many  # noqa: E402
 
 TEXTS = make_sentences(24, seed=5)
@@ -169,3 +169,31 @@ def test_replicas_run_the_onnx_backend_they_are_given(monkeypatch: pytest.Monkey
     assert [(s.backend, s.quantize, s.onnx_threads) for s in seen] == [("onnx", "int8", 4)]
     assert main(["serve", "--model", "m=minilm", "--engine", "ray", "--quantize", "int8"]) == 2  # torch + int8
     assert "onnx backend only" in capsys.readouterr().err and len(seen) == 1  # refused before deploying
+
+
+def test_a_sigterm_while_the_replicas_start_stops_the_server_once_they_are_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, SIGTERM during the deployment met Ray's own handler: the process ended without taking the app down."""
+    import ray
+
+    done: list[str] = []
+
+    class FakeServe:
+        def shutdown(self) -> None:
+            done.append("serve.shutdown")
+
+    def deploy(*args: Any, **kwargs: Any) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the replicas start
+        done.append("deployed")
+        return "http://127.0.0.1:1/"
+
+    monkeypatch.setattr(ray_serve_module, "_ray_serve", FakeServe)
+    monkeypatch.setattr(ray_serve_module, "check_deployment", lambda *a, **k: None)
+    monkeypatch.setattr(ray_serve_module, "deploy", deploy)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **k: done.append("ray.init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: done.append("ray.shutdown"))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stopped = serve_on_ray(ReplicaSpec(models={"m": "minilm"}), RayServeConfig())
+    assert stopped == signal.SIGTERM
+    assert done == ["ray.init", "deployed", "serve.shutdown", "ray.shutdown"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored

@@ -20,7 +20,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from promcse.io.allocator import limit_malloc_arenas
 from promcse.errors import PromcseError
@@ -204,12 +204,22 @@ def serve_on_ray(spec: ReplicaSpec, config: RayServeConfig, host: str = "127.0.0
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+    # SIGTERM is ours from here on (Ray's own handler would end the process without taking the app down): one
+    # arriving while the replicas start stops the server as soon as they are up. SIGINT (Ctrl+C) still aborts a
+    # deployment that hangs, and is ours once the app is up.
+    stop, received = threading.Event(), []
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _recorder(stop, received))}
     try:
         url = deploy(spec, config, host, port)
         print(f"serving {len(spec.models)} model(s) [{', '.join(spec.models)}] and {len(spec.indexes)} index(es) "
               f"on {config.replicas} Ray Serve replica(s), {config.cpus_per_replica:g} CPU each: {url}", flush=True)
-        return _wait_for_signal()
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _recorder(stop, received))
+        while not stop.wait(0.5):
+            pass
+        return signal.Signals(received[0])
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if started_ray:
             serve.shutdown()  # drains and stops the replicas, the proxy and the controller
             ray.shutdown()
@@ -217,19 +227,11 @@ def serve_on_ray(spec: ReplicaSpec, config: RayServeConfig, host: str = "127.0.0
             serve.delete(APP_NAME)  # a cluster's Serve may hold other applications
 
 
-def _wait_for_signal() -> signal.Signals:
-    """Block until SIGTERM or SIGINT arrives (in the main thread); the previous handlers are restored."""
-    stop, received = threading.Event(), []
+def _recorder(stop: threading.Event, received: list[int]) -> Callable[[int, object], None]:
+    """A signal handler that records the signal and sets ``stop``."""
 
     def on_signal(sig: int, frame: object) -> None:
         received.append(sig)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return signal.Signals(received[0])
+    return on_signal
