@@ -541,6 +541,20 @@ def test_start_up_models_are_versioned_like_store_prompts(tenants: tuple[Any, Pa
     assert reference_version("not-a-folder-or-hub-id") == "name:not-a-folder-or-hub-id"
 
 
+def test_cli_says_when_uploads_would_find_no_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("promcse.cli.serve.run_server", lambda *a, **k: None)  # options only: no server
+    monkeypatch.setattr("promcse.cli.serve.load_server", lambda *a, **k: (None, {}))
+    (tmp_path / "keys.yaml").write_text('"admin-key": {prompts: ["*"], admin: true}\n')
+    store = make_store(tmp_path / "store", {})
+    base = ["serve", "--prompts", str(store), "--keys", str(tmp_path / "keys.yaml"), "--device", "cpu"]
+    assert promcse.cli.main(base) == 0
+    assert "add --store-backbone MODEL" in capsys.readouterr().err
+    for extra in (["--store-backbone", "minilm"], ["--model", "m=minilm"]):
+        assert promcse.cli.main(base + extra) == 0
+        assert "--store-backbone" not in capsys.readouterr().err, extra
+
+
 def test_cli_serves_a_store_and_takes_a_prompt_while_running(ckpts: dict[str, Path], tmp_path: Path,
                                                              tiny_bert: Path) -> None:
     import os

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.model and args.prompts is None:
         raise PromcseError("give --model NAME=MODEL (repeatable), --prompts DIR, or both")
     options = serve_options(args)
+    if args.prompts is not None and not args.model and not options.store_backbones and (
+            options.keys is not None or options.allow_admin_without_keys):
+        print("promcse serve: note: no backbone is loaded at start, so uploads (PUT /v1/prompts/NAME) are refused "
+              "until a store prompt has loaded one; add --store-backbone MODEL (e.g. minilm) to take them from the "
+              "start", file=sys.stderr)
     if not is_loopback(args.host) and not options.api_key and not options.keys and not options.insecure:
         raise PromcseError(f"--host {args.host} is reachable from other machines: set --api-key (or ${API_KEY_ENV}) "
                            "or --keys so that requests need 'Authorization: Bearer KEY', or pass --insecure")
