@@ -189,6 +189,7 @@ class OnnxBankEncoder:
 
     def __init__(self, directory: str | Path, threads: int = 0, spinning: bool = True) -> None:
         from promcse.io.files import verify_manifest
+        from promcse.io.json_fields import checked
         from promcse.io.schema import read_json_object
         from promcse.models.onnx_runtime import load_tokenizer, make_session
 
@@ -197,9 +198,7 @@ class OnnxBankEncoder:
         if self.meta.get("format") != BANK_FORMAT:
             raise PromcseError(f"not a {BANK_FORMAT} export", path=self.directory / BANK_META, key="format")
         for key, kind in BANK_KEYS.items():
-            if not isinstance(self.meta.get(key), kind) or isinstance(self.meta.get(key), bool):
-                raise PromcseError(f"missing or not {kind.__name__}: export the bank graph again",
-                                   path=self.directory / BANK_META, key=key)
+            checked(self.meta, key, kind, self.directory / BANK_META)
         verify_manifest(self.directory, self.meta.get("files"), [self.meta["file"]], self.directory / BANK_META)
         self.session = make_session(self.directory / self.meta["file"], threads, spinning=spinning)
         self.tokenizer = load_tokenizer(self.directory)

@@ -70,18 +70,22 @@ class OnnxRows:
         entry = cache_root() / ("bank-" + cache_key(encoder.spec.backbone, self.quantize,
                                                     {"pooler": encoder.spec.pooler, "graph": "open-bank"}))
         entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(entry.parent / f"{entry.name}.lock"))
         try:
-            with FileLock(str(entry.parent / f"{entry.name}.lock"), timeout=EXPORT_WAIT_S):
-                if (entry / BANK_META).is_file():
-                    try:
-                        return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
-                    except PromcseError:  # a damaged entry is exported again
-                        pass
-                export_bank_graph(encoder, Path(entry), quantize=self.quantize)
-                return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
+            lock.acquire(timeout=EXPORT_WAIT_S)
         except Timeout:
             raise PromcseError(f"another process has been exporting this graph for {EXPORT_WAIT_S:g} s",
                                path=entry) from None
+        try:
+            if (entry / BANK_META).is_file():
+                try:
+                    return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
+                except PromcseError:  # a damaged entry is exported again
+                    pass
+            export_bank_graph(encoder, Path(entry), quantize=self.quantize)
+            return OnnxBankEncoder(entry, threads=self.threads, spinning=False)
+        finally:
+            lock.release()
 
     def encode(self, texts: Sequence[str], encoders: Sequence[SentenceEncoder],
                batch_size: int = 64) -> dict[int, np.ndarray]:
