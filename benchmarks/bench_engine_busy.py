@@ -25,21 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import free_port, stop_server, wait_healthy  # noqa: E402
 from bench_serve_peers import sts_texts  # noqa: E402
-from peer_load import cell_stats, run_cell  # noqa: E402
+from peer_load import cell_stats, metric_values, run_cell  # noqa: E402
 
 SERIES = ("promcse_batch_seconds_sum", "promcse_batch_seconds_count", "promcse_batch_rows_sum")
-
-
-def engine_totals(url: str) -> dict[str, float]:
-    """The engine's cumulative batch seconds, batch count and rows, from ``/metrics``."""
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(SERIES)}
 
 
 def start(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
@@ -59,9 +52,9 @@ def measure(args: argparse.Namespace, url: str, server: psutil.Process) -> dict[
     texts, t = sts_texts(), args.texts_per_request
     body = lambda batch: {"input": batch, "model": "minilm"}  # noqa: E731
     run_cell(url, "/v1/embeddings", body, texts, t, args.clients, 3.0, server)  # warm-up
-    before, began = engine_totals(url), time.perf_counter()
+    before, began = metric_values(url, SERIES), time.perf_counter()
     result = run_cell(url, "/v1/embeddings", body, texts, t, args.clients, args.seconds, server)
-    wall, after = time.perf_counter() - began, engine_totals(url)
+    wall, after = time.perf_counter() - began, metric_values(url, SERIES)
     delta = {key: after[key] - before.get(key, 0.0) for key in after}
     batches = max(1.0, delta["promcse_batch_seconds_count"])
     return {**cell_stats(result, t), "busy_fraction": round(delta["promcse_batch_seconds_sum"] / wall, 3),

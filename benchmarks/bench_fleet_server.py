@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fleet import sts_texts  # noqa: E402
 from bench_hot_soak import write_prompt  # noqa: E402
 from bench_serve import free_port, stop_server, wait_healthy  # noqa: E402
-from peer_load import cell_stats, run_cell  # noqa: E402
+from peer_load import cell_stats, metric_values, run_cell  # noqa: E402
 
 
 def prompt_length(seed: int) -> int:
@@ -113,10 +113,8 @@ def touch_each(url: str, names: list[str], clients: int = 4) -> tuple[list[float
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The server's unlabelled metrics (the prompt cache's among them)."""
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("promcse_prompt_")}
+    """The prompt cache's metrics."""
+    return metric_values(url, ("promcse_prompt_",))
 
 
 def rss_mib(server: psutil.Process) -> float:

@@ -176,12 +176,10 @@ def check(ledger: Ledger, name: str, sent: float, r) -> None:  # noqa: ANN001
 
 def cache_mib(url: str) -> float:
     """The server's prompt cache (MiB of prompt tensors loaded now), from its metrics."""
-    import httpx
+    from peer_load import metric_values
 
-    r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-    r.raise_for_status()
-    line = next(line for line in r.text.splitlines() if line.startswith("promcse_prompt_cache_bytes "))
-    return float(line.split()[1]) / 2**20
+    values = metric_values(url, ("promcse_prompt_cache_bytes ",), {"Authorization": f"Bearer {KEY}"})
+    return values["promcse_prompt_cache_bytes"] / 2**20
 
 
 def parse_args() -> argparse.Namespace:

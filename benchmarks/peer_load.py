@@ -15,6 +15,14 @@ import numpy as np
 import psutil
 
 
+def metric_values(url: str, prefixes: tuple[str, ...], headers: dict[str, str] | None = None) -> dict[str, float]:
+    """The samples of a promcse server's ``/metrics`` whose lines start with one of ``prefixes``, by series name."""
+    response = httpx.get(url + "/metrics", headers=headers, timeout=30)
+    response.raise_for_status()
+    return {line.split()[0]: float(line.split()[1]) for line in response.text.splitlines()
+            if line.startswith(prefixes)}
+
+
 def vectors_of(payload: dict[str, Any]) -> np.ndarray:
     """The embeddings of an OpenAI-style response (float lists or base64 float32), in input order."""
     rows = sorted(payload["data"], key=lambda item: item.get("index", 0))
